@@ -1,0 +1,29 @@
+# The two set-up commands: `make run` and `make test`. Both create .venv when it is missing.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test ui bench clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# CPU torch first where there is no GPU: an unpinned torch would pull several GB of CUDA wheels.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install --quiet torch==2.13.0; fi
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(INSTALLED)
+
+run: $(INSTALLED)
+	$(BIN)/qc run
+
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+ui: $(INSTALLED)
+	$(BIN)/qc ui
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/corpus_ingest.py
+
+clean:
+	rm -rf data/lake data/dagster data/sources

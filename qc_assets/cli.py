@@ -1,0 +1,149 @@
+"""The `qc` command: run the graph, query the lake, open the UI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import click
+import duckdb
+
+from qc_assets.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
+
+SUMMARY_QUERIES = {
+    "corpus": "SELECT count(*) AS documents, count(DISTINCT shard) AS shards, round(avg(n_chars)) AS mean_chars FROM corpus",
+}
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as error:
+        raise click.UsageError(str(error)) from None
+
+
+def _lake(settings: Settings, read_only: bool):
+    from qc_assets.lake.resource import LakeResource
+
+    return LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_only=read_only)
+
+
+@click.group()
+def main() -> None:
+    """qc_assets: Japanese query-generation data, students and scores as a Dagster asset graph."""
+
+
+@main.command()
+@click.option("--select", default=None, help="Dagster asset selection, e.g. 'corpus' or 'key:corpus+'. Default: all.")
+@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64), help="Runs at once.")
+@click.option(
+    "--executor", default="in_process", show_default=True, type=click.Choice(["in_process", "multiprocess"]),
+    help="Executor inside each run.",
+)
+def run(select: str | None, parallel: int, executor: str) -> None:
+    """Materialize the graph (or the selection) for every partition on the persistent instance."""
+    settings = _settings()
+    from qc_assets.runner import plan_stages, prepare_dagster_home, run_stages
+
+    home = prepare_dagster_home(settings)
+    import dagster as dg
+
+    from qc_assets.definitions import build_definitions
+
+    try:
+        definitions = build_definitions(settings)
+        stages = plan_stages(definitions, select)
+    except Exception as error:
+        raise click.ClickException(str(error)) from None
+    if not stages:
+        raise click.UsageError(f"--select {select!r} matches no asset")
+    click.echo(f"Dagster home {home}; lake {settings.catalog}")
+    started = time.perf_counter()
+
+    def report(outcome) -> None:
+        where = f"[{outcome.partition}]" if outcome.partition else ""
+        line = f"  {outcome.status:<8} {outcome.stage}{where}"
+        click.echo(line + (f"  run {outcome.run_id}" if outcome.run_id else ""))
+        for error in outcome.errors:
+            click.echo(f"           {error}", err=outcome.status != "success")
+
+    with dg.DagsterInstance.get() as instance:
+        for stage in stages:
+            click.echo(f"stage {stage.label}")
+        outcomes = run_stages(stages, instance, parallel, executor, report)
+    elapsed = time.perf_counter() - started
+    counts = {status: sum(outcome.status == status for outcome in outcomes) for status in ("success", "failure", "skipped")}
+    click.echo(
+        f"\n{len(outcomes)} runs in {elapsed:.1f}s: {counts['success']} succeeded, "
+        f"{counts['failure']} failed, {counts['skipped']} skipped"
+    )
+    _print_summary(settings)
+    if counts["failure"] or counts["skipped"]:
+        sys.exit(1)
+
+
+def _print_summary(settings: Settings) -> None:
+    with _lake(settings, read_only=True).get_connection() as connection:
+        for table, query in SUMMARY_QUERIES.items():
+            try:
+                relation = connection.sql(query)
+            except duckdb.CatalogException:
+                continue
+            click.echo(f"\n{table}:")
+            click.echo(str(relation))
+
+
+def _read_sql(sql: str | None, file: str | None) -> str:
+    if file:
+        with open(file, encoding="utf-8") as handle:
+            return handle.read()
+    if sql == "-" or (sql is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if sql is None:
+        raise click.UsageError("give the SQL as an argument, with --file, or on standard input")
+    return sql
+
+
+@main.command()
+@click.argument("sql", required=False)
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False), help="Read the SQL from a file.")
+@click.option("--format", "output_format", default="table", type=click.Choice(["table", "csv", "json"]), show_default=True)
+@click.option("--max-rows", default=100, show_default=True, help="Rows shown in table format.")
+def sql(sql: str | None, file: str | None, output_format: str, max_rows: int) -> None:
+    """Query the lake read-only; safe while runs are writing."""
+    settings = _settings()
+    query = _read_sql(sql, file)
+    try:
+        with _lake(settings, read_only=True).get_connection() as connection:
+            relation = connection.sql(query)
+            if relation is None:
+                return
+            if output_format == "table":
+                relation.show(max_rows=max_rows, max_width=10_000)
+                return
+            frame = relation.pl()
+    except (duckdb.Error, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    if output_format == "csv":
+        click.echo(frame.write_csv(), nl=False)
+    else:
+        click.echo(frame.write_json())
+
+
+@main.command()
+@click.option("--port", default=3000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Keep the default unless you add authentication.")
+def ui(port: int, host: str) -> None:
+    """Start the Dagster webserver and daemon with the project's persistent instance."""
+    settings = _settings()
+    from qc_assets.runner import prepare_dagster_home
+
+    prepare_dagster_home(settings)
+    command = [
+        sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+        "-h", host, "-p", str(port),
+    ]
+    click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    sys.exit(subprocess.call(command, cwd=PROJECT_ROOT))

@@ -1,0 +1,135 @@
+"""Cleaning rules for raw documents, as DuckDB SQL so a 100k-row shard is cleaned in a few vectorized passes.
+
+A document's first occurrence wins: within a shard by row, across shards by shard key order, for both the
+normalized text and the id. Every drop is counted by reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+from qc_assets.lake.tables import CORPUS
+
+_CONTROL_CHARS = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]"
+_WHITESPACE = r"[\s\p{Z}]"
+STAGED = "corpus_staged"
+
+DROP_REASONS = (
+    "empty",
+    "too_short",
+    "too_long",
+    "duplicate_text_in_shard",
+    "duplicate_id_in_shard",
+    "duplicate_text_earlier_shard",
+    "duplicate_id_earlier_shard",
+)
+
+
+@dataclass(frozen=True)
+class LengthWindow:
+    min_chars: int
+    max_chars: int
+
+
+def stage_shard(
+    connection: duckdb.DuckDBPyConnection, rows: pa.Table, shard: str, source: str, window: LengthWindow
+) -> None:
+    """Clean `rows` into the temporary table STAGED, with a `status` column of 'ok' or the drop reason."""
+    connection.register("raw_rows", rows)
+    connection.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE {STAGED} AS
+        WITH without_controls AS (
+            SELECT source_id, source_row,
+                   regexp_replace(regexp_replace(raw_text, '\\r\\n?', '\\n', 'g'), '{_CONTROL_CHARS}', '', 'g') AS text_no_controls,
+                   raw_text
+            FROM raw_rows
+        ), trimmed AS (
+            SELECT *,
+                   regexp_replace(text_no_controls, '^{_WHITESPACE}+|{_WHITESPACE}+$', '', 'g') AS text,
+                   length(text_no_controls) < length(replace(raw_text, chr(13) || chr(10), chr(10))) AS had_controls
+            FROM without_controls
+        ), measured AS (
+            SELECT coalesce(nullif(source_id, ''), $shard || ':' || source_row) AS doc_id,
+                   $shard AS shard, text, length(text)::INTEGER AS n_chars, $source AS source, source_row,
+                   md5_number_upper(lower(regexp_replace(nfc_normalize(text), '{_WHITESPACE}+', ' ', 'g'))) AS text_hash,
+                   had_controls
+            FROM trimmed
+        ), judged AS (
+            SELECT *,
+                   CASE WHEN n_chars = 0 THEN 'empty'
+                        WHEN n_chars < $min_chars THEN 'too_short'
+                        WHEN n_chars > $max_chars THEN 'too_long'
+                        ELSE 'ok' END AS length_status
+            FROM measured
+        ), text_ranked AS (
+            SELECT *, row_number() OVER (
+                PARTITION BY text_hash, length_status = 'ok' ORDER BY source_row) AS text_rank
+            FROM judged
+        ), id_ranked AS (
+            SELECT *, row_number() OVER (
+                PARTITION BY doc_id, length_status = 'ok' AND text_rank = 1 ORDER BY source_row) AS id_rank
+            FROM text_ranked
+        )
+        SELECT * EXCLUDE (length_status, text_rank, id_rank),
+               CASE WHEN length_status <> 'ok' THEN length_status
+                    WHEN text_rank > 1 THEN 'duplicate_text_in_shard'
+                    WHEN id_rank > 1 THEN 'duplicate_id_in_shard'
+                    ELSE 'ok' END AS status,
+               now() AS ingested_at
+        FROM id_ranked
+        """,
+        {"shard": shard, "source": source, "min_chars": window.min_chars, "max_chars": window.max_chars},
+    )
+    connection.unregister("raw_rows")
+
+
+def resolve_against_lake(connection: duckdb.DuckDBPyConnection, shard: str) -> int:
+    """Inside the write transaction: give way to earlier shards, take over from later ones.
+
+    Returns how many rows of later shards were removed because this shard holds their first occurrence.
+    """
+    corpus = f'"{CORPUS.name}"'
+    connection.execute(
+        f"""
+        UPDATE {STAGED} SET status = CASE
+            WHEN text_hash IN (SELECT text_hash FROM {corpus} WHERE shard < $shard) THEN 'duplicate_text_earlier_shard'
+            ELSE 'duplicate_id_earlier_shard' END
+        WHERE status = 'ok' AND (
+            text_hash IN (SELECT text_hash FROM {corpus} WHERE shard < $shard)
+            OR doc_id IN (SELECT doc_id FROM {corpus} WHERE shard < $shard))
+        """,
+        {"shard": shard},
+    )
+    later = connection.execute(
+        f"""
+        SELECT count(*) FROM {corpus}
+        WHERE shard > $shard AND (
+            text_hash IN (SELECT text_hash FROM {STAGED} WHERE status = 'ok')
+            OR doc_id IN (SELECT doc_id FROM {STAGED} WHERE status = 'ok'))
+        """,
+        {"shard": shard},
+    ).fetchone()[0]
+    if later:
+        connection.execute(
+            f"""
+            DELETE FROM {corpus}
+            WHERE shard > $shard AND (
+                text_hash IN (SELECT text_hash FROM {STAGED} WHERE status = 'ok')
+                OR doc_id IN (SELECT doc_id FROM {STAGED} WHERE status = 'ok'))
+            """,
+            {"shard": shard},
+        )
+    return later
+
+
+def status_counts(connection: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    counts = dict(connection.execute(f"SELECT status, count(*) FROM {STAGED} GROUP BY status").fetchall())
+    return {reason: counts.get(reason, 0) for reason in ("ok", *DROP_REASONS)}
+
+
+def control_character_rows(connection: duckdb.DuckDBPyConnection) -> int:
+    return connection.execute(f"SELECT count(*) FROM {STAGED} WHERE had_controls").fetchone()[0]

@@ -1,0 +1,181 @@
+"""The lake: DuckDB in front of a DuckLake catalog, so many writers and open analyst sessions coexist.
+
+A single .duckdb file admits one read-write process and locks every other process out, readers included.
+DuckLake keeps the catalog in SQLite (one machine) or PostgreSQL (many machines) and the rows in parquet
+files, and every DuckDB process attaches it on its own: writers commit optimistically and retry when another
+commit got in first; readers never take a lock that a writer waits on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from qc_assets.lake.tables import TABLES, Table
+
+LAKE = "lake"
+_RETRYABLE = ("database is locked", "conflict", "sqlite_busy", "could not serialize")
+_tables_ready: set[tuple[str, str]] = set()
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _extension_file(name: str) -> str:
+    """DuckDB cannot download extensions here; the duckdb-extension-* wheels carry them."""
+    package = f"duckdb_extension_{name}"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise RuntimeError(
+            f"the DuckDB extension {name!r} is needed but the package {package.replace('_', '-')}"
+            f"=={duckdb.__version__} is not installed"
+        ) from None
+    root = Path(module.__file__).parent / "extensions"
+    matches = sorted(root.glob(f"v{duckdb.__version__}/{name}.duckdb_extension"))
+    if not matches:
+        raise RuntimeError(f"{package} has no build of {name} for duckdb {duckdb.__version__} under {root}")
+    return str(matches[0])
+
+
+def _load_extension(connection: duckdb.DuckDBPyConnection, name: str) -> None:
+    connection.execute(f"LOAD {sql_literal(_extension_file(name))}")
+
+
+def is_retryable(error: Exception) -> bool:
+    return isinstance(error, duckdb.Error) and any(text in str(error).lower() for text in _RETRYABLE)
+
+
+def retry_transient(work: Callable[[], T], what: str, deadline_s: float = 600.0) -> T:
+    """Run `work` until it gets past the lake's optimistic concurrency; other errors propagate at once."""
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return work()
+        except duckdb.Error as error:
+            attempt += 1
+            waited = time.monotonic() - started
+            if not is_retryable(error) or waited > deadline_s:
+                raise
+            pause = random.uniform(0, min(2.0, 0.02 * 2**attempt))
+            log.debug("%s: concurrent commit, retry %d in %.2fs (%s)", what, attempt, pause, error)
+            time.sleep(pause)
+
+
+def _prepare_sqlite_catalog(path: Path) -> None:
+    """WAL lets readers keep reading while one writer commits; the default journal blocks both ways."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=60) as catalog:
+        if catalog.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            catalog.execute("PRAGMA journal_mode=WAL")
+
+
+class LakeResource(DuckDBResource):
+    """DuckDBResource whose connections have the DuckLake lake attached and selected."""
+
+    database: str = Field(default=":memory:", description="DuckDB's own database; the data lives in the lake.")
+    catalog: str = Field(description="`sqlite:<path>` or `postgres:<libpq dsn>` (QC_LAKE_CATALOG).")
+    data_path: str = Field(description="Where DuckLake writes parquet files (QC_LAKE_DATA_PATH).")
+    read_only: bool = Field(default=False, description="Attach for reading only (analysts).")
+
+    def _attach(self, connection: duckdb.DuckDBPyConnection) -> None:
+        _load_extension(connection, "ducklake")
+        kind, _, location = self.catalog.partition(":")
+        if kind == "sqlite":
+            _load_extension(connection, "sqlite_scanner")
+            if not self.read_only:
+                _prepare_sqlite_catalog(Path(location))
+            elif not Path(location).exists():
+                raise FileNotFoundError(f"no lake at {location}: nothing has been materialized yet (QC_DATA_DIR)")
+        elif kind == "postgres":
+            _load_extension(connection, "postgres_scanner")
+        else:
+            raise ValueError(f"QC_LAKE_CATALOG must start with sqlite: or postgres:, got {self.catalog!r}")
+        if self.data_path.startswith(("s3://", "gs://", "gcs://", "r2://", "az://", "https://")):
+            _load_extension(connection, "httpfs")
+        elif not self.read_only:
+            Path(self.data_path).mkdir(parents=True, exist_ok=True)
+        options = [f"DATA_PATH {sql_literal(self.data_path)}"]
+        if self.read_only:
+            options.append("READ_ONLY")
+        statement = f"ATTACH {sql_literal('ducklake:' + self.catalog)} AS {LAKE} ({', '.join(options)})"
+        retry_transient(lambda: connection.execute(statement), "attach lake")
+        connection.execute(f"USE {LAKE}")
+
+    def _ensure_tables(self, connection: duckdb.DuckDBPyConnection) -> None:
+        key = (self.catalog, self.data_path)
+        if key in _tables_ready:
+            return
+
+        def create_or_evolve() -> None:
+            connection.execute("BEGIN")
+            try:
+                for table in TABLES.values():
+                    connection.execute(table.create_sql())
+                    existing = {row[0] for row in connection.execute(f'DESCRIBE "{table.name}"').fetchall()}
+                    for statement in table.add_missing_columns_sql(existing):
+                        connection.execute(statement)
+                connection.execute("COMMIT")
+            except Exception:
+                connection.execute("ROLLBACK")
+                raise
+
+        retry_transient(create_or_evolve, "create lake tables")
+        _tables_ready.add(key)
+
+    @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        connection = duckdb.connect(self.database, config={"custom_user_agent": "qc_assets", **self.connection_config})
+        try:
+            self._attach(connection)
+            if not self.read_only:
+                self._ensure_tables(connection)
+            yield connection
+        finally:
+            connection.close()
+
+    def transaction(self, work: Callable[[duckdb.DuckDBPyConnection], T], what: str) -> T:
+        """Run `work` in one lake transaction, re-running it whole when another writer committed first."""
+        with self.get_connection() as connection:
+
+            def attempt() -> T:
+                connection.execute("BEGIN")
+                try:
+                    result = work(connection)
+                    connection.execute("COMMIT")
+                    return result
+                except BaseException:
+                    try:
+                        connection.execute("ROLLBACK")
+                    except duckdb.Error:
+                        pass  # a failed COMMIT has already ended the transaction
+                    raise
+
+            return retry_transient(attempt, what)
+
+
+def replace_partition(
+    connection: duckdb.DuckDBPyConnection, table: Table, partition: dict[str, str], rows_relation: str
+) -> int:
+    """Delete a partition's rows and insert the new ones; call inside `LakeResource.transaction`."""
+    where = " AND ".join(f'"{column}" = ?' for column in partition)
+    values = list(partition.values())
+    connection.execute(f'DELETE FROM "{table.name}" WHERE {where}', values)
+    columns = ", ".join(f'"{name}"' for name in table.column_names)
+    connection.execute(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM {rows_relation}')
+    return connection.execute(f'SELECT count(*) FROM "{table.name}" WHERE {where}', values).fetchone()[0]
