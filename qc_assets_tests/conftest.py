@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from qc_assets.definitions import build_definitions
+from qc_assets.lake.resource import LakeResource
+from qc_assets.settings import Settings, load_settings
+
+BIN = Path(sys.executable).parent
+
+
+def write_jsonl(path: Path, records: list[dict | str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
+    return path
+
+
+def document(index: int, topic: str = "文書") -> str:
+    return f"{topic}{index}番。" + "これは試験用の日本語の文章で、長さの条件を満たすために繰り返しています。" * 4
+
+
+@pytest.fixture
+def environment(tmp_path: Path) -> Callable[..., dict[str, str]]:
+    def make(source: Path | str, **extra: str) -> dict[str, str]:
+        return {"QC_DATA_DIR": str(tmp_path / "data"), "QC_CORPUS_SOURCE": str(source), **extra}
+
+    return make
+
+
+@pytest.fixture
+def settings_for(environment) -> Callable[..., Settings]:
+    return lambda source, **extra: load_settings(environment(source, **extra))
+
+
+def materialize(settings: Settings, partition: str, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    job = build_definitions(settings).resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False)
+
+
+def lake_rows(settings: Settings, query: str, parameters: list | None = None) -> list[tuple]:
+    lake = LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_only=True)
+    with lake.get_connection() as connection:
+        return connection.execute(query, parameters or []).fetchall()
+
+
+def materialization_metadata(result: dg.ExecuteInProcessResult) -> dict:
+    (event,) = result.asset_materializations_for_node("corpus")
+    return {key: value.value for key, value in event.metadata.items()}
+
+
+def run_qc(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
+    return subprocess.run(
+        [str(BIN / "qc"), *args], env={**clean, **env}, capture_output=True, text=True, timeout=600, **kwargs
+    )
