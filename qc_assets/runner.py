@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import dagster as dg
+from filelock import FileLock
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from qc_assets.settings import PROJECT_ROOT, Settings
@@ -23,16 +24,23 @@ DEFINITIONS_MODULE = "qc_assets.definitions"
 
 
 def prepare_dagster_home(settings: Settings) -> str:
-    """Point DAGSTER_HOME at QC_DATA_DIR/dagster with the project's dagster.yaml, so runs persist for the UI."""
+    """Point DAGSTER_HOME at QC_DATA_DIR/dagster with the project's dagster.yaml, so runs persist for the UI.
+
+    The first process to open a fresh home creates its SQLite storages; two doing so at once collide
+    ("table already exists"), so creation happens once, under a file lock.
+    """
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
-    project_config = PROJECT_ROOT / "dagster.yaml"
-    instance_config = home / "dagster.yaml"
-    if project_config.exists() and (
-        not instance_config.exists() or instance_config.read_bytes() != project_config.read_bytes()
-    ):
-        shutil.copyfile(project_config, instance_config)
     os.environ["DAGSTER_HOME"] = str(home)
+    with FileLock(home / ".init.lock"):
+        project_config = PROJECT_ROOT / "dagster.yaml"
+        instance_config = home / "dagster.yaml"
+        if project_config.exists() and (
+            not instance_config.exists() or instance_config.read_bytes() != project_config.read_bytes()
+        ):
+            shutil.copyfile(project_config, instance_config)
+        with dg.DagsterInstance.get():
+            pass
     return str(home)
 
 
@@ -91,12 +99,19 @@ def _execute_partition(
             },
             raise_on_error=False,
         ) as result:
-            errors = [
-                event.step_failure_data.error.message.strip()
-                for event in result.all_events
-                if event.is_step_failure and event.step_failure_data and event.step_failure_data.error
-            ]
+            errors = [_failure_message(event) for event in result.all_events if event.is_step_failure]
             return result.run_id, result.success, errors
+
+
+def _failure_message(event: dg.DagsterEvent) -> str:
+    """The user's own words for a dg.Failure, else the innermost error, which names the real problem."""
+    failure = event.step_failure_data
+    if failure.user_failure_data and failure.user_failure_data.description:
+        return failure.user_failure_data.description
+    error = failure.error
+    while error.cause is not None:
+        error = error.cause
+    return error.to_string().strip().splitlines()[0] if error.message is None else error.message.strip()
 
 
 def run_stages(

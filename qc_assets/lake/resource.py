@@ -85,6 +85,20 @@ def _prepare_sqlite_catalog(path: Path) -> None:
             catalog.execute("PRAGMA journal_mode=WAL")
 
 
+def _run_in_transaction(connection: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    connection.execute("BEGIN")
+    try:
+        result = work(connection)
+        connection.execute("COMMIT")
+        return result
+    except BaseException:
+        try:
+            connection.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # a failed COMMIT has already ended the transaction
+        raise
+
+
 class LakeResource(DuckDBResource):
     """DuckDBResource whose connections have the DuckLake lake attached and selected."""
 
@@ -122,20 +136,14 @@ class LakeResource(DuckDBResource):
         if key in _tables_ready:
             return
 
-        def create_or_evolve() -> None:
-            connection.execute("BEGIN")
-            try:
-                for table in TABLES.values():
-                    connection.execute(table.create_sql())
-                    existing = {row[0] for row in connection.execute(f'DESCRIBE "{table.name}"').fetchall()}
-                    for statement in table.add_missing_columns_sql(existing):
-                        connection.execute(statement)
-                connection.execute("COMMIT")
-            except Exception:
-                connection.execute("ROLLBACK")
-                raise
+        def create_or_evolve(connection: duckdb.DuckDBPyConnection) -> None:
+            for table in TABLES.values():
+                connection.execute(table.create_sql())
+                existing = {row[0] for row in connection.execute(f'DESCRIBE "{table.name}"').fetchall()}
+                for statement in table.add_missing_columns_sql(existing):
+                    connection.execute(statement)
 
-        retry_transient(create_or_evolve, "create lake tables")
+        retry_transient(lambda: _run_in_transaction(connection, create_or_evolve), "create lake tables")
         _tables_ready.add(key)
 
     @contextmanager
@@ -152,21 +160,7 @@ class LakeResource(DuckDBResource):
     def transaction(self, work: Callable[[duckdb.DuckDBPyConnection], T], what: str) -> T:
         """Run `work` in one lake transaction, re-running it whole when another writer committed first."""
         with self.get_connection() as connection:
-
-            def attempt() -> T:
-                connection.execute("BEGIN")
-                try:
-                    result = work(connection)
-                    connection.execute("COMMIT")
-                    return result
-                except BaseException:
-                    try:
-                        connection.execute("ROLLBACK")
-                    except duckdb.Error:
-                        pass  # a failed COMMIT has already ended the transaction
-                    raise
-
-            return retry_transient(attempt, what)
+            return retry_transient(lambda: _run_in_transaction(connection, work), what)
 
 
 def replace_partition(

@@ -1,0 +1,83 @@
+"""The `qc` command as users run it: settings errors, a run with a bad shard, read-only SQL, the UI's instance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import dagster as dg
+
+from qc_assets.settings import PROJECT_ROOT
+from qc_assets_tests.conftest import BIN, document, run_qc, write_jsonl
+
+
+def test_a_wrong_setting_fails_at_start_up_naming_the_variable(environment, tmp_path):
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"id": "a", "text": document(1)}])
+    cases = {
+        "QC_CORPUS_MIN_CHARS": ({"QC_CORPUS_MIN_CHARS": "many"}, "QC_CORPUS_MIN_CHARS"),
+        "window": ({"QC_CORPUS_MIN_CHARS": "500", "QC_CORPUS_MAX_CHARS": "100"}, "QC_CORPUS_MIN_CHARS (500)"),
+        "typo": ({"QC_DATA_DIRECTORY": "x"}, "unknown setting QC_DATA_DIRECTORY"),
+        "catalog": ({"QC_LAKE_CATALOG": "mysql:db"}, "QC_LAKE_CATALOG"),
+    }
+    for name, (extra, expected) in cases.items():
+        result = run_qc(["run"], environment(tmp_path / "corpus", **extra))
+        assert result.returncode != 0, name
+        assert expected in result.stderr + result.stdout, (name, result.stderr)
+    missing = run_qc(["run"], environment(tmp_path / "nowhere"))
+    assert missing.returncode != 0 and "QC_CORPUS_SOURCE" in missing.stderr
+
+
+def test_qc_run_materializes_every_partition_keeps_going_past_a_bad_shard_and_exits_non_zero(environment, tmp_path):
+    source = tmp_path / "corpus"
+    for name in ("s0", "s1"):
+        write_jsonl(source / f"{name}.jsonl", [{"id": f"{name}-{i}", "text": document(i, name)} for i in range(3)])
+    (source / "s2.parquet").write_bytes(b"PAR1 this is not parquet")
+    env = environment(source)
+    result = run_qc(["run"], env)
+    assert result.returncode == 1
+    assert "2 succeeded, 1 failed" in result.stdout
+    assert str(source / "s2.parquet") in result.stdout + result.stderr
+    counts = run_qc(["sql", "SELECT shard, count(*) AS n FROM corpus GROUP BY shard ORDER BY shard", "--format", "json"], env)
+    assert json.loads(counts.stdout) == [{"shard": "s0", "n": 3}, {"shard": "s1", "n": 3}]
+
+    with dg.DagsterInstance.from_config(str(tmp_path / "data" / "dagster")) as instance:
+        runs = instance.get_runs()
+        assert sorted(run.tags.get("dagster/partition") for run in runs) == ["s0", "s1", "s2"]
+        assert sorted(str(run.status) for run in runs).count("DagsterRunStatus.SUCCESS") == 2
+        materialized = instance.get_materialized_partitions(dg.AssetKey("corpus"))
+        assert materialized == {"s0", "s1"}
+
+    (source / "s2.parquet").unlink()
+    rerun = run_qc(["run", "--select", "corpus"], env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "2 succeeded, 0 failed" in rerun.stdout
+
+
+def test_qc_sql_formats_inputs_and_refuses_writes(environment, tmp_path):
+    source = tmp_path / "corpus"
+    write_jsonl(source / "s0.jsonl", [{"id": f"d{i}", "text": document(i)} for i in range(2)])
+    env = environment(source)
+    assert run_qc(["run"], env).returncode == 0
+    query = "SELECT doc_id, n_chars FROM corpus ORDER BY doc_id"
+    table = run_qc(["sql", query], env)
+    assert table.returncode == 0 and "doc_id" in table.stdout and "d1" in table.stdout and "│" in table.stdout
+    csv = run_qc(["sql", query, "--format", "csv"], env)
+    assert csv.stdout.splitlines()[0] == "doc_id,n_chars" and csv.stdout.splitlines()[1].startswith("d0,")
+    from_stdin = run_qc(["sql", "--format", "json"], env, input=query)
+    assert [row["doc_id"] for row in json.loads(from_stdin.stdout)] == ["d0", "d1"]
+    query_file = tmp_path / "q.sql"
+    query_file.write_text("SELECT count(*) AS n FROM corpus")
+    assert json.loads(run_qc(["sql", "--file", str(query_file), "--format", "json"], env).stdout) == [{"n": 2}]
+    refused = run_qc(["sql", "DELETE FROM corpus"], env)
+    assert refused.returncode != 0 and "read-only" in refused.stderr
+    assert run_qc(["sql", "SELECT count(*) AS n FROM corpus", "--format", "csv"], env).stdout.splitlines()[1] == "2"
+
+
+def test_dg_check_defs_loads_the_code_location(environment, tmp_path):
+    env = environment(PROJECT_ROOT / "data" / "sample" / "corpus")
+    result = subprocess.run(
+        [str(BIN / "dg"), "check", "defs"], cwd=PROJECT_ROOT, env={"PATH": f"{BIN}:/usr/bin:/bin", **env},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All definitions loaded successfully" in result.stdout + result.stderr
