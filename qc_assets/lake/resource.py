@@ -148,7 +148,10 @@ class LakeResource(DuckDBResource):
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        connection = duckdb.connect(self.database, config={"custom_user_agent": "qc_assets", **self.connection_config})
+        connection = duckdb.connect(
+            self.database,
+            config={"custom_user_agent": "qc_assets", "preserve_insertion_order": False, **self.connection_config},
+        )
         try:
             self._attach(connection)
             if not self.read_only:

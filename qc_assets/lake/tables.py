@@ -58,7 +58,7 @@ CORPUS = Table(
         Column("n_chars", "INTEGER", "Characters (code points) of text."),
         Column("source", "VARCHAR", "The file or dataset URL the shard was read from."),
         Column("source_row", "BIGINT", "Zero-based row of the document in its source file."),
-        Column("text_hash", "UBIGINT", "Upper 64 bits of the md5 of the normalized text (NFC, lower case, whitespace collapsed)."),
+        Column("text_hash", "UBIGINT", "Upper 64 bits of the md5 of text, for deduplication."),
         Column("ingested_at", "TIMESTAMP WITH TIME ZONE", "When the shard was materialized."),
     ),
     partition_columns=("shard",),

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 from pydantic import Field
 
 from qc_assets.defs.corpus.cleaning import (
@@ -89,19 +90,22 @@ def build_corpus_asset(shards: list[Shard]) -> dg.AssetsDefinition:
         except ShardReadError as error:
             raise dg.Failure(description=f"shard {shard.key}: {error}") from error
         read_s = time.perf_counter() - started
-        context.log.info(f"read {rows.table.num_rows} rows in {read_s:.2f}s")
+        context.log.info(f"read {rows.num_rows} rows in {read_s:.2f}s")
         if rows.bad_rows:
             context.log.warning(_bad_rows_text(shard, rows.bad_rows))
 
         def write(connection) -> tuple[int, int, dict[str, int], int]:
-            stage_shard(connection, rows.table, shard.key, shard.location, corpus_source.window)
+            stage_shard(connection, rows.relation(connection), shard.key, shard.location, corpus_source.window)
             removed_later = resolve_against_lake(connection, shard.key)
             written = replace_partition(
                 connection, CORPUS, {"shard": shard.key}, f"(SELECT * FROM {STAGED} WHERE status = 'ok')"
             )
             return written, removed_later, status_counts(connection), control_character_rows(connection)
 
-        written, removed_later, counts, control_rows = lake.transaction(write, f"write corpus shard {shard.key}")
+        try:
+            written, removed_later, counts, control_rows = lake.transaction(write, f"write corpus shard {shard.key}")
+        except duckdb.Error as error:
+            raise dg.Failure(description=f"shard {shard.key}: {shard.location}: {error}") from error
         with lake.get_connection() as connection:
             n_min, n_mean, n_max = connection.execute(
                 'SELECT min(n_chars), avg(n_chars), max(n_chars) FROM "corpus" WHERE shard = ?', [shard.key]
@@ -110,7 +114,7 @@ def build_corpus_asset(shards: list[Shard]) -> dg.AssetsDefinition:
         drops = {reason: count for reason, count in counts.items() if reason != "ok"}
         dropped = ", ".join(f"{reason} {count}" for reason, count in drops.items() if count) or "none"
         context.log.info(
-            f"shard {shard.key}: kept {written} of {rows.table.num_rows + len(rows.bad_rows)} rows "
+            f"shard {shard.key}: kept {written} of {rows.num_rows + len(rows.bad_rows)} rows "
             f"in {elapsed:.2f}s; dropped: {dropped}"
         )
         if removed_later:
@@ -121,7 +125,7 @@ def build_corpus_asset(shards: list[Shard]) -> dg.AssetsDefinition:
             metadata={
                 "dagster/row_count": written,
                 "source": shard.location if shard.location.startswith(HF_PREFIX) else dg.MetadataValue.path(shard.location),
-                "rows_read": rows.table.num_rows + len(rows.bad_rows),
+                "rows_read": rows.num_rows + len(rows.bad_rows),
                 "rows_unreadable": len(rows.bad_rows),
                 **{f"dropped_{reason}": count for reason, count in drops.items()},
                 "rows_with_control_chars_removed": control_rows,

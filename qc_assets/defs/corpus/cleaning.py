@@ -1,7 +1,8 @@
 """Cleaning rules for raw documents, as DuckDB SQL so a 100k-row shard is cleaned in a few vectorized passes.
 
-A document's first occurrence wins: within a shard by row, across shards by shard key order, for both the
-normalized text and the id. Every drop is counted by reason.
+Texts lose control characters and outer whitespace. A document's first occurrence wins: within a shard by
+row, across shards by shard key order, for both the cleaned text (by hash) and the id. Every drop is counted
+by reason.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import duckdb
-import pyarrow as pa
 
 from qc_assets.lake.tables import CORPUS
 
-_CONTROL_CHARS = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]"
+# C0 controls except tab and newline (a lone CR included, after CRLF became LF), DEL and C1 controls.
+_CONTROL_CHARS = r"[\x00-\x08\x0B-\x1F\x7F-\x9F]"
 _WHITESPACE = r"[\s\p{Z}]"
+# One regex pass finds the few rows that need cleaning; only those pay for the rewriting passes.
+_NEEDS_CLEANING = f"{_CONTROL_CHARS}|^{_WHITESPACE}|{_WHITESPACE}$"
 STAGED = "corpus_staged"
 
 DROP_REASONS = (
@@ -35,29 +38,32 @@ class LengthWindow:
 
 
 def stage_shard(
-    connection: duckdb.DuckDBPyConnection, rows: pa.Table, shard: str, source: str, window: LengthWindow
+    connection: duckdb.DuckDBPyConnection, rows: str, shard: str, source: str, window: LengthWindow
 ) -> None:
-    """Clean `rows` into the temporary table STAGED, with a `status` column of 'ok' or the drop reason."""
-    connection.register("raw_rows", rows)
+    """Clean `rows` (a relation with source_id, raw_text, source_row) into the temporary table STAGED.
+
+    Each row gets a `status`: 'ok' or the reason it is dropped.
+    """
     connection.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE {STAGED} AS
-        WITH without_controls AS (
+        WITH flagged AS (
+            SELECT source_id, source_row, raw_text,
+                   regexp_matches(raw_text, '{_NEEDS_CLEANING}') AS needs_cleaning
+            FROM {rows}
+        ), cleaned AS (
             SELECT source_id, source_row,
-                   regexp_replace(regexp_replace(raw_text, '\\r\\n?', '\\n', 'g'), '{_CONTROL_CHARS}', '', 'g') AS text_no_controls,
-                   raw_text
-            FROM raw_rows
-        ), trimmed AS (
-            SELECT *,
-                   regexp_replace(text_no_controls, '^{_WHITESPACE}+|{_WHITESPACE}+$', '', 'g') AS text,
-                   length(text_no_controls) < length(replace(raw_text, chr(13) || chr(10), chr(10))) AS had_controls
-            FROM without_controls
+                   CASE WHEN needs_cleaning THEN regexp_replace(
+                            regexp_replace(replace(raw_text, chr(13) || chr(10), chr(10)), '{_CONTROL_CHARS}', '', 'g'),
+                            '^{_WHITESPACE}+|{_WHITESPACE}+$', '', 'g')
+                        ELSE raw_text END AS text,
+                   needs_cleaning AND regexp_matches(raw_text, '{_CONTROL_CHARS}') AS had_controls
+            FROM flagged
         ), measured AS (
             SELECT coalesce(nullif(source_id, ''), $shard || ':' || source_row) AS doc_id,
                    $shard AS shard, text, length(text)::INTEGER AS n_chars, $source AS source, source_row,
-                   md5_number_upper(lower(regexp_replace(nfc_normalize(text), '{_WHITESPACE}+', ' ', 'g'))) AS text_hash,
-                   had_controls
-            FROM trimmed
+                   md5_number_upper(text) AS text_hash, had_controls
+            FROM cleaned
         ), judged AS (
             SELECT *,
                    CASE WHEN n_chars = 0 THEN 'empty'
@@ -84,7 +90,6 @@ def stage_shard(
         """,
         {"shard": shard, "source": source, "min_chars": window.min_chars, "max_chars": window.max_chars},
     )
-    connection.unregister("raw_rows")
 
 
 def resolve_against_lake(connection: duckdb.DuckDBPyConnection, shard: str) -> int:

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from qc_assets.lake.resource import sql_literal
 
 
 HF_PREFIX = "hf:"
@@ -36,10 +39,22 @@ class Shard:
 
 @dataclass
 class ShardRows:
-    """The id and text of every readable row, and the rows that could not be read, by position."""
+    """The readable rows of a shard as a DuckDB relation, and the rows that could not be read, by position.
 
-    table: pa.Table
+    Parquet stays on disk for DuckDB's own parallel reader; rows parsed in Python arrive as an Arrow table.
+    """
+
+    num_rows: int
+    table: pa.Table | None = None
+    parquet_select: str | None = None
     bad_rows: list[tuple[int, str]] = field(default_factory=list)
+
+    def relation(self, connection: duckdb.DuckDBPyConnection) -> str:
+        """A FROM-clause item with columns source_id, raw_text, source_row."""
+        if self.parquet_select is not None:
+            return f"({self.parquet_select})"
+        connection.register("raw_rows", self.table)
+        return "raw_rows"
 
 
 ROWS_SCHEMA = pa.schema([("source_id", pa.string()), ("raw_text", pa.string()), ("source_row", pa.int64())])
@@ -71,35 +86,50 @@ def _unique_shards(candidates: list[tuple[str, str, str]], source: str) -> list[
     return shards
 
 
-def _text_and_id_columns(
-    table: pa.Table, location: str, text_column: str, id_column: str
-) -> pa.Table:
+def _check_text_type(text_type: pa.DataType, location: str, text_column: str) -> None:
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise ShardReadError(f"{location}: column {text_column!r} holds {text_type}, not text")
+
+
+def _missing_text_column(location: str, text_column: str, columns: list[str]) -> ShardReadError:
+    return ShardReadError(f"{location}: no column {text_column!r} (QC_CORPUS_TEXT_COLUMN); columns are {columns}")
+
+
+def _rows_from_arrow(table: pa.Table, location: str, text_column: str, id_column: str) -> ShardRows:
     if text_column not in table.column_names:
-        raise ShardReadError(
-            f"{location}: no column {text_column!r} (QC_CORPUS_TEXT_COLUMN); columns are {table.column_names}"
-        )
+        raise _missing_text_column(location, text_column, table.column_names)
     text = table.column(text_column)
-    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
-        raise ShardReadError(f"{location}: column {text_column!r} holds {text.type}, not text")
+    _check_text_type(text.type, location, text_column)
     if id_column in table.column_names:
         ids = table.column(id_column).cast(pa.string())
     else:
         ids = pa.nulls(table.num_rows, pa.string())
-    return pa.table(
+    rows = pa.table(
         [ids, text.cast(pa.string()), pa.array(range(table.num_rows), pa.int64())], schema=ROWS_SCHEMA
     )
+    return ShardRows(num_rows=rows.num_rows, table=rows)
+
+
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def read_parquet(location: str, text_column: str, id_column: str) -> ShardRows:
+    """Checks the footer and schema here, so a broken file fails with its name before any SQL runs."""
     try:
-        parquet = pq.ParquetFile(location)
-        names = parquet.schema_arrow.names
-        table = parquet.read(columns=[name for name in (id_column, text_column) if name in names])
-    except ShardReadError:
-        raise
+        schema = pq.read_schema(location)
+        num_rows = pq.read_metadata(location).num_rows
     except (OSError, pa.ArrowException) as error:
         raise ShardReadError(f"{location}: not a readable parquet file ({error})") from error
-    return ShardRows(_text_and_id_columns(table, location, text_column, id_column))
+    if text_column not in schema.names:
+        raise _missing_text_column(location, text_column, schema.names)
+    _check_text_type(schema.field(text_column).type, location, text_column)
+    source_id = f"CAST({_quoted(id_column)} AS VARCHAR)" if id_column in schema.names else "NULL::VARCHAR"
+    select = (
+        f"SELECT {source_id} AS source_id, {_quoted(text_column)} AS raw_text, file_row_number AS source_row "
+        f"FROM read_parquet({sql_literal(location)}, file_row_number = true)"
+    )
+    return ShardRows(num_rows=num_rows, parquet_select=select)
 
 
 def read_jsonl(location: str, text_column: str, id_column: str) -> ShardRows:
@@ -142,8 +172,10 @@ def read_jsonl(location: str, text_column: str, id_column: str) -> ShardRows:
             rows.append(row)
     if not texts and bad_rows and all(problem.startswith(f"field {text_column!r} is missing") for _, problem in bad_rows):
         raise ShardReadError(f"{location}: no row has the field {text_column!r} (QC_CORPUS_TEXT_COLUMN)")
-    table = pa.table([pa.array(ids, pa.string()), pa.array(texts, pa.string()), pa.array(rows, pa.int64())], schema=ROWS_SCHEMA)
-    return ShardRows(table, bad_rows)
+    table = pa.table(
+        [pa.array(ids, pa.string()), pa.array(texts, pa.string()), pa.array(rows, pa.int64())], schema=ROWS_SCHEMA
+    )
+    return ShardRows(num_rows=table.num_rows, table=table, bad_rows=bad_rows)
 
 
 @dataclass(frozen=True)
@@ -244,7 +276,7 @@ class HuggingFaceDataset:
             dataset = datasets.load_dataset(builder, data_files=[shard.location], split="train")
         except Exception as error:
             raise ShardReadError(f"{shard.location}: cannot be loaded by datasets ({error})") from error
-        return ShardRows(_text_and_id_columns(dataset.data.table, shard.location, self.text_column, self.id_column))
+        return _rows_from_arrow(dataset.data.table, shard.location, self.text_column, self.id_column)
 
 
 def open_corpus_source(
