@@ -109,26 +109,16 @@ def resolve_against_lake(connection: duckdb.DuckDBPyConnection, shard: str) -> i
         """,
         {"shard": shard},
     )
-    later = connection.execute(
+    (removed,) = connection.execute(
         f"""
-        SELECT count(*) FROM {corpus}
+        DELETE FROM {corpus}
         WHERE shard > $shard AND (
             text_hash IN (SELECT text_hash FROM {STAGED} WHERE status = 'ok')
             OR doc_id IN (SELECT doc_id FROM {STAGED} WHERE status = 'ok'))
         """,
         {"shard": shard},
-    ).fetchone()[0]
-    if later:
-        connection.execute(
-            f"""
-            DELETE FROM {corpus}
-            WHERE shard > $shard AND (
-                text_hash IN (SELECT text_hash FROM {STAGED} WHERE status = 'ok')
-                OR doc_id IN (SELECT doc_id FROM {STAGED} WHERE status = 'ok'))
-            """,
-            {"shard": shard},
-        )
-    return later
+    ).fetchone()
+    return removed
 
 
 def status_counts(connection: duckdb.DuckDBPyConnection) -> dict[str, int]:
