@@ -16,6 +16,10 @@ from qc_assets.settings import Settings, load_settings
 
 BIN = Path(sys.executable).parent
 
+# Tests never reach a hub; a code path that tried would fail here instead of hanging on the closed network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 def write_jsonl(path: Path, records: list[dict | str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
