@@ -11,10 +11,10 @@ from pydantic import Field
 from qc_assets.defs.corpus.cleaning import (
     STAGED,
     LengthWindow,
-    control_character_rows,
     resolve_against_lake,
+    StagedSummary,
     stage_shard,
-    status_counts,
+    summarize_staged,
 )
 from qc_assets.defs.corpus.sources import (
     BAD_ROWS_SHOWN,
@@ -94,24 +94,20 @@ def build_corpus_asset(shards: list[Shard]) -> dg.AssetsDefinition:
         if rows.bad_rows:
             context.log.warning(_bad_rows_text(shard, rows.bad_rows))
 
-        def write(connection) -> tuple[int, int, dict[str, int], int]:
+        def write(connection) -> tuple[int, int, StagedSummary]:
             stage_shard(connection, rows.relation(connection), shard.key, shard.location, corpus_source.window)
             removed_later = resolve_against_lake(connection, shard.key)
             written = replace_partition(
                 connection, CORPUS, {"shard": shard.key}, f"(SELECT * FROM {STAGED} WHERE status = 'ok')"
             )
-            return written, removed_later, status_counts(connection), control_character_rows(connection)
+            return written, removed_later, summarize_staged(connection)
 
         try:
-            written, removed_later, counts, control_rows = lake.transaction(write, f"write corpus shard {shard.key}")
+            written, removed_later, summary = lake.transaction(write, f"write corpus shard {shard.key}")
         except duckdb.Error as error:
             raise dg.Failure(description=f"shard {shard.key}: {shard.location}: {error}") from error
-        with lake.get_connection() as connection:
-            n_min, n_mean, n_max = connection.execute(
-                'SELECT min(n_chars), avg(n_chars), max(n_chars) FROM "corpus" WHERE shard = ?', [shard.key]
-            ).fetchone()
         elapsed = time.perf_counter() - started
-        drops = {reason: count for reason, count in counts.items() if reason != "ok"}
+        drops = {reason: count for reason, count in summary.status_counts.items() if reason != "ok"}
         dropped = ", ".join(f"{reason} {count}" for reason, count in drops.items() if count) or "none"
         context.log.info(
             f"shard {shard.key}: kept {written} of {rows.num_rows + len(rows.bad_rows)} rows "
@@ -128,11 +124,11 @@ def build_corpus_asset(shards: list[Shard]) -> dg.AssetsDefinition:
                 "rows_read": rows.num_rows + len(rows.bad_rows),
                 "rows_unreadable": len(rows.bad_rows),
                 **{f"dropped_{reason}": count for reason, count in drops.items()},
-                "rows_with_control_chars_removed": control_rows,
+                "rows_with_control_chars_removed": summary.control_character_rows,
                 "later_shard_rows_removed": removed_later,
-                "n_chars_min": n_min or 0,
-                "n_chars_mean": round(float(n_mean or 0), 1),
-                "n_chars_max": n_max or 0,
+                "n_chars_min": summary.n_chars_min,
+                "n_chars_mean": summary.n_chars_mean,
+                "n_chars_max": summary.n_chars_max,
                 "documents_per_second": round(written / elapsed, 1) if elapsed else 0.0,
                 "seconds": round(elapsed, 3),
             }

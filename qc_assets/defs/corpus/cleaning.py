@@ -121,10 +121,31 @@ def resolve_against_lake(connection: duckdb.DuckDBPyConnection, shard: str) -> i
     return removed
 
 
-def status_counts(connection: duckdb.DuckDBPyConnection) -> dict[str, int]:
+@dataclass(frozen=True)
+class StagedSummary:
+    status_counts: dict[str, int]
+    control_character_rows: int
+    n_chars_min: int
+    n_chars_mean: float
+    n_chars_max: int
+
+
+def summarize_staged(connection: duckdb.DuckDBPyConnection) -> StagedSummary:
+    """Everything the asset reports, from the staging table, so no second lake connection is needed."""
     counts = dict(connection.execute(f"SELECT status, count(*) FROM {STAGED} GROUP BY status").fetchall())
-    return {reason: counts.get(reason, 0) for reason in ("ok", *DROP_REASONS)}
-
-
-def control_character_rows(connection: duckdb.DuckDBPyConnection) -> int:
-    return connection.execute(f"SELECT count(*) FROM {STAGED} WHERE had_controls").fetchone()[0]
+    controls, n_min, n_mean, n_max = connection.execute(
+        f"""
+        SELECT count(*) FILTER (WHERE had_controls),
+               min(n_chars) FILTER (WHERE status = 'ok'),
+               avg(n_chars) FILTER (WHERE status = 'ok'),
+               max(n_chars) FILTER (WHERE status = 'ok')
+        FROM {STAGED}
+        """
+    ).fetchone()
+    return StagedSummary(
+        status_counts={reason: counts.get(reason, 0) for reason in ("ok", *DROP_REASONS)},
+        control_character_rows=controls,
+        n_chars_min=n_min or 0,
+        n_chars_mean=round(float(n_mean or 0), 1),
+        n_chars_max=n_max or 0,
+    )
