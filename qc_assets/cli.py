@@ -14,6 +14,11 @@ from qc_assets.settings import PROJECT_ROOT, Settings, SettingsError, load_setti
 
 SUMMARY_QUERIES = {
     "corpus": "SELECT count(*) AS documents, count(DISTINCT shard) AS shards, round(avg(n_chars)) AS mean_chars FROM corpus",
+    "teacher_labels": (
+        "SELECT teacher, count(*) AS labels, count(DISTINCT doc_id) AS documents, round(sum(cost_usd), 4) AS cost_usd, "
+        "(SELECT count(*) FROM teacher_quarantine q WHERE q.teacher = l.teacher) AS quarantined "
+        "FROM teacher_labels l GROUP BY teacher ORDER BY teacher"
+    ),
 }
 
 
@@ -130,6 +135,29 @@ def sql(sql: str | None, file: str | None, output_format: str, max_rows: int) ->
         click.echo(frame.write_csv(), nl=False)
     else:
         click.echo(frame.write_json())
+
+
+@main.command()
+@click.option("--documents", default=20, show_default=True, type=click.IntRange(1), help="Pilot documents; each gets all 7 categories.")
+@click.option("--shard", default=None, help="Shard the pilot comes from. Default: the first materialized shard.")
+def estimate(documents: int, shard: str | None) -> None:
+    """Label a pilot sample with the configured teacher and project cost and hours for the whole corpus.
+
+    The pilot's labels are kept in the lake, so the full run does not pay for them again.
+    """
+    settings = _settings()
+    from qc_assets.defs.corpus.assets import CorpusResource
+    from qc_assets.defs.teacher.assets import TeacherResource
+    from qc_assets.defs.teacher.estimate import estimate as run_estimate
+
+    teacher = TeacherResource.from_settings(settings, secret_inline=True)
+    try:
+        shard_count = len(CorpusResource.from_settings(settings).open().shards())
+        projection = run_estimate(teacher, _lake(settings, read_only=False), shard, documents, shard_count, click.echo)
+    except (ValueError, RuntimeError, duckdb.Error) as error:
+        raise click.ClickException(str(error)) from None
+    for line in projection.lines():
+        click.echo(line)
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from qc_assets.defs.corpus.assets import CorpusResource, build_corpus_asset
+from qc_assets.defs.teacher.assets import TeacherResource, build_discount_schedule, build_teacher_asset
 from qc_assets.lake.resource import LakeResource
 from qc_assets.settings import Settings, load_settings
 
@@ -12,11 +13,17 @@ from qc_assets.settings import Settings, load_settings
 def build_definitions(settings: Settings) -> dg.Definitions:
     corpus_source = CorpusResource.from_settings(settings)
     shards = corpus_source.open().shards()
+    shard_partitions = dg.StaticPartitionsDefinition([shard.key for shard in shards])
+    teacher_labels = build_teacher_asset(shard_partitions)
+    teacher_job = dg.define_asset_job("teacher_labels_job", selection=[teacher_labels], partitions_def=shard_partitions)
     return dg.Definitions(
-        assets=[build_corpus_asset(shards)],
+        assets=[build_corpus_asset(shards, shard_partitions), teacher_labels],
+        jobs=[teacher_job],
+        schedules=[build_discount_schedule(teacher_job, shard_partitions.get_partition_keys())],
         resources={
             "lake": LakeResource(catalog=settings.catalog, data_path=settings.data_path),
             "corpus_source": corpus_source,
+            "teacher": TeacherResource.from_settings(settings),
         },
     )
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = PROJECT_ROOT / "data" / "sample" / "corpus"
+SAMPLE_TEACHER_LABELS = PROJECT_ROOT / "data" / "sample" / "teacher" / "handwritten-sample.jsonl"
 ENV_PREFIX = "QC_"
 
 
@@ -44,6 +47,44 @@ class Settings(BaseModel):
         default=None, description="DuckLake data files; default `<data_dir>/lake/files/`, or `s3://bucket/prefix/`."
     )
 
+    teacher_backend: Literal["replay", "openai"] = Field(
+        default="replay",
+        description="`openai`: any OpenAI-compatible endpoint (DeepSeek-R1, vLLM, SGLang, Ollama); "
+        "`replay`: import existing labels.",
+    )
+    teacher_base_url: str = Field(default="https://api.deepseek.com", description="Chat-completions endpoint (openai).")
+    teacher_model: str | None = Field(
+        default=None,
+        description="Teacher model, stored in every label's key; default `deepseek-reasoner` (openai) "
+        "or the replay source's name (replay).",
+    )
+    teacher_api_key: SecretStr | None = Field(default=None, description="API key (openai); never logged or stored.")
+    teacher_concurrency: int = Field(default=100, ge=1, le=2000, description="Requests in flight at most.")
+    teacher_max_attempts: int = Field(default=6, ge=1, le=50, description="Attempts per key before quarantine.")
+    teacher_timeout_s: float = Field(default=600.0, gt=0, description="Per-request timeout; R1 can think for minutes.")
+    teacher_backoff_s: float = Field(
+        default=1.0, ge=0, description="Longest wait before the first retry; doubles per attempt, with jitter."
+    )
+    teacher_max_tokens: int = Field(default=8192, ge=16, description="Completion cap, reasoning included.")
+    teacher_price: str | None = Field(
+        default=None,
+        description="A price table entry (see `qc_assets/defs/teacher/prices.py`) or "
+        "`input=<usd>,output=<usd>[,cached=<usd>]` per million tokens; default by model.",
+    )
+    teacher_max_usd: float | None = Field(default=None, gt=0, description="Hard spend cap per run, in USD.")
+    teacher_batch_size: int = Field(default=256, ge=1, description="Labels per lake write while labelling.")
+    teacher_flush_seconds: float = Field(default=5.0, gt=0, description="Longest wait before buffered labels are written.")
+    teacher_replay_source: str = Field(
+        default=str(SAMPLE_TEACHER_LABELS),
+        description="Labels to import (replay): a parquet/jsonl file or `hf:<dataset name>`.",
+    )
+    teacher_replay_columns: str = Field(
+        default="doc_id=doc_id,category=category,query=query",
+        description="How the replay source's columns map: `doc_id` or `text`, then `category` and `query` "
+        "(long format) or one `<category>=<column>` per category (wide); optional `reasoning`.",
+    )
+    teacher_replay_split: str = Field(default="train", description="Split of an hf: replay source.")
+
     @model_validator(mode="after")
     def _length_window_is_not_empty(self) -> Settings:
         if self.corpus_min_chars > self.corpus_max_chars:
@@ -59,6 +100,10 @@ class Settings(BaseModel):
     @property
     def dagster_home(self) -> Path:
         return self.data_root / "dagster"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.data_root / "teacher"
 
     @property
     def catalog(self) -> str:

@@ -163,7 +163,12 @@ class LakeResource(DuckDBResource):
     def transaction(self, work: Callable[[duckdb.DuckDBPyConnection], T], what: str) -> T:
         """Run `work` in one lake transaction, re-running it whole when another writer committed first."""
         with self.get_connection() as connection:
-            return retry_transient(lambda: _run_in_transaction(connection, work), what)
+            return run_transaction(connection, work, what)
+
+
+def run_transaction(connection: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T], what: str) -> T:
+    """`LakeResource.transaction` on a connection the caller keeps open across many writes."""
+    return retry_transient(lambda: _run_in_transaction(connection, work), what)
 
 
 def replace_partition(

@@ -64,4 +64,53 @@ CORPUS = Table(
     partition_columns=("shard",),
 )
 
-TABLES: dict[str, Table] = {table.name: table for table in (CORPUS,)}
+_LABEL_KEY = (
+    Column("doc_id", "VARCHAR", "The labelled document (corpus.doc_id)."),
+    Column("shard", "VARCHAR", "Partition key: the document's corpus shard."),
+    Column("category", "VARCHAR", "One of the seven categories in qc_assets/categories.py."),
+)
+_LABEL_PROVENANCE = (
+    Column("teacher", "VARCHAR", "The teacher model (or replay source) that wrote the label; part of the key."),
+    Column("prompt_version", "VARCHAR", "Hash of the category's prompt (or `replay`); part of the key."),
+)
+_LABEL_SPEND = (
+    Column("input_tokens", "BIGINT", "Prompt tokens, summed over attempts."),
+    Column("cached_input_tokens", "BIGINT", "Prompt tokens served from the provider's cache."),
+    Column("output_tokens", "BIGINT", "Completion tokens (reasoning included), summed over attempts."),
+    Column("reasoning_tokens", "BIGINT", "Reasoning tokens among output_tokens."),
+    Column("cost_usd", "DOUBLE", "What the attempts for this key cost, from the configured price."),
+    Column("attempts", "INTEGER", "Requests made for this key in the run that wrote the row."),
+)
+
+TEACHER_LABELS = Table(
+    name="teacher_labels",
+    description="One valid teacher query per (doc_id, category, teacher, prompt_version), paid for once.",
+    columns=(
+        *_LABEL_KEY,
+        Column("query", "VARCHAR", "The label, as its category's validator returned it."),
+        *_LABEL_PROVENANCE,
+        Column("reasoning", "VARCHAR", "The teacher's reasoning (R1 reasoning_content or inline <think>); never a target."),
+        *_LABEL_SPEND,
+        Column("latency_s", "DOUBLE", "Seconds the successful request took."),
+        Column("run_id", "VARCHAR", "The Dagster run that paid for the label."),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the label arrived."),
+    ),
+    partition_columns=("shard",),
+)
+
+TEACHER_QUARANTINE = Table(
+    name="teacher_quarantine",
+    description="Keys whose teacher output stayed unusable after the retry budget; retried on the next run.",
+    columns=(
+        *_LABEL_KEY,
+        *_LABEL_PROVENANCE,
+        Column("raw_output", "VARCHAR", "The last raw completion (or error body) received."),
+        Column("error", "VARCHAR", "Why the last attempt was rejected."),
+        *_LABEL_SPEND,
+        Column("run_id", "VARCHAR", "The Dagster run that gave up on the key."),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the key was quarantined."),
+    ),
+    partition_columns=("shard",),
+)
+
+TABLES: dict[str, Table] = {table.name: table for table in (CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE)}

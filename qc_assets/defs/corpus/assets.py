@@ -70,12 +70,12 @@ def _bad_rows_text(shard: Shard, bad_rows: list[tuple[int, str]]) -> str:
     return f"{shard.location}: {len(bad_rows)} unreadable rows skipped ({shown}{more})"
 
 
-def build_corpus_asset(shards: list[Shard]) -> dg.AssetsDefinition:
+def build_corpus_asset(shards: list[Shard], partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     by_key = {shard.key: shard for shard in shards}
 
     @dg.asset(
         name=CORPUS.name,
-        partitions_def=dg.StaticPartitionsDefinition(list(by_key)),
+        partitions_def=partitions_def,
         group_name="corpus",
         kinds={"duckdb", "parquet"},
         description=CORPUS.description,

@@ -1,0 +1,350 @@
+"""Labelling one shard exactly once, whatever the backend: journal first, lake in batches, resume after any kill.
+
+Each outcome is appended to a journal file the moment it arrives, then written to the lake in batches. The
+journal is split into segments at every batch and a segment is deleted once its batch has committed, so it
+holds only what the lake may not have. The next run for the shard replays what is left before asking for
+anything, and asks only for keys the lake does not hold: a kill at any point (kill -9 included) loses at most
+the requests in flight, never an answer already received. Inserts skip keys already present, so replaying a
+segment whose batch did commit writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from filelock import FileLock, Timeout
+
+from qc_assets.categories import CATEGORIES
+from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest, TeacherBackend, Usage
+from qc_assets.lake.resource import LakeResource, run_transaction
+from qc_assets.lake.tables import TEACHER_LABELS, TEACHER_QUARANTINE, Table
+
+KEY_COLUMNS = ("doc_id", "category", "teacher", "prompt_version")
+PROGRESS_EVERY_S = 10.0
+
+
+class ShardBusyError(RuntimeError):
+    """Another process is labelling the same shard with the same teacher; two would pay twice."""
+
+
+def path_component(name: str) -> str:
+    """A file name for a shard or teacher that cannot escape its directory, unique per name."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "x"
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+class Journal:
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self._handle = None
+        self._segment: Path | None = None
+
+    def segments(self) -> list[Path]:
+        return sorted(self.directory.glob("segment-*.jsonl"), key=lambda path: int(path.stem.split("-")[1]))
+
+    @staticmethod
+    def read(segment: Path) -> tuple[list[dict], int]:
+        """The rows of a segment; a line torn by a kill mid-write is skipped and counted."""
+        rows, torn = [], 0
+        with open(segment, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    torn += 1
+        return rows, torn
+
+    def start_segment(self) -> Path | None:
+        """Close the current segment (returned) and open the next."""
+        closed = self._segment
+        if self._handle is not None:
+            self._handle.close()
+        existing = self.segments()
+        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        self._segment = self.directory / f"segment-{number:06d}.jsonl"
+        self._handle = open(self._segment, "a", encoding="utf-8")
+        return closed
+
+    def append(self, row: dict) -> None:
+        # One write per row and a flush: the line reaches the OS at once, so SIGKILL cannot lose it.
+        assert self._handle is not None
+        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._segment is not None and self._segment.exists() and self._segment.stat().st_size == 0:
+            self._segment.unlink()
+        self._segment = None
+
+
+def _insert_new_sql(table: Table, incoming: str, shard_parameter: str) -> str:
+    columns = ", ".join(f'"{name}"' for name in table.column_names)
+    casts = ", ".join(f'CAST(i."{column.name}" AS {column.sql_type})' for column in table.columns)
+    key_match = " AND ".join(f't."{key}" = i."{key}"' for key in KEY_COLUMNS)
+    keys = ", ".join(f'i."{key}"' for key in KEY_COLUMNS)
+    return (
+        f'INSERT INTO "{table.name}" ({columns}) SELECT {casts} FROM {incoming} i '
+        f'WHERE NOT EXISTS (SELECT 1 FROM "{table.name}" t WHERE t.shard = {shard_parameter} AND {key_match}) '
+        f"QUALIFY row_number() OVER (PARTITION BY {keys}) = 1"
+    )
+
+
+def _delete_keys_sql(table: Table, incoming: str, shard_parameter: str) -> str:
+    key_match = " AND ".join(f't."{key}" = i."{key}"' for key in KEY_COLUMNS)
+    return (
+        f'DELETE FROM "{table.name}" t WHERE t.shard = {shard_parameter} '
+        f"AND EXISTS (SELECT 1 FROM {incoming} i WHERE {key_match})"
+    )
+
+
+def write_outcome_rows(connection: duckdb.DuckDBPyConnection, shard: str, rows: list[dict]) -> int:
+    """Write one batch in one transaction: new labels (present keys skipped), their quarantine rows cleared,
+    new quarantine rows replacing the old ones for their keys. Returns the labels inserted."""
+    labels = [row for row in rows if row["kind"] == "label"]
+    quarantined = [row for row in rows if row["kind"] == "quarantine"]
+
+    def work(connection: duckdb.DuckDBPyConnection) -> int:
+        inserted = 0
+        if labels:
+            connection.register("incoming_labels", pa.Table.from_pylist(labels))
+            before = connection.execute("SELECT count(*) FROM teacher_labels WHERE shard = $1", [shard]).fetchone()[0]
+            connection.execute(_insert_new_sql(TEACHER_LABELS, "incoming_labels", "$1"), [shard])
+            inserted = connection.execute("SELECT count(*) FROM teacher_labels WHERE shard = $1", [shard]).fetchone()[0] - before
+            connection.execute(_delete_keys_sql(TEACHER_QUARANTINE, "incoming_labels", "$1"), [shard])
+            connection.unregister("incoming_labels")
+        if quarantined:
+            connection.register("incoming_quarantine", pa.Table.from_pylist(quarantined))
+            connection.execute(_delete_keys_sql(TEACHER_QUARANTINE, "incoming_quarantine", "$1"), [shard])
+            columns = ", ".join(f'"{name}"' for name in TEACHER_QUARANTINE.column_names)
+            casts = ", ".join(f'CAST(i."{c.name}" AS {c.sql_type})' for c in TEACHER_QUARANTINE.columns)
+            # A key labelled by an earlier batch stays labelled: its late failure is not news.
+            connection.execute(
+                f"INSERT INTO teacher_quarantine ({columns}) SELECT {casts} FROM incoming_quarantine i "
+                "WHERE NOT EXISTS (SELECT 1 FROM teacher_labels t WHERE t.shard = $1 AND "
+                + " AND ".join(f't."{key}" = i."{key}"' for key in KEY_COLUMNS)
+                + ")",
+                [shard],
+            )
+            connection.unregister("incoming_quarantine")
+        return inserted
+
+    return run_transaction(connection, work, f"write teacher labels of shard {shard}")
+
+
+def outcome_row(outcome: LabelOutcome, backend: TeacherBackend, run_id: str) -> dict:
+    request = outcome.request
+    row = {
+        "kind": "label" if outcome.status == "labeled" else "quarantine",
+        "doc_id": request.doc_id,
+        "shard": request.shard,
+        "category": request.category.name,
+        "teacher": backend.teacher,
+        "prompt_version": backend.prompt_version(request.category),
+        "input_tokens": outcome.usage.input_tokens,
+        "cached_input_tokens": outcome.usage.cached_input_tokens,
+        "output_tokens": outcome.usage.output_tokens,
+        "reasoning_tokens": outcome.usage.reasoning_tokens,
+        "cost_usd": outcome.usage.cost_usd,
+        "attempts": outcome.attempts,
+        "run_id": run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if outcome.status == "labeled":
+        row.update(query=outcome.query, reasoning=outcome.reasoning, latency_s=outcome.latency_s)
+    else:
+        row.update(raw_output=outcome.raw_output, error=outcome.error)
+    return row
+
+
+@dataclass
+class LabelingReport:
+    shard: str
+    teacher: str
+    keys_total: int = 0
+    keys_already_labeled: int = 0
+    recovered_from_journal: int = 0
+    torn_journal_lines: int = 0
+    by_category: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    retries: Counter = field(default_factory=Counter)
+    usage: Usage = field(default_factory=Usage)
+    requests: int = 0
+    lake_writes: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    lowest_concurrency: int | None = None
+    stopped_because: str | None = None
+
+    def count(self, status: str) -> int:
+        return sum(counter[status] for counter in self.by_category.values())
+
+    @property
+    def keys_left(self) -> int:
+        return self.keys_total - self.keys_already_labeled - self.count("labeled")
+
+
+def _existing_keys(connection: duckdb.DuckDBPyConnection, shard: str, teacher: str) -> set[tuple[str, str, str]]:
+    rows = connection.execute(
+        "SELECT doc_id, category, prompt_version FROM teacher_labels WHERE shard = $1 AND teacher = $2", [shard, teacher]
+    ).fetchall()
+    return set(rows)
+
+
+def label_shard(
+    shard: str,
+    documents: list[tuple[str, str]],
+    backend: TeacherBackend,
+    lake: LakeResource,
+    journal_root: Path,
+    budget: Budget,
+    run_id: str,
+    batch_size: int,
+    flush_seconds: float,
+    log: Callable[[str], None],
+) -> LabelingReport:
+    """Label every (document, category) of `documents` that the lake does not hold for this teacher."""
+    report = LabelingReport(shard=shard, teacher=backend.teacher)
+    directory = journal_root / path_component(backend.teacher) / path_component(shard)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ShardBusyError(
+            f"shard {shard} is being labelled by teacher {backend.teacher} in another run (lock {lock.lock_file})"
+        ) from None
+    try:
+        with lake.get_connection() as connection:
+            journal = Journal(directory)
+            _replay_journal(connection, journal, shard, report, log)
+            existing = _existing_keys(connection, shard, backend.teacher)
+            versions = {name: backend.prompt_version(category) for name, category in CATEGORIES.items()}
+            report.keys_total = len(documents) * len(CATEGORIES)
+            report.keys_already_labeled = sum(
+                (doc_id, name, versions[name]) in existing for doc_id, _ in documents for name in CATEGORIES
+            )
+            missing = report.keys_total - report.keys_already_labeled
+            log(
+                f"shard {shard}: {len(documents)} documents, {report.keys_total} keys; {report.keys_already_labeled} "
+                f"already labelled by {backend.teacher}, {missing} to ask for"
+            )
+
+            def requests() -> Iterator[LabelRequest]:
+                for doc_id, text in documents:
+                    for name, category in CATEGORIES.items():
+                        if (doc_id, name, versions[name]) not in existing:
+                            yield LabelRequest(doc_id=doc_id, shard=shard, category=category, text=text)
+
+            started = time.perf_counter()
+            try:
+                asyncio.run(
+                    _collect(requests(), missing, backend, connection, journal, shard, budget, run_id, batch_size,
+                             flush_seconds, report, log)
+                )
+            finally:
+                journal.close()
+                report.seconds = time.perf_counter() - started
+                report.requests = getattr(backend, "requests", 0)
+                limit = getattr(backend, "limit", None)
+                report.lowest_concurrency = getattr(limit, "lowest", None)
+                report.stopped_because = budget.stopped_because
+    finally:
+        lock.release()
+    return report
+
+
+def _replay_journal(connection, journal: Journal, shard: str, report: LabelingReport, log) -> None:
+    for segment in journal.segments():
+        rows, torn = Journal.read(segment)
+        report.torn_journal_lines += torn
+        if rows:
+            report.recovered_from_journal += write_outcome_rows(connection, shard, rows)
+        segment.unlink()
+    if report.recovered_from_journal or report.torn_journal_lines:
+        log(
+            f"shard {shard}: recovered {report.recovered_from_journal} labels an interrupted run had received"
+            + (f"; {report.torn_journal_lines} torn journal lines skipped" if report.torn_journal_lines else "")
+        )
+
+
+async def _collect(
+    requests: Iterator[LabelRequest],
+    missing: int,
+    backend: TeacherBackend,
+    connection: duckdb.DuckDBPyConnection,
+    journal: Journal,
+    shard: str,
+    budget: Budget,
+    run_id: str,
+    batch_size: int,
+    flush_seconds: float,
+    report: LabelingReport,
+    log: Callable[[str], None],
+) -> None:
+    buffer: list[dict] = []
+    writing: asyncio.Task | None = None
+    last_write = last_progress = time.perf_counter()
+    started = last_progress
+    done = 0
+
+    def write(rows: list[dict], segment: Path | None) -> None:
+        write_outcome_rows(connection, shard, rows)
+        report.lake_writes += 1
+        if segment is not None:
+            segment.unlink(missing_ok=True)
+
+    async def start_write() -> None:
+        nonlocal buffer, writing, last_write
+        if writing is not None:
+            await writing
+        rows, buffer = buffer, []
+        # The lake write runs in a thread so answers keep arriving (and being journaled) meanwhile.
+        writing = asyncio.create_task(asyncio.to_thread(write, rows, journal.start_segment()))
+        last_write = time.perf_counter()
+
+    journal.start_segment()
+    try:
+        async for outcome in backend.label_all(requests, budget):
+            done += 1
+            report.by_category[outcome.request.category.name][outcome.status] += 1
+            report.retries.update(outcome.retries)
+            report.usage.add(outcome.usage)
+            if outcome.latency_s is not None:
+                report.latencies.append(outcome.latency_s)
+            if outcome.status in ("labeled", "quarantined"):
+                row = outcome_row(outcome, backend, run_id)
+                journal.append(row)
+                buffer.append(row)
+            now = time.perf_counter()
+            if buffer and (writing is None or writing.done()) and (
+                len(buffer) >= batch_size or now - last_write >= flush_seconds
+            ):
+                await start_write()
+            if now - last_progress >= PROGRESS_EVERY_S:
+                last_progress = now
+                rate = done / (now - started)
+                log(
+                    f"shard {shard}: {done}/{missing} keys done ({report.count('labeled')} labelled, "
+                    f"{report.count('quarantined')} quarantined), {rate:.1f}/s, ${report.usage.cost_usd:.4f}, "
+                    f"{sum(report.retries.values())} retries"
+                )
+    finally:
+        # Also on the way out of an error: what arrived is written now rather than replayed next run.
+        if writing is not None:
+            await writing
+        if buffer:
+            write(buffer, journal.start_segment())

@@ -1,0 +1,309 @@
+"""The `openai` teacher: any OpenAI-compatible chat-completions endpoint, through the official async client.
+
+DeepSeek-R1 is `deepseek-reasoner` at https://api.deepseek.com; a vLLM, SGLang or Ollama server works the
+same way. The SDK's own retries are off: this module retries itself so it can count retries, honour
+Retry-After across all requests, shrink concurrency on repeated 429s and treat R1's empty or truncated
+answers as retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+
+import httpx2
+import openai
+
+from qc_assets.categories import Category, LabelError
+from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest, TeacherConfigError, Usage
+from qc_assets.defs.teacher.prices import Price
+
+MAX_RETRY_AFTER_S = 120.0
+MAX_BACKOFF_S = 60.0
+_REDACTED = "***"
+
+
+class AdaptiveLimit:
+    """Concurrency that halves on rate limiting and grows back one slot per window of successes (AIMD).
+
+    A Retry-After pauses every new request, not only the one that got it: the limit is the provider's, per key.
+    """
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.limit = maximum
+        self.active = 0
+        self.lowest = maximum
+        self._condition = asyncio.Condition()
+        self._paused_until = 0.0
+        self._successes = 0
+        self._last_cut = float("-inf")
+
+    async def acquire(self) -> None:
+        async with self._condition:
+            while True:
+                wait = self._paused_until - time.monotonic()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(self._condition.wait(), wait)
+                    except TimeoutError:
+                        pass
+                    continue
+                if self.active < self.limit:
+                    self.active += 1
+                    return
+                await self._condition.wait()
+
+    async def release(self) -> None:
+        async with self._condition:
+            self.active -= 1
+            self._condition.notify()
+
+    def rate_limited(self, retry_after_s: float | None) -> None:
+        now = time.monotonic()
+        # One cut per second at most: a burst of 429s from requests already in flight is one signal, not many.
+        if now - self._last_cut >= 1.0:
+            self.limit = max(1, self.limit // 2)
+            self.lowest = min(self.lowest, self.limit)
+            self._last_cut = now
+            self._successes = 0
+        if retry_after_s:
+            self._paused_until = max(self._paused_until, now + retry_after_s)
+
+    async def succeeded(self) -> None:
+        if self.limit >= self.maximum:
+            return
+        self._successes += 1
+        if self._successes >= self.limit:
+            self._successes = 0
+            async with self._condition:
+                self.limit += 1
+                self._condition.notify()
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Retry-After as seconds (`retry-after-ms`, delta-seconds or an HTTP date), capped."""
+    if headers is None:
+        return None
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return min(MAX_RETRY_AFTER_S, max(0.0, float(milliseconds) / 1000))
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(MAX_RETRY_AFTER_S, max(0.0, when.timestamp() - time.time()))
+
+
+def _usage_of(response, price: Price) -> Usage:
+    usage = response.usage
+    if usage is None:
+        return Usage()
+    extra = usage.model_extra or {}
+    cached = 0
+    if usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens:
+        cached = usage.prompt_tokens_details.cached_tokens
+    elif extra.get("prompt_cache_hit_tokens"):
+        cached = int(extra["prompt_cache_hit_tokens"])
+    reasoning = 0
+    if usage.completion_tokens_details is not None and usage.completion_tokens_details.reasoning_tokens:
+        reasoning = usage.completion_tokens_details.reasoning_tokens
+    input_tokens = usage.prompt_tokens or 0
+    output_tokens = usage.completion_tokens or 0
+    return Usage(
+        input_tokens=input_tokens,
+        cached_input_tokens=cached,
+        output_tokens=output_tokens,
+        reasoning_tokens=reasoning,
+        cost_usd=price.cost_usd(input_tokens, cached, output_tokens),
+    )
+
+
+def _inline_reasoning(content: str | None) -> str | None:
+    if content and "<think>" in content and "</think>" in content:
+        return content.split("<think>", 1)[1].split("</think>", 1)[0].strip() or None
+    return None
+
+
+class OpenAITeacher:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        price: Price,
+        concurrency: int = 100,
+        max_attempts: int = 6,
+        timeout_s: float = 600.0,
+        max_tokens: int = 8192,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.teacher = model
+        self.base_url = base_url
+        self.price = price
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.max_tokens = max_tokens
+        self.backoff_s = backoff_s
+        self._secret = api_key or None
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            # Local servers (vLLM, Ollama) take any key; the SDK insists on one.
+            api_key=api_key or "no-key",
+            max_retries=0,
+            timeout=timeout_s,
+            # The SDK keeps 100 idle connections by default; above that each request would reconnect.
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency + 16)
+            ),
+        )
+        self.limit: AdaptiveLimit | None = None
+        self.requests = 0
+
+    def prompt_version(self, category: Category) -> str:
+        return category.prompt_version
+
+    def redact(self, text: str | None) -> str | None:
+        if text is None or not self._secret:
+            return text
+        return text.replace(self._secret, _REDACTED)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def label_all(self, requests: Iterable[LabelRequest], budget: Budget) -> AsyncIterator[LabelOutcome]:
+        self.limit = AdaptiveLimit(self.concurrency)
+        pending: set[asyncio.Task] = set()
+        queued = iter(requests)
+        exhausted = False
+        try:
+            while True:
+                # Twice the concurrency is queued so a freed slot never waits for the loop to come round.
+                while not exhausted and len(pending) < 2 * self.concurrency and budget.may_start():
+                    request = next(queued, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    pending.add(asyncio.create_task(self._label(request, budget)))
+                if not pending:
+                    return
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _label(self, request: LabelRequest, budget: Budget) -> LabelOutcome:
+        category = request.category
+        messages = [{"role": "user", "content": category.prompt(request.text)}]
+        outcome = LabelOutcome(request=request, status="quarantined", retries=Counter())
+        assert self.limit is not None
+        while outcome.attempts < self.max_attempts:
+            retry_after: float | None = None
+            await self.limit.acquire()
+            try:
+                if not budget.may_start():
+                    outcome.status = "stopped" if outcome.attempts == 0 else "quarantined"
+                    outcome.error = f"{budget.stopped_because} after {outcome.attempts} attempts" + (
+                        f"; last error: {outcome.error}" if outcome.error else ""
+                    )
+                    return outcome
+                outcome.attempts += 1
+                self.requests += 1
+                started = time.perf_counter()
+                try:
+                    response = await self._client.chat.completions.create(
+                        model=self.teacher, messages=messages, max_tokens=self.max_tokens
+                    )
+                except openai.RateLimitError as error:
+                    retry_after = retry_after_seconds(error.response.headers)
+                    self.limit.rate_limited(retry_after)
+                    self._failed(outcome, "rate_limited", error)
+                    continue
+                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
+                    raise TeacherConfigError(
+                        f"{self.base_url} refused the request ({error.status_code}): "
+                        f"{self.redact(str(error))}; check QC_TEACHER_BASE_URL, QC_TEACHER_MODEL "
+                        f"({self.teacher!r}) and QC_TEACHER_API_KEY"
+                    ) from None
+                except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
+                    # The request itself is wrong for this document (too long, say): retrying cannot help.
+                    self._failed(outcome, f"http_{error.status_code}", error)
+                    return outcome
+                except openai.APIStatusError as error:
+                    retry_after = retry_after_seconds(error.response.headers)
+                    self._failed(outcome, f"http_{error.status_code}", error)
+                    continue
+                except openai.APITimeoutError as error:
+                    self._failed(outcome, "timeout", error)
+                    continue
+                except openai.APIConnectionError as error:
+                    self._failed(outcome, "connection", error)
+                    continue
+                except (openai.APIResponseValidationError, ValueError) as error:
+                    self._failed(outcome, "malformed_response", error)
+                    continue
+                usage = _usage_of(response, self.price)
+                outcome.usage.add(usage)
+                budget.charge(usage.cost_usd)
+                if self._accept(outcome, response, category):
+                    outcome.latency_s = time.perf_counter() - started
+                    await self.limit.succeeded()
+                    return outcome
+            finally:
+                await self.limit.release()
+            await asyncio.sleep(self._backoff(outcome.attempts, retry_after))
+        return outcome
+
+    def _accept(self, outcome: LabelOutcome, response, category: Category) -> bool:
+        if not response.choices:
+            outcome.retries["no_choices"] += 1
+            outcome.error = "the response has no choices"
+            return False
+        choice = response.choices[0]
+        content = choice.message.content
+        outcome.raw_output = content
+        if choice.finish_reason == "length":
+            outcome.retries["truncated"] += 1
+            outcome.error = f"{category.name}: output cut off at max_tokens={self.max_tokens} (finish_reason=length)"
+            return False
+        try:
+            outcome.query = category.parse(content)
+        except LabelError as error:
+            outcome.retries["empty" if not (content or "").strip() else "invalid"] += 1
+            outcome.error = str(error)
+            return False
+        extra = choice.message.model_extra or {}
+        outcome.reasoning = extra.get("reasoning_content") or extra.get("reasoning") or _inline_reasoning(content)
+        outcome.status = "labeled"
+        outcome.error = None
+        return True
+
+    def _failed(self, outcome: LabelOutcome, reason: str, error: Exception) -> None:
+        outcome.retries[reason] += 1
+        body = getattr(error, "body", None)
+        outcome.error = self.redact(f"{reason}: {error}")
+        if body is not None:
+            outcome.raw_output = self.redact(str(body))
+
+    def _backoff(self, attempts: int, retry_after: float | None) -> float:
+        """Full jitter (AWS's recipe); a server's Retry-After wins when it asks for longer."""
+        delay = random.uniform(0, min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempts - 1)))
+        return max(delay, retry_after or 0.0)
