@@ -15,7 +15,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     shards = corpus_source.open().shards()
     shard_partitions = dg.StaticPartitionsDefinition([shard.key for shard in shards])
     teacher_labels = build_teacher_asset(shard_partitions)
-    teacher_job = dg.define_asset_job("teacher_labels_job", selection=[teacher_labels], partitions_def=shard_partitions)
+    teacher_job = dg.define_asset_job("teacher_labels_job", selection=[teacher_labels])
     return dg.Definitions(
         assets=[build_corpus_asset(shards, shard_partitions), teacher_labels],
         jobs=[teacher_job],

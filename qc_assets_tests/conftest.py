@@ -46,9 +46,13 @@ def settings_for(environment) -> Callable[..., Settings]:
     return lambda source, **extra: load_settings(environment(source, **extra))
 
 
-def materialize(settings: Settings, partition: str, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+def materialize(
+    settings: Settings, partition: str, instance: dg.DagsterInstance, run_config: dict | None = None
+) -> dg.ExecuteInProcessResult:
     job = build_definitions(settings).resolve_implicit_global_asset_job_def()
-    return job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False)
+    return job.execute_in_process(
+        partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config
+    )
 
 
 def lake_rows(settings: Settings, query: str, parameters: list | None = None) -> list[tuple]:
@@ -57,8 +61,8 @@ def lake_rows(settings: Settings, query: str, parameters: list | None = None) ->
         return connection.execute(query, parameters or []).fetchall()
 
 
-def materialization_metadata(result: dg.ExecuteInProcessResult) -> dict:
-    (event,) = result.asset_materializations_for_node("corpus")
+def materialization_metadata(result: dg.ExecuteInProcessResult, node: str = "corpus") -> dict:
+    (event,) = result.asset_materializations_for_node(node)
     return {key: value.value for key, value in event.metadata.items()}
 
 

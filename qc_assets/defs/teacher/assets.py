@@ -130,7 +130,7 @@ def report_metadata(report: LabelingReport, labels_in_shard: int) -> dict:
         "keys_already_labeled": report.keys_already_labeled,
         "labeled": labeled,
         "quarantined": report.count("quarantined"),
-        "not_started": report.count("stopped"),
+        "not_asked": report.keys_not_asked,
         "absent_in_replay_source": report.count("absent"),
         "recovered_from_journal": report.recovered_from_journal,
         "requests": report.requests,
@@ -194,7 +194,7 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         )
         try:
             report = label_shard(
-                shard, documents, backend, lake, teacher.journal_root, budget, context.run_id,
+                shard, documents, backend, lake, teacher.journal_root, budget, context.run.run_id,
                 teacher.batch_size, teacher.flush_seconds, context.log.info,
             )
         except (TeacherConfigError, ReplayError, ShardBusyError) as error:
@@ -218,11 +218,11 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
             context.log.warning(
                 f"shard {shard}: the replay source has no label for {report.count('absent')} keys"
             )
-        if report.stopped_because and report.count("stopped"):
+        if report.stopped_because and report.keys_not_asked:
             raise dg.Failure(
                 description=(
                     f"shard {shard}: {report.stopped_because}. {report.count('labeled')} labels were written and "
-                    f"kept; {report.count('stopped')} keys were not asked for. Run again to continue."
+                    f"kept; {report.keys_not_asked} keys were not asked for. Run again to continue."
                 ),
                 metadata=metadata,
             )

@@ -177,6 +177,7 @@ class LabelingReport:
     teacher: str
     keys_total: int = 0
     keys_already_labeled: int = 0
+    keys_to_ask: int = 0
     recovered_from_journal: int = 0
     torn_journal_lines: int = 0
     by_category: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
@@ -193,8 +194,9 @@ class LabelingReport:
         return sum(counter[status] for counter in self.by_category.values())
 
     @property
-    def keys_left(self) -> int:
-        return self.keys_total - self.keys_already_labeled - self.count("labeled")
+    def keys_not_asked(self) -> int:
+        """Keys this run had to label but never finished asking for (budget or deadline reached)."""
+        return self.keys_to_ask - self.count("labeled") - self.count("quarantined") - self.count("absent")
 
 
 def _existing_keys(connection: duckdb.DuckDBPyConnection, shard: str, teacher: str) -> set[tuple[str, str, str]]:
@@ -237,7 +239,7 @@ def label_shard(
             report.keys_already_labeled = sum(
                 (doc_id, name, versions[name]) in existing for doc_id, _ in documents for name in CATEGORIES
             )
-            missing = report.keys_total - report.keys_already_labeled
+            missing = report.keys_to_ask = report.keys_total - report.keys_already_labeled
             log(
                 f"shard {shard}: {len(documents)} documents, {report.keys_total} keys; {report.keys_already_labeled} "
                 f"already labelled by {backend.teacher}, {missing} to ask for"
