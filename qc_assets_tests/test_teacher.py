@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from qc_assets.categories import CATEGORIES, LabelError
 from qc_assets.definitions import build_definitions
+from qc_assets.defs.teacher.openai_teacher import AdaptiveLimit
 from qc_assets.settings import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS, SettingsError, load_settings
 from qc_assets_tests.conftest import document, lake_rows, materialization_metadata, materialize, write_jsonl
 from qc_assets_tests.teacher_server import label_for, run_teacher_server, text_key
@@ -199,6 +202,13 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
             for attempts, error, raw in lake_rows(settings, "SELECT attempts, error, raw_output FROM teacher_quarantine"):
                 assert attempts == 4 and "cap is 100" in error and len(raw) > 100
 
+            attempts_of: dict[tuple[str, str], list[dict]] = {}
+            for entry in first_run:
+                attempts_of.setdefault((entry["category"], entry["text_key"]), []).append(entry)
+            rate_limited = [entries for entries in attempts_of.values() if entries[0]["behavior"] == "rate_limit"]
+            assert rate_limited and all(entries[1]["t"] - entries[0]["t_end"] >= 0.95 for entries in rate_limited)
+            assert metadata["lowest_concurrency"] < 8
+
             assert metadata["labeled"] == len(labeled) and metadata["quarantined"] == len(quarantined)
             assert metadata["requests"] == len(first_run)
             assert set(metadata["retries_by_reason"]) >= {
@@ -222,6 +232,27 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
             result = materialize(settings, SHARD, instance)
             assert result.success and len(chat_requests(server)) == before
             assert materialization_metadata(result, "teacher_labels")["requests"] == 0
+
+
+def test_concurrency_halves_on_rate_limits_and_grows_back_with_successes():
+    async def scenario() -> list[int]:
+        limit = AdaptiveLimit(16)
+        seen = [limit.limit]
+        limit.rate_limited(None)
+        limit.rate_limited(None)  # the same burst: one cut
+        seen.append(limit.limit)
+        for _ in range(200):
+            await limit.acquire()
+            await limit.release()
+            await limit.succeeded()
+        seen.append(limit.limit)
+        limit.rate_limited(0.3)
+        started = time.monotonic()
+        await limit.acquire()
+        seen.append(round(time.monotonic() - started, 1))
+        return seen
+
+    assert asyncio.run(scenario()) == [16, 8, 16, 0.3]
 
 
 def test_documents_that_attempt_prompt_injection_end_valid_or_quarantined(environment, tmp_path):
