@@ -24,6 +24,7 @@ ui: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/corpus_ingest.py
+	$(BIN)/python bench/teacher_client.py
 
 clean:
 	rm -rf data/lake data/dagster data/sources

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from qc_assets.categories import CATEGORIES, LabelError
-from qc_assets_tests.teacher_server import label_for, run_teacher_server, text_key
+from qc_assets_tests.teacher_server import raw_http_load, label_for, run_teacher_server, text_key
 
 
 def doc(tag: str, index: int = 0) -> str:
@@ -231,60 +231,6 @@ def test_holds_many_concurrent_requests(server, client):
 # -- throughput: raw sockets, keep-alive, one request in flight per connection; printed, never asserted ----------
 
 
-def _raw_load(port: int, requests: list[bytes], concurrency: int, seconds: float) -> tuple[int, int, float]:
-    """Drive the server for `seconds` from `concurrency` keep-alive connections; returns (ok, errors, elapsed)."""
-    import httptools
-    import uvloop
-
-    async def run() -> tuple[int, int, float]:
-        loop = asyncio.get_running_loop()
-        counts = {"ok": 0, "errors": 0}
-        state = {"stop_at": float("inf")}
-        finished: list[asyncio.Future] = []
-
-        class Client(asyncio.Protocol):
-            def __init__(self, offset: int):
-                self.index = offset
-                self.parser = httptools.HttpResponseParser(self)
-                self.done = loop.create_future()
-                finished.append(self.done)
-
-            def connection_made(self, transport):
-                self.transport = transport
-
-            def send(self):
-                self.transport.write(requests[self.index % len(requests)])
-                self.index += concurrency
-
-            def data_received(self, data):
-                self.parser.feed_data(data)
-
-            def on_message_complete(self):
-                counts["ok" if self.parser.get_status_code() == 200 else "errors"] += 1
-                if loop.time() < state["stop_at"]:
-                    self.send()
-                else:
-                    self.transport.close()
-
-            def connection_lost(self, exc):
-                if not self.done.done():
-                    self.done.set_result(None)
-
-        clients = []
-        for offset in range(concurrency):
-            _, protocol = await loop.create_connection(lambda offset=offset: Client(offset), "127.0.0.1", port)
-            clients.append(protocol)
-        started = loop.time()
-        state["stop_at"] = started + seconds
-        for protocol in clients:
-            protocol.send()
-        await asyncio.gather(*finished)
-        return counts["ok"], counts["errors"], loop.time() - started
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run())
-
-
 def test_throughput_measurement(server):
     server.set_plan(None)
     requests = []
@@ -299,7 +245,7 @@ def test_throughput_measurement(server):
     print()
     for concurrency in (1, 16, 64):
         cpu_before = server.cpu_seconds()
-        ok, errors, elapsed = _raw_load(server.port, requests, concurrency, 1.0)
+        ok, errors, elapsed = raw_http_load(server.port, requests, concurrency, 1.0)
         cpu = server.cpu_seconds() - cpu_before
         per_cpu = f"{ok / cpu:,.0f}" if cpu > 0 else "n/a"
         print(

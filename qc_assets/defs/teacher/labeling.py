@@ -199,6 +199,15 @@ class LabelingReport:
         return self.keys_to_ask - self.count("labeled") - self.count("quarantined") - self.count("absent")
 
 
+def _event_loop_factory():
+    """uvloop where it is installed: the client spends most of its CPU in the event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _existing_keys(connection: duckdb.DuckDBPyConnection, shard: str, teacher: str) -> set[tuple[str, str, str]]:
     rows = connection.execute(
         "SELECT doc_id, category, prompt_version FROM teacher_labels WHERE shard = $1 AND teacher = $2", [shard, teacher]
@@ -231,6 +240,8 @@ def label_shard(
         ) from None
     try:
         with lake.get_connection() as connection:
+            # Batches are small; one DuckDB thread writes them without taking a core from the event loop.
+            connection.execute("SET threads = 1")
             journal = Journal(directory)
             _replay_journal(connection, journal, shard, report, log)
             existing = _existing_keys(connection, shard, backend.teacher)
@@ -253,10 +264,11 @@ def label_shard(
 
             started = time.perf_counter()
             try:
-                asyncio.run(
-                    _collect(requests(), missing, backend, connection, journal, shard, budget, run_id, batch_size,
-                             flush_seconds, report, log)
-                )
+                with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+                    runner.run(
+                        _collect(requests(), missing, backend, connection, journal, shard, budget, run_id, batch_size,
+                                 flush_seconds, report, log)
+                    )
             finally:
                 journal.close()
                 report.seconds = time.perf_counter() - started
@@ -346,6 +358,7 @@ async def _collect(
                 )
     finally:
         # Also on the way out of an error: what arrived is written now rather than replayed next run.
+        await backend.aclose()
         if writing is not None:
             await writing
         if buffer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 from collections import Counter
@@ -109,26 +110,25 @@ def retry_after_seconds(headers) -> float | None:
     return min(MAX_RETRY_AFTER_S, max(0.0, when.timestamp() - time.time()))
 
 
-def _usage_of(response, price: Price) -> Usage:
-    usage = response.usage
-    if usage is None:
-        return Usage()
-    extra = usage.model_extra or {}
-    cached = 0
-    if usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens:
-        cached = usage.prompt_tokens_details.cached_tokens
-    elif extra.get("prompt_cache_hit_tokens"):
-        cached = int(extra["prompt_cache_hit_tokens"])
-    reasoning = 0
-    if usage.completion_tokens_details is not None and usage.completion_tokens_details.reasoning_tokens:
-        reasoning = usage.completion_tokens_details.reasoning_tokens
-    input_tokens = usage.prompt_tokens or 0
-    output_tokens = usage.completion_tokens or 0
+def _count(mapping: object, *path: str) -> int:
+    for name in path:
+        if not isinstance(mapping, dict):
+            return 0
+        mapping = mapping.get(name)
+    return int(mapping) if isinstance(mapping, (int, float)) else 0
+
+
+def _usage_of(completion: dict, price: Price) -> Usage:
+    """Token counts of one completion; DeepSeek reports cache hits as `prompt_cache_hit_tokens`."""
+    usage = completion.get("usage")
+    input_tokens = _count(usage, "prompt_tokens")
+    cached = _count(usage, "prompt_tokens_details", "cached_tokens") or _count(usage, "prompt_cache_hit_tokens")
+    output_tokens = _count(usage, "completion_tokens")
     return Usage(
         input_tokens=input_tokens,
         cached_input_tokens=cached,
         output_tokens=output_tokens,
-        reasoning_tokens=reasoning,
+        reasoning_tokens=_count(usage, "completion_tokens_details", "reasoning_tokens"),
         cost_usd=price.cost_usd(input_tokens, cached, output_tokens),
     )
 
@@ -166,9 +166,11 @@ class OpenAITeacher:
             api_key=api_key or "no-key",
             max_retries=0,
             timeout=timeout_s,
-            # The SDK keeps 100 idle connections by default; above that each request would reconnect.
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency + 16)
+            # The SDK's aiohttp transport: httpx's pool scans every connection on each request (and polls each
+            # idle socket), which at 100 connections costs more CPU than the request itself.
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency + 16),
+                timeout=timeout_s,
             ),
         )
         self.limit: AdaptiveLimit | None = None
@@ -188,22 +190,25 @@ class OpenAITeacher:
     async def label_all(self, requests: Iterable[LabelRequest], budget: Budget) -> AsyncIterator[LabelOutcome]:
         self.limit = AdaptiveLimit(self.concurrency)
         pending: set[asyncio.Task] = set()
+        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
         queued = iter(requests)
         exhausted = False
         try:
             while True:
-                # Twice the concurrency is queued so a freed slot never waits for the loop to come round.
+                # Twice the concurrency is queued so a freed slot never waits for this loop to come round.
                 while not exhausted and len(pending) < 2 * self.concurrency and budget.may_start():
                     request = next(queued, None)
                     if request is None:
                         exhausted = True
                         break
-                    pending.add(asyncio.create_task(self._label(request, budget)))
+                    task = asyncio.create_task(self._label(request, budget))
+                    task.add_done_callback(finished.put_nowait)
+                    pending.add(task)
                 if not pending:
                     return
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    yield task.result()
+                task = await finished.get()
+                pending.discard(task)
+                yield task.result()
         finally:
             for task in pending:
                 task.cancel()
@@ -229,9 +234,17 @@ class OpenAITeacher:
                 self.requests += 1
                 started = time.perf_counter()
                 try:
-                    response = await self._client.chat.completions.create(
-                        model=self.teacher, messages=messages, max_tokens=self.max_tokens
+                    # The SDK's documented raw `post`: `chat.completions.create` walks the request through a
+                    # TypedDict transform and the answer through pydantic models, which together cost more CPU
+                    # than the HTTP exchange. Status errors, timeouts and connection errors are the SDK's as usual.
+                    response = await self._client.post(
+                        "/chat/completions",
+                        body={"model": self.teacher, "messages": messages, "max_tokens": self.max_tokens},
+                        cast_to=httpx2.Response,
                     )
+                    completion = json.loads(response.content)
+                    if not isinstance(completion, dict):
+                        raise ValueError(f"the response body is JSON but not an object: {response.text[:200]}")
                 except openai.RateLimitError as error:
                     retry_after = retry_after_seconds(error.response.headers)
                     self.limit.rate_limited(retry_after)
@@ -260,10 +273,10 @@ class OpenAITeacher:
                 except (openai.APIResponseValidationError, ValueError) as error:
                     self._failed(outcome, "malformed_response", error)
                     continue
-                usage = _usage_of(response, self.price)
+                usage = _usage_of(completion, self.price)
                 outcome.usage.add(usage)
                 budget.charge(usage.cost_usd)
-                if self._accept(outcome, response, category):
+                if self._accept(outcome, completion, category):
                     outcome.latency_s = time.perf_counter() - started
                     await self.limit.succeeded()
                     return outcome
@@ -272,15 +285,19 @@ class OpenAITeacher:
             await asyncio.sleep(self._backoff(outcome.attempts, retry_after))
         return outcome
 
-    def _accept(self, outcome: LabelOutcome, response, category: Category) -> bool:
-        if not response.choices:
-            outcome.retries["no_choices"] += 1
-            outcome.error = "the response has no choices"
+    def _accept(self, outcome: LabelOutcome, completion: dict, category: Category) -> bool:
+        choices = completion.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+        message = choice.get("message") if choice else None
+        if not isinstance(message, dict):
+            outcome.retries["malformed_response"] += 1
+            outcome.error = "the response has no choices[0].message"
+            outcome.raw_output = json.dumps(completion, ensure_ascii=False)[:2000]
             return False
-        choice = response.choices[0]
-        content = choice.message.content
+        content = message.get("content")
+        content = content if isinstance(content, str) else None
         outcome.raw_output = content
-        if choice.finish_reason == "length":
+        if choice.get("finish_reason") == "length":
             outcome.retries["truncated"] += 1
             outcome.error = f"{category.name}: output cut off at max_tokens={self.max_tokens} (finish_reason=length)"
             return False
@@ -290,8 +307,8 @@ class OpenAITeacher:
             outcome.retries["empty" if not (content or "").strip() else "invalid"] += 1
             outcome.error = str(error)
             return False
-        extra = choice.message.model_extra or {}
-        outcome.reasoning = extra.get("reasoning_content") or extra.get("reasoning") or _inline_reasoning(content)
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        outcome.reasoning = reasoning if isinstance(reasoning, str) else _inline_reasoning(content)
         outcome.status = "labeled"
         outcome.error = None
         return True
