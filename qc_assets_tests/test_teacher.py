@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -253,6 +254,22 @@ def test_concurrency_halves_on_rate_limits_and_grows_back_with_successes():
         return seen
 
     assert asyncio.run(scenario()) == [16, 8, 16, 0.3]
+
+
+def test_a_new_model_or_prompt_labels_again_under_new_keys_and_keeps_the_old_labels(environment, tmp_path, monkeypatch):
+    source = write_corpus(tmp_path / "corpus", [document(0), document(1)])
+    with run_teacher_server(tmp_path, {"rules": []}) as server:
+        with dg.instance_for_test() as instance:
+            for model in ("teacher-a", "teacher-b", "teacher-a"):
+                settings = load_settings(openai_environment(environment, source, server, QC_TEACHER_MODEL=model))
+                assert materialize(settings, SHARD, instance).success
+            assert len(chat_requests(server)) == 2 * 14
+            title = CATEGORIES["title"]
+            monkeypatch.setitem(CATEGORIES, "title", replace(title, instruction=title.instruction + "体言止めにすること。"))
+            assert materialize(settings, SHARD, instance).success
+            assert [entry["category"] for entry in chat_requests(server)[28:]] == ["title", "title"]
+    counts = lake_rows(settings, "SELECT teacher, category = 'title', count(*), count(DISTINCT prompt_version) FROM teacher_labels GROUP BY ALL ORDER BY ALL")
+    assert counts == [("teacher-a", False, 12, 6), ("teacher-a", True, 4, 2), ("teacher-b", False, 12, 6), ("teacher-b", True, 2, 1)]
 
 
 def test_documents_that_attempt_prompt_injection_end_valid_or_quarantined(environment, tmp_path):

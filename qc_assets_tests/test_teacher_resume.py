@@ -71,3 +71,26 @@ def test_killed_labelling_runs_resume_asking_only_for_keys_still_missing(environ
         labels = lake_rows(settings, "SELECT doc_id, category FROM teacher_labels")
         assert len(labels) == len(set(labels)) and set(labels) == every_key
         assert not list((settings.data_root / "teacher" / "journal").rglob("segment-*.jsonl"))
+
+
+def test_estimate_labels_a_pilot_projects_the_corpus_and_the_full_run_does_not_pay_for_the_pilot_again(
+    environment, tmp_path
+):
+    texts = [document(i, "見積") for i in range(6)]
+    source = write_corpus(tmp_path / "corpus", texts)
+    with run_teacher_server(tmp_path, {"latency_ms": 20, "rules": []}) as server:
+        env = openai_environment(environment, source, server, QC_TEACHER_PRICE="deepseek-reasoner-night")
+        assert run_qc(["estimate"], env).returncode != 0  # nothing to sample from yet
+        assert run_qc(["run", "--select", "corpus"], env).returncode == 0
+        estimate = run_qc(["estimate", "--documents", "2"], env)
+        assert estimate.returncode == 0, estimate.stderr
+        assert len(chat_requests(server)) == 2 * len(CATEGORIES)
+        assert "this corpus (6 documents" in estimate.stdout and "42 labels" in estimate.stdout
+        assert "seed 000's case (100,000,000 documents" in estimate.stdout
+        again = run_qc(["estimate", "--documents", "2"], env)
+        assert again.returncode == 0 and len(chat_requests(server)) == 2 * len(CATEGORIES)
+        assert again.stdout.splitlines()[-4:] == estimate.stdout.splitlines()[-4:]
+        full = run_qc(["run", "--select", "teacher_labels"], env)
+        assert full.returncode == 0, full.stdout + full.stderr
+        keys = [(entry["category"], entry["text_key"]) for entry in chat_requests(server)]
+        assert len(keys) == len(set(keys)) == 6 * len(CATEGORIES)
