@@ -127,6 +127,28 @@ def test_replay_imports_a_wide_parquet_matched_by_text_and_quarantines_labels_th
     assert metadata["absent_in_replay_source"] == 4 * 7 - 6
 
 
+def test_a_hugging_face_replay_source_is_loaded_through_datasets_once_and_cached_as_parquet(settings_for, tmp_path):
+    texts = [document(i) for i in range(2)]
+    source = write_corpus(tmp_path / "corpus", texts)
+    dataset_dir = tmp_path / "published-r1"
+    rows = [
+        {"id": f"{SHARD}-{i:03d}", "system": category, "assistant": f"質問{i}の{category}", "think": "考えた"}
+        for i in range(2) for category in ("query", "faq")
+    ]
+    write_jsonl(dataset_dir / "train.jsonl", rows)
+    settings = settings_for(
+        source,
+        QC_TEACHER_REPLAY_SOURCE=f"hf:{dataset_dir}",
+        QC_TEACHER_REPLAY_COLUMNS="doc_id=id,category=system,query=assistant,reasoning=think",
+    )
+    with dg.instance_for_test() as instance:
+        assert materialize(settings, SHARD, instance).success
+    assert lake_rows(settings, "SELECT teacher, count(*), min(reasoning) FROM teacher_labels GROUP BY ALL") == [
+        ("published-r1", 4, "考えた")
+    ]
+    assert len(list((settings.teacher_dir / "replay-cache").glob("*.parquet"))) == 1
+
+
 def test_bad_teacher_settings_are_refused_with_the_variable_named(settings_for, tmp_path):
     source = write_corpus(tmp_path / "corpus", [document(0)])
     with pytest.raises(SettingsError, match="QC_TEACHER_BACKEND"):
