@@ -14,6 +14,7 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 run: $(INSTALLED)
+	$(BIN)/qc models tiny
 	$(BIN)/qc run
 
 test: $(INSTALLED)

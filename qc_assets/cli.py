@@ -160,6 +160,38 @@ def estimate(documents: int, shard: str | None) -> None:
         click.echo(line)
 
 
+@main.group()
+def models() -> None:
+    """Models the project builds itself."""
+
+
+@models.command("tiny")
+@click.option("--force", is_flag=True, help="Rebuild even when present.")
+def tiny_models(force: bool) -> None:
+    """Build, offline, the tiny random-weight student and cross-encoder under QC_DATA_DIR/models (when missing).
+
+    Their tokenizers are trained on the sample corpus. Anything they produce means nothing: they exist so the
+    embedded default and the tests run real architectures on CPU.
+    """
+    settings = _settings()
+    import json
+
+    from qc_assets.models.tiny import ensure_tiny_models
+    from qc_assets.settings import SAMPLE_CORPUS
+
+    texts = [
+        json.loads(line)["text"]
+        for path in sorted(SAMPLE_CORPUS.glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    started = time.perf_counter()
+    built = ensure_tiny_models(settings.data_root / "models", texts, force=force)
+    for name, path in built.items():
+        click.echo(f"{name}: {path}")
+    click.echo(f"ready in {time.perf_counter() - started:.1f}s")
+
+
 @main.command()
 @click.option("--port", default=3000, show_default=True, type=int)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Keep the default unless you add authentication.")
