@@ -13,9 +13,10 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(INSTALLED)
 
+# The embedded default: sample corpus, hand-written sample labels, the tiny student (no hub, no GPU).
 run: $(INSTALLED)
 	$(BIN)/qc models tiny
-	$(BIN)/qc run
+	QC_STUDENT_BASE_MODELS=$${QC_STUDENT_BASE_MODELS:-tiny} $(BIN)/qc run
 
 test: $(INSTALLED)
 	$(BIN)/pytest

@@ -174,19 +174,10 @@ def tiny_models(force: bool) -> None:
     embedded default and the tests run real architectures on CPU.
     """
     settings = _settings()
-    import json
+    from qc_assets.models.tiny import ensure_tiny_models, sample_texts
 
-    from qc_assets.models.tiny import ensure_tiny_models
-    from qc_assets.settings import SAMPLE_CORPUS
-
-    texts = [
-        json.loads(line)["text"]
-        for path in sorted(SAMPLE_CORPUS.glob("*.jsonl"))
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
     started = time.perf_counter()
-    built = ensure_tiny_models(settings.data_root / "models", texts, force=force)
+    built = ensure_tiny_models(settings.data_root / "models", sample_texts(), force=force)
     for name, path in built.items():
         click.echo(f"{name}: {path}")
     click.echo(f"ready in {time.perf_counter() - started:.1f}s")

@@ -17,6 +17,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = PROJECT_ROOT / "data" / "sample" / "corpus"
 SAMPLE_TEACHER_LABELS = PROJECT_ROOT / "data" / "sample" / "teacher" / "handwritten-sample.jsonl"
 ENV_PREFIX = "QC_"
+SEED_STUDENT_BASE_MODELS = (
+    "Qwen/Qwen3-1.7B",
+    "Qwen/Qwen3-4B",
+    "sbintuitions/sarashina2.2-3b-instruct-v0.1",
+    "SakanaAI/TinySwallow-1.5B-Instruct",
+)
+TINY_STUDENT = "tiny"
 
 
 class SettingsError(ValueError):
@@ -85,12 +92,40 @@ class Settings(BaseModel):
     )
     teacher_replay_split: str = Field(default="train", description="Split of an hf: replay source.")
 
+    sft_test_fraction: float = Field(
+        default=0.1, gt=0, lt=1, description="Share of documents in the test split (by a hash of doc_id)."
+    )
+    sft_hub_repo: str | None = Field(default=None, description="Push the SFT dataset to this Hugging Face repo.")
+    hf_token: SecretStr | None = Field(default=None, description="Hugging Face token for pushes; never logged.")
+    student_base_models: str = Field(
+        default=",".join(SEED_STUDENT_BASE_MODELS),
+        description="Comma-separated base models to fine-tune (hub ids, local paths, or `tiny`); one partition each.",
+    )
+    student_method: Literal["full", "lora"] = Field(default="full", description="Full fine-tuning or LoRA (merged).")
+    student_max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps; default: QC_STUDENT_EPOCHS (30 steps for `tiny`)."
+    )
+    student_epochs: float = Field(default=1.0, gt=0, description="Epochs when QC_STUDENT_MAX_STEPS is unset.")
+    student_learning_rate: float | None = Field(
+        default=None, gt=0, description="Default 1e-5 (full), 2e-4 (LoRA), 3e-3 (`tiny`)."
+    )
+    student_batch_size: int = Field(default=8, ge=1, description="Per-device batch size.")
+    student_gradient_accumulation: int = Field(default=4, ge=1, description="Gradient accumulation steps.")
+    student_max_length: int = Field(default=2048, ge=32, description="Tokens per example; longer ones are cut.")
+    student_lora_r: int = Field(default=16, ge=1, description="LoRA rank (QC_STUDENT_METHOD=lora).")
+
     @model_validator(mode="after")
     def _length_window_is_not_empty(self) -> Settings:
         if self.corpus_min_chars > self.corpus_max_chars:
             raise ValueError(
                 f"QC_CORPUS_MIN_CHARS ({self.corpus_min_chars}) is larger than QC_CORPUS_MAX_CHARS ({self.corpus_max_chars})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _student_models_are_named(self) -> Settings:
+        if not self.student_models:
+            raise ValueError("QC_STUDENT_BASE_MODELS names no model")
         return self
 
     @property
@@ -100,6 +135,10 @@ class Settings(BaseModel):
     @property
     def dagster_home(self) -> Path:
         return self.data_root / "dagster"
+
+    @property
+    def student_models(self) -> list[str]:
+        return [model.strip() for model in self.student_base_models.split(",") if model.strip()]
 
     @property
     def teacher_dir(self) -> Path:

@@ -49,9 +49,11 @@ def settings_for(environment) -> Callable[..., Settings]:
 def materialize(
     settings: Settings, partition: str, instance: dg.DagsterInstance, run_config: dict | None = None
 ) -> dg.ExecuteInProcessResult:
-    job = build_definitions(settings).resolve_implicit_global_asset_job_def()
+    """One run of a shard partition: the corpus and teacher_labels assets."""
+    keys = [dg.AssetKey("corpus"), dg.AssetKey("teacher_labels")]
+    job = build_definitions(settings).get_repository_def().get_implicit_job_def_for_assets(keys)
     return job.execute_in_process(
-        partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config
+        partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config, asset_selection=keys
     )
 
 
@@ -70,4 +72,16 @@ def run_qc(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Complet
     clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
     return subprocess.run(
         [str(BIN / "qc"), *args], env={**clean, **env}, capture_output=True, text=True, timeout=600, **kwargs
+    )
+
+
+def materialize_asset(
+    settings: Settings, asset: str, instance: dg.DagsterInstance, partition: str | None = None, run_config: dict | None = None
+) -> dg.ExecuteInProcessResult:
+    """One run of one asset (and partition), as `qc run --select <asset>` would launch it."""
+    repository = build_definitions(settings).get_repository_def()
+    job = repository.get_implicit_job_def_for_assets([dg.AssetKey(asset)])
+    return job.execute_in_process(
+        instance=instance, partition_key=partition, asset_selection=[dg.AssetKey(asset)], raise_on_error=False,
+        run_config=run_config,
     )

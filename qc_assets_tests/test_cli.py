@@ -33,7 +33,7 @@ def test_qc_run_materializes_every_partition_keeps_going_past_a_bad_shard_and_ex
         write_jsonl(source / f"{name}.jsonl", [{"id": f"{name}-{i}", "text": document(i, name)} for i in range(3)])
     (source / "s2.parquet").write_bytes(b"PAR1 this is not parquet")
     env = environment(source)
-    result = run_qc(["run"], env)
+    result = run_qc(["run", "--select", "corpus"], env)
     assert result.returncode == 1
     assert "2 succeeded, 1 failed" in result.stdout
     assert str(source / "s2.parquet") in result.stdout + result.stderr
@@ -57,7 +57,7 @@ def test_qc_sql_formats_inputs_and_refuses_writes(environment, tmp_path):
     source = tmp_path / "corpus"
     write_jsonl(source / "s0.jsonl", [{"id": f"d{i}", "text": document(i)} for i in range(2)])
     env = environment(source)
-    assert run_qc(["run"], env).returncode == 0
+    assert run_qc(["run", "--select", "corpus"], env).returncode == 0
     query = "SELECT doc_id, n_chars FROM corpus ORDER BY doc_id"
     table = run_qc(["sql", query], env)
     assert table.returncode == 0 and "doc_id" in table.stdout and "d1" in table.stdout and "│" in table.stdout

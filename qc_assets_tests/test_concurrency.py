@@ -45,7 +45,7 @@ def test_writers_and_an_open_reader_never_lock_each_other_out(tmp_path, environm
             for writer in writers:
                 output, _ = writer.communicate(timeout=300)
                 assert writer.returncode == 0, output[-3000:]
-        parallel_runs = run_qc(["run", "--parallel", "3", "--executor", "multiprocess"], env)
+        parallel_runs = run_qc(["run", "--select", "corpus", "--parallel", "3", "--executor", "multiprocess"], env)
         assert parallel_runs.returncode == 0, parallel_runs.stdout[-3000:] + parallel_runs.stderr[-3000:]
     finally:
         stop_file.touch()

@@ -113,4 +113,24 @@ TEACHER_QUARANTINE = Table(
     partition_columns=("shard",),
 )
 
-TABLES: dict[str, Table] = {table.name: table for table in (CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE)}
+CHECKPOINTS = Table(
+    name="checkpoints",
+    description="Complete student checkpoints in the store (those with a manifest), one row per checkpoint.",
+    columns=(
+        Column("checkpoint", "VARCHAR", "Checkpoint id: <base-model-slug>--<dataset version>--<UTC time>."),
+        Column("base_model", "VARCHAR", "The base model fine-tuned (hub id, path, or `tiny`)."),
+        Column("path", "VARCHAR", "The checkpoint directory."),
+        Column("dataset_version", "VARCHAR", "The SFT dataset version it was trained on."),
+        Column("method", "VARCHAR", "`full` or `lora` (merged)."),
+        Column("steps", "INTEGER", "Optimizer steps."),
+        Column("final_loss", "DOUBLE", "Training loss at the last logged step."),
+        Column("tokens_per_second", "DOUBLE", "Training tokens per second."),
+        Column("tiny_model", "BOOLEAN", "True for the random-weight tiny student: its outputs mean nothing."),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the checkpoint was published."),
+    ),
+    partition_columns=(),
+)
+
+TABLES: dict[str, Table] = {
+    table.name: table for table in (CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE, CHECKPOINTS)
+}

@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from filelock import FileLock
+
 TINY_MARKER = "qc_tiny_model.json"
 STUDENT_DIR = "tiny-qwen3-student"
 CROSS_ENCODER_DIR = "tiny-xlmr-cross-encoder"
@@ -133,8 +135,26 @@ def build_tiny_cross_encoder(directory: Path, texts: list[str], vocab_size: int 
     return directory
 
 
+def sample_texts() -> list[str]:
+    """The embedded sample corpus, which the tiny tokenizers are trained on."""
+    from qc_assets.settings import SAMPLE_CORPUS
+
+    return [
+        json.loads(line)["text"]
+        for path in sorted(SAMPLE_CORPUS.glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+
+
 def ensure_tiny_models(models_dir: Path, texts: list[str], force: bool = False) -> dict[str, Path]:
     """Build whichever tiny model is missing (a directory counts once its marker, written last, exists)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(models_dir / ".build.lock")):
+        return _build_missing(models_dir, texts, force)
+
+
+def _build_missing(models_dir: Path, texts: list[str], force: bool) -> dict[str, Path]:
     built = {}
     for name, builder in ((STUDENT_DIR, build_tiny_student), (CROSS_ENCODER_DIR, build_tiny_cross_encoder)):
         target = models_dir / name

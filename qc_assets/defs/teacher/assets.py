@@ -13,7 +13,13 @@ from qc_assets.defs.teacher.backends import Budget, TeacherBackend, TeacherConfi
 from qc_assets.defs.teacher.labeling import LabelingReport, ShardBusyError, label_shard
 from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
 from qc_assets.defs.teacher.prices import PriceError, resolve_price
-from qc_assets.defs.teacher.replay_teacher import ReplayColumns, ReplayError, ReplayTeacher
+from qc_assets.defs.teacher.replay_teacher import (
+    REPLAY_PROMPT_VERSION,
+    ReplayColumns,
+    ReplayError,
+    ReplayTeacher,
+    replay_source_name,
+)
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE
 from qc_assets.settings import Settings, env_name
@@ -77,6 +83,12 @@ class TeacherResource(dg.ConfigurableResource):
     @property
     def journal_root(self) -> Path:
         return Path(self.work_dir) / "journal"
+
+    def identity(self) -> tuple[str, dict[str, str]]:
+        """The teacher name and each category's prompt version that the current settings label under."""
+        if self.backend == "openai":
+            return self.model or DEFAULT_OPENAI_MODEL, {name: c.prompt_version for name, c in CATEGORIES.items()}
+        return self.model or replay_source_name(self.replay_source), {name: REPLAY_PROMPT_VERSION for name in CATEGORIES}
 
     def open_backend(self) -> TeacherBackend:
         """The configured backend; raises ValueError naming the setting when the configuration cannot work."""

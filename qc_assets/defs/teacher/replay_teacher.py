@@ -91,7 +91,7 @@ class ReplayColumns:
         )
 
 
-def _source_name(source: str) -> str:
+def replay_source_name(source: str) -> str:
     if source.startswith(HF_PREFIX):
         return source.removeprefix(HF_PREFIX).rstrip("/").split("/")[-1]
     return Path(source).name.split(".")[0]
@@ -103,7 +103,7 @@ class ReplayTeacher:
         self.columns = columns
         self.split = split
         self.cache_dir = cache_dir
-        self.teacher = teacher or _source_name(source)
+        self.teacher = teacher or replay_source_name(source)
         self.requests = 0
 
     def prompt_version(self, category: Category) -> str:

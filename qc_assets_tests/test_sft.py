@@ -1,0 +1,97 @@
+"""The SFT dataset: seed 000's row format, a split by document that never leaks or moves, datasets round trips."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import dagster as dg
+import datasets
+import duckdb
+
+from qc_assets.categories import CATEGORIES
+from qc_assets.defs.sft.dataset import current_version, is_test_document, split_is_test_sql
+from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets_tests.conftest import document, materialization_metadata, materialize, materialize_asset, write_jsonl
+
+
+def test_the_split_is_the_same_in_python_and_duckdb_and_has_the_configured_size():
+    rng = random.Random(7)
+    ids = [f"doc-{rng.getrandbits(64):x}" for _ in range(5000)] + ["qc-sample-00-00", "日本語のid", ""]
+    connection = duckdb.connect()
+    in_sql = dict(connection.execute(
+        f"SELECT id, {split_is_test_sql('id', 0.2)} FROM unnest($1) AS t(id)", [ids]
+    ).fetchall())
+    assert all(in_sql[doc_id] == is_test_document(doc_id, 0.2) for doc_id in ids)
+    share = sum(in_sql.values()) / len(ids)
+    assert 0.18 < share < 0.22
+    # A larger fraction only moves documents into test, never out of it.
+    assert all(is_test_document(doc_id, 0.3) for doc_id in ids if is_test_document(doc_id, 0.2))
+
+
+def sft_rows(settings) -> dict[str, list[dict]]:
+    directory = current_version(settings.data_root / "sft")
+    loaded = datasets.load_from_disk(str(directory / "hf"))
+    return {split: list(loaded[split]) for split in loaded}
+
+
+def test_the_sample_becomes_a_split_dataset_that_round_trips_through_datasets(settings_for, tmp_path):
+    source = tmp_path / "corpus"
+    shards = sorted(SAMPLE_CORPUS.glob("*.jsonl"))
+    for path in shards[:3]:
+        (source / path.name).parent.mkdir(parents=True, exist_ok=True)
+        (source / path.name).write_bytes(path.read_bytes())
+    settings = settings_for(source, QC_SFT_TEST_FRACTION="0.25")
+    with dg.instance_for_test() as instance:
+        for path in shards[:3]:
+            assert materialize(settings, path.stem, instance).success
+        result = materialize_asset(settings, "sft_dataset", instance)
+        assert result.success
+        metadata = materialization_metadata(result, "sft_dataset")
+        rows = sft_rows(settings)
+        directory = current_version(settings.data_root / "sft")
+
+        assert set(rows["train"][0]) >= {"system", "user", "assistant"} and "reasoning" not in rows["train"][0]
+        train_docs = {row["doc_id"] for row in rows["train"]}
+        test_docs = {row["doc_id"] for row in rows["test"]}
+        assert train_docs and test_docs and not train_docs & test_docs
+        assert all(is_test_document(doc, 0.25) for doc in test_docs) and not any(is_test_document(doc, 0.25) for doc in train_docs)
+        assert {row["system"] for row in rows["train"]} == set(CATEGORIES)
+        labels = {
+            (row["doc_id"], row["category"]): row["query"]
+            for row in map(json.loads, (SAMPLE_CORPUS.parent / "teacher" / "handwritten-sample.jsonl").read_text().splitlines())
+        }
+        assert all(labels[(row["doc_id"], row["system"])] == row["assistant"] for split in rows.values() for row in split)
+        assert metadata["train_rows"] == len(rows["train"]) and metadata["test_rows"] == len(rows["test"])
+        assert metadata["train_rows"] + metadata["test_rows"] == 48 * 7
+
+        from_parquet = datasets.load_dataset("parquet", data_files={
+            split: str(directory / "parquet" / f"{split}.parquet") for split in ("train", "test")
+        })
+        assert sorted(map(json.dumps, from_parquet["test"].to_list())) == sorted(map(json.dumps, rows["test"]))
+        card = (directory / "README.md").read_text(encoding="utf-8")
+        assert "handwritten-sample" in card and f"| title | `replay` |" in card
+
+        again = materialize_asset(settings, "sft_dataset", instance)
+        assert materialization_metadata(again, "sft_dataset")["new_version"] is False
+
+        # A new shard adds documents; every document keeps the split it had.
+        (source / shards[3].name).write_bytes(shards[3].read_bytes())
+        settings = settings_for(source, QC_SFT_TEST_FRACTION="0.25")
+        assert materialize(settings, shards[3].stem, instance).success
+        grown = materialize_asset(settings, "sft_dataset", instance)
+        assert materialization_metadata(grown, "sft_dataset")["version"] != metadata["version"]
+        rows_after = sft_rows(settings)
+        assert {row["doc_id"] for row in rows_after["test"]} >= test_docs
+        assert {row["doc_id"] for row in rows_after["train"]} >= train_docs
+        assert len({row["doc_id"] for row in rows_after["train"] + rows_after["test"]}) == 64
+
+
+def test_without_labels_the_dataset_fails_saying_what_to_materialize(settings_for, tmp_path):
+    source = write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"id": "x", "text": document(0)}]).parent
+    settings = settings_for(source)
+    with dg.instance_for_test() as instance:
+        assert materialize(settings, "a", instance).success
+        result = materialize_asset(settings, "sft_dataset", instance)
+    assert not result.success
+    assert "teacher_labels" in result.failure_data_for_node("sft_dataset").user_failure_data.description
