@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,15 @@ def load_conversations(dataset_dir: str | os.PathLike) -> datasets.Dataset:
     if len(train) == 0:
         raise TrainingInputError(f"{directory}: the train split is empty")
     columns = train.select_columns(list(DATASET_COLUMNS)).to_dict()
+    unusable = sum(
+        1
+        for row in zip(*(columns[column] for column in DATASET_COLUMNS))
+        if not all(isinstance(value, str) and value.strip() for value in row)
+    )
+    if unusable:
+        raise TrainingInputError(
+            f"{directory}: {unusable} train rows have an empty or non-string {', '.join(DATASET_COLUMNS)} value"
+        )
     return datasets.Dataset.from_dict(
         {
             "messages": [
@@ -299,7 +308,7 @@ def build_trainer(
         # transformers 5 dropped `warmup_ratio`: a float `warmup_steps` below 1 is the ratio of the total steps.
         warmup_steps=float(hp["warmup_ratio"]),
         seed=int(hp["seed"]),
-        logging_steps=int(hp["logging_steps"]),
+        logging_steps=hp["logging_steps"],  # an int, or a float below 1 for a ratio of the total steps
         logging_first_step=True,
         bf16=precision == "bf16",  # TRL's default is bf16=True, even on CPU: always set it
         fp16=False,
@@ -329,6 +338,11 @@ def build_trainer(
         raise RuntimeError(
             f"base model {base_model!r}: SFTTrainer chose a different training chat template than expected"
         )
+    used = len(trainer.train_dataset)
+    if used == 0:
+        raise TrainingInputError(
+            f"every training example's prompt fills max_length={hp['max_length']} tokens: nothing to train on"
+        )
     facts = {
         "precision": precision,
         "load_dtype": str(load_dtype).removeprefix("torch."),
@@ -336,7 +350,11 @@ def build_trainer(
         "gradient_checkpointing": gradient_checkpointing,
         "train_examples": len(conversations),
         # Examples whose prompt alone fills max_length are dropped by TRL (nothing left to learn from).
-        "train_examples_used": len(trainer.train_dataset),
+        "train_examples_used": used,
+        # Examples cut at max_length: the end of their answer (and its end-of-turn token) is not trained.
+        "train_examples_truncated": sum(
+            len(ids) >= int(hp["max_length"]) for ids in trainer.train_dataset["input_ids"]
+        ),
     }
     return trainer, tokenizer, facts
 
@@ -384,7 +402,8 @@ def train(extras: Mapping[str, Any], log: Log = print) -> dict[str, Any]:
         trainer, tokenizer, facts = build_trainer(extras, scratch, callbacks=[progress])
         log(
             f"training {extras['base_model']} ({hp['method']}, {facts['precision']}, device {_device()}) on "
-            f"{facts['train_examples_used']}/{facts['train_examples']} examples, chat template from "
+            f"{facts['train_examples_used']}/{facts['train_examples']} examples "
+            f"({facts['train_examples_truncated']} cut at max_length {hp['max_length']}), chat template from "
             f"{facts['chat_template_source']}"
         )
         train_started = time.perf_counter()
@@ -413,6 +432,7 @@ def train(extras: Mapping[str, Any], log: Log = print) -> dict[str, Any]:
                 "device": _device(),
                 "train_examples": facts["train_examples"],
                 "train_examples_used": facts["train_examples_used"],
+                "train_examples_truncated": facts["train_examples_truncated"],
             }
             manifest = {
                 "checkpoint": checkpoint_id,
@@ -421,7 +441,7 @@ def train(extras: Mapping[str, Any], log: Log = print) -> dict[str, Any]:
                 "dataset_version": extras["dataset_version"],
                 "hyperparameters": {**hp, "resolved_precision": facts["precision"]},
                 "metrics": metrics,
-                "created_at": datetime.now(timezone.utc).isoformat(),
+                "created_at": datetime.now(UTC).isoformat(),
                 "tiny_model": bool(extras.get("tiny", False)),
                 "chat_template_source": facts["chat_template_source"],
                 "generation_chat_template_kwargs": GENERATION_TEMPLATE_KWARGS,
