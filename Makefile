@@ -27,6 +27,7 @@ ui: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python bench/corpus_ingest.py
 	$(BIN)/python bench/teacher_client.py
+	$(BIN)/python bench/student_training.py
 
 clean:
 	rm -rf data/lake data/dagster data/sources
