@@ -14,15 +14,18 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 # The embedded default: sample corpus, hand-written sample labels, the tiny student (no hub, no GPU).
+# QC_STUDENT_BASE_MODELS defaults to seed 000's four real models; the make targets use the tiny one unless set.
+EMBEDDED := QC_STUDENT_BASE_MODELS=$${QC_STUDENT_BASE_MODELS:-tiny}
+
 run: $(INSTALLED)
 	$(BIN)/qc models tiny
-	QC_STUDENT_BASE_MODELS=$${QC_STUDENT_BASE_MODELS:-tiny} $(BIN)/qc run
+	$(EMBEDDED) $(BIN)/qc run
 
 test: $(INSTALLED)
 	$(BIN)/pytest
 
 ui: $(INSTALLED)
-	$(BIN)/qc ui
+	$(EMBEDDED) $(BIN)/qc ui
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/corpus_ingest.py
@@ -30,4 +33,4 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/student_training.py
 
 clean:
-	rm -rf data/lake data/dagster data/sources
+	rm -rf data/lake data/dagster data/sources data/teacher data/sft data/models data/checkpoints
