@@ -43,7 +43,7 @@ import torch
 import transformers
 import trl
 from dagster_pipes import open_dagster_pipes
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
@@ -332,6 +332,8 @@ def build_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    # Progress reaches Dagster through PipesProgress; the trainer's own printer would repeat it as raw dicts.
+    trainer.remove_callback(PrinterCallback)
     # SFTTrainer swaps in the same TRL template itself when the model's has no markers; make sure it did.
     expected = None if template_source == "model" else train_template
     if trainer.chat_template != expected:
