@@ -14,7 +14,7 @@ from qc_assets.categories import CATEGORIES
 from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnavailable, open_generator
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
-from qc_assets.defs.student.store import list_checkpoints
+from qc_assets.defs.student.store import Checkpoint, list_checkpoints
 from qc_assets.lake.resource import LakeResource, replace_partition
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
 from qc_assets.settings import Settings
@@ -55,10 +55,10 @@ def evaluation_documents(lake: LakeResource, shard: str, test_fraction: float) -
         ).fetchall()
 
 
-def checkpoint_path(root: Path, checkpoint: str, warn) -> Path:
+def find_checkpoint(root: Path, checkpoint: str, warn) -> Checkpoint:
     for candidate in list_checkpoints(root, warn=warn):
         if candidate.checkpoint == checkpoint:
-            return candidate.path
+            return candidate
     raise dg.Failure(description=f"checkpoint {checkpoint!r} is not in the store at {root} (removed, or incomplete)")
 
 
@@ -69,6 +69,8 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.A
         deps=[
             dg.AssetDep(CORPUS.name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SHARD_DIMENSION)),
             dg.AssetDep(SFT_DATASET),
+            # Which checkpoint a partition uses is its own key; the dependency orders training before generation.
+            dg.AssetDep("student_checkpoints", partition_mapping=dg.AllPartitionMapping()),
         ],
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name="generation",
@@ -94,8 +96,11 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.A
         validity: dict[str, list[int]] = {name: [0, 0] for name in CATEGORIES}
         started = time.perf_counter()
         generate_seconds = 0.0
+        tiny = False
         for checkpoint, shards in by_checkpoint.items():
-            path = checkpoint_path(Path(generation.checkpoints_root), checkpoint, context.log.warning)
+            found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
+            path = found.path
+            tiny = tiny or bool(found.manifest.get("tiny_model"))
             requests = []
             documents_by_shard = {}
             for shard in shards:
@@ -172,8 +177,13 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.A
                 "seconds": round(elapsed, 2),
             }
         )
+        # A tiny random-weight student often answers with nothing at all; that is expected of it, so for tiny
+        # checkpoints the blocking check only warns.
         yield dg.AssetCheckResult(
-            check_name="no_empty_queries", passed=totals["empty"] == 0, metadata={"empty_queries": totals["empty"]}
+            check_name="no_empty_queries",
+            passed=totals["empty"] == 0,
+            severity=dg.AssetCheckSeverity.WARN if tiny else dg.AssetCheckSeverity.ERROR,
+            metadata={"empty_queries": totals["empty"], "tiny_model": tiny},
         )
         yield dg.AssetCheckResult(
             check_name="category_validity",
