@@ -14,8 +14,8 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 # The embedded default: sample corpus, hand-written sample labels, the tiny student (no hub, no GPU).
-# QC_STUDENT_BASE_MODELS defaults to seed 000's four real models; the make targets use the tiny one unless set.
-EMBEDDED := QC_STUDENT_BASE_MODELS=$${QC_STUDENT_BASE_MODELS:-tiny}
+# QC_STUDENT_BASE_MODELS and QC_SCORER_MODEL default to the real models; the make targets use the tiny ones unless set.
+EMBEDDED := QC_STUDENT_BASE_MODELS=$${QC_STUDENT_BASE_MODELS:-tiny} QC_SCORER_MODEL=$${QC_SCORER_MODEL:-tiny}
 
 run: $(INSTALLED)
 	$(BIN)/qc models tiny

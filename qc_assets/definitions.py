@@ -5,8 +5,17 @@ from __future__ import annotations
 import dagster as dg
 
 from qc_assets.defs.corpus.assets import CorpusResource, build_corpus_asset
+from qc_assets.defs.generation.assets import (
+    CHECKPOINT_DIMENSION,
+    SHARD_DIMENSION,
+    GenerationResource,
+    build_generation_asset,
+)
+from qc_assets.defs.report.assets import ReportResource, eval_summary
+from qc_assets.defs.scoring.assets import ScoringResource, build_scoring_asset
 from qc_assets.defs.sft.assets import SftResource, sft_dataset
 from qc_assets.defs.student.assets import StudentResource, build_student_asset
+from qc_assets.defs.student.sensors import CHECKPOINT_PARTITIONS, build_checkpoint_sensor
 from qc_assets.defs.teacher.assets import TeacherResource, build_discount_schedule, build_teacher_asset
 from qc_assets.lake.resource import LakeResource
 from qc_assets.settings import Settings, load_settings
@@ -18,15 +27,33 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     shard_partitions = dg.StaticPartitionsDefinition([shard.key for shard in shards])
     teacher_labels = build_teacher_asset(shard_partitions)
     teacher_job = dg.define_asset_job("teacher_labels_job", selection=[teacher_labels])
+    checkpoint_partitions = dg.DynamicPartitionsDefinition(name=CHECKPOINT_PARTITIONS)
+    evaluation_partitions = dg.MultiPartitionsDefinition(
+        {CHECKPOINT_DIMENSION: checkpoint_partitions, SHARD_DIMENSION: shard_partitions}
+    )
+    generated_queries = build_generation_asset(evaluation_partitions)
+    reranker_scores = build_scoring_asset(evaluation_partitions)
     return dg.Definitions(
         assets=[
             build_corpus_asset(shards, shard_partitions),
             teacher_labels,
             sft_dataset,
             build_student_asset(settings.student_models),
+            generated_queries,
+            reranker_scores,
+            eval_summary,
         ],
         jobs=[teacher_job],
         schedules=[build_discount_schedule(teacher_job, shard_partitions.get_partition_keys())],
+        sensors=[
+            build_checkpoint_sensor(
+                checkpoint_partitions, shard_partitions.get_partition_keys(), settings.data_root / "checkpoints",
+                [generated_queries, reranker_scores],
+            ),
+            dg.AutomationConditionSensorDefinition(
+                "evaluation_report_automation", target=[eval_summary], default_status=dg.DefaultSensorStatus.RUNNING
+            ),
+        ],
         resources={
             "lake": LakeResource(catalog=settings.catalog, data_path=settings.data_path),
             "corpus_source": corpus_source,
@@ -34,6 +61,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "sft": SftResource.from_settings(settings),
             "student": StudentResource.from_settings(settings),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
+            "generation": GenerationResource.from_settings(settings),
+            "scoring": ScoringResource.from_settings(settings),
+            "report": ReportResource.from_settings(settings),
         },
     )
 

@@ -114,6 +114,22 @@ class Settings(BaseModel):
     student_max_length: int = Field(default=2048, ge=32, description="Tokens per example; longer ones are cut.")
     student_lora_r: int = Field(default=16, ge=1, description="LoRA rank (QC_STUDENT_METHOD=lora).")
 
+    generation_backend: Literal["transformers", "vllm", "openai"] = Field(
+        default="transformers",
+        description="`transformers` (batched generate; the CPU default), `vllm` (in-process, GPUs), "
+        "`openai` (a running `vllm serve` or any OpenAI-compatible server).",
+    )
+    generation_base_url: str | None = Field(default=None, description="Server for the `openai` generation backend.")
+    generation_batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
+    generation_max_new_tokens: int = Field(default=64, ge=1, description="Query length cap in tokens.")
+    generation_temperature: float = Field(default=0.0, ge=0, description="0 is greedy.")
+    scorer_model: str = Field(
+        default="BAAI/bge-reranker-v2-m3",
+        description="Cross-encoder for reranker scores: a hub id, a local directory, or `tiny`.",
+    )
+    scorer_max_length: int = Field(default=512, ge=16, description="Tokens per (query, document) pair.")
+    scorer_batch_size: int = Field(default=32, ge=1, description="Pairs per forward pass.")
+
     @model_validator(mode="after")
     def _length_window_is_not_empty(self) -> Settings:
         if self.corpus_min_chars > self.corpus_max_chars:

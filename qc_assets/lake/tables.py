@@ -131,6 +131,63 @@ CHECKPOINTS = Table(
     partition_columns=(),
 )
 
+GENERATED_QUERIES = Table(
+    name="generated_queries",
+    description="One query per test-split document and category, written by a student checkpoint.",
+    columns=(
+        Column("doc_id", "VARCHAR", "A test-split document (corpus.doc_id)."),
+        Column("shard", "VARCHAR", "Partition key (with checkpoint): the document's corpus shard."),
+        Column("category", "VARCHAR", "The category in the system turn."),
+        Column("checkpoint", "VARCHAR", "Partition key (with shard): the checkpoint that wrote the query."),
+        Column("query", "VARCHAR", "The generated query (first line of the answer)."),
+        Column("input_tokens", "INTEGER", "Prompt tokens."),
+        Column("output_tokens", "INTEGER", "Generated tokens."),
+        Column("backend", "VARCHAR", "transformers, vllm or openai."),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the partition was generated."),
+    ),
+    partition_columns=("checkpoint", "shard"),
+)
+
+RERANKER_SCORES = Table(
+    name="reranker_scores",
+    description="Cross-encoder score of each (query, document) pair, for students and the teacher, per scorer.",
+    columns=(
+        Column("doc_id", "VARCHAR", "A test-split document."),
+        Column("shard", "VARCHAR", "The document's shard."),
+        Column("category", "VARCHAR", "The query's category."),
+        Column("source", "VARCHAR", "A checkpoint id, or teacher:<model> for the teacher's label."),
+        Column("scorer", "VARCHAR", "The cross-encoder (model@max_length); part of the key."),
+        Column("score", "DOUBLE", "Sigmoid relevance in 0..1."),
+        Column("query", "VARCHAR", "The query scored."),
+        Column("bm25_overlap", "DOUBLE", "Share of the query's character bigrams found in the document."),
+        Column("bm25_rank", "INTEGER", "Rank of the source document under character-bigram BM25 over the shard (1 = first)."),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the score was written."),
+    ),
+    partition_columns=("shard", "source", "scorer"),
+)
+
+EVAL_SUMMARY = Table(
+    name="eval_summary",
+    description="Seed 000's table: reranker score statistics per source, scorer and category ('all' overall).",
+    columns=(
+        Column("source", "VARCHAR", "A checkpoint id or teacher:<model>."),
+        Column("scorer", "VARCHAR", "The cross-encoder."),
+        Column("category", "VARCHAR", "A category, or 'all'."),
+        Column("n", "BIGINT", "Scored pairs."),
+        Column("mean", "DOUBLE", "Mean score (seed 000's 平均)."),
+        Column("std", "DOUBLE", "Population standard deviation (seed 000's 標準偏差)."),
+        *(Column(f"p{q:02d}", "DOUBLE", f"{q}th percentile of the score.") for q in (5, 10, 25, 50, 75, 90, 95)),
+        Column("bm25_overlap", "DOUBLE", "Mean character-bigram overlap of the query with its document."),
+        Column("bm25_top1", "DOUBLE", "Share of queries whose document BM25 ranks first in its shard."),
+        Column("tiny_model", "BOOLEAN", "The source or the scorer is a tiny random-weight model: the scores mean nothing."),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the summary was computed."),
+    ),
+    partition_columns=(),
+)
+
 TABLES: dict[str, Table] = {
-    table.name: table for table in (CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE, CHECKPOINTS)
+    table.name: table
+    for table in (
+        CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE, CHECKPOINTS, GENERATED_QUERIES, RERANKER_SCORES, EVAL_SUMMARY
+    )
 }

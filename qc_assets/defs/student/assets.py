@@ -10,6 +10,7 @@ from pydantic import Field
 
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import current_version
+from qc_assets.defs.student.sensors import register_checkpoint_partitions
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints, model_slug, new_checkpoint_id
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import CHECKPOINTS
@@ -157,6 +158,7 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
             for checkpoint in existing:
                 if _same_inputs(checkpoint, base_model, dataset_dir.name, hyperparameters):
                     context.log.info(f"{checkpoint.checkpoint} was trained on the same inputs: not training again")
+                    register_checkpoint_partitions(context.instance, root, context.log.warning)
                     return dg.MaterializeResult(
                         metadata={"checkpoint": checkpoint.checkpoint, "path": dg.MetadataValue.path(str(checkpoint.path)),
                                   "trained_now": False}
@@ -178,6 +180,7 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
             command=[sys.executable, "-m", TRAINING_MODULE], context=context, extras=extras
         ).get_materialize_result()
         register_checkpoints(lake, [c for c in list_checkpoints(root, warn=context.log.warning) if c.checkpoint == checkpoint_id])
+        register_checkpoint_partitions(context.instance, root, context.log.warning)
         return dg.MaterializeResult(
             metadata={**(result.metadata or {}), "dataset_version": dataset_dir.name, "trained_now": True}
         )

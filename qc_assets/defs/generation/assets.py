@@ -1,0 +1,202 @@
+"""The generated_queries asset: each checkpoint writes one query per test-split document and category."""
+
+
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+from pydantic import Field
+
+from qc_assets.categories import CATEGORIES
+from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnavailable, open_generator
+from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
+from qc_assets.defs.sft.dataset import split_is_test_sql
+from qc_assets.defs.student.store import Checkpoint, list_checkpoints
+from qc_assets.lake.resource import LakeResource, replace_partition
+from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
+from qc_assets.settings import Settings
+
+CHECKPOINT_DIMENSION = "checkpoint"
+SHARD_DIMENSION = "shard"
+
+
+class GenerationResource(dg.ConfigurableResource):
+    """How checkpoints write queries (QC_GENERATION_*)."""
+
+    backend: str = Field(default="transformers", description="QC_GENERATION_BACKEND: transformers, vllm or openai.")
+    base_url: str | None = Field(default=None, description="QC_GENERATION_BASE_URL (openai backend).")
+    batch_size: int = Field(default=64, description="QC_GENERATION_BATCH_SIZE")
+    max_new_tokens: int = Field(default=64, description="QC_GENERATION_MAX_NEW_TOKENS")
+    temperature: float = Field(default=0.0, description="QC_GENERATION_TEMPERATURE")
+    checkpoints_root: str = Field(description="The checkpoint store, QC_DATA_DIR/checkpoints.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "GenerationResource":
+        return cls(
+            backend=settings.generation_backend,
+            base_url=settings.generation_base_url,
+            batch_size=settings.generation_batch_size,
+            max_new_tokens=settings.generation_max_new_tokens,
+            temperature=settings.generation_temperature,
+            checkpoints_root=str(settings.data_root / "checkpoints"),
+        )
+
+
+def evaluation_documents(lake: LakeResource, shard: str, test_fraction: float) -> list[tuple[str, str]]:
+    """The shard's test-split documents, by the same rule as the SFT split."""
+    with lake.get_connection() as connection:
+        return connection.execute(
+            f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1 AND {split_is_test_sql("doc_id", test_fraction)} '
+            "ORDER BY doc_id",
+            [shard],
+        ).fetchall()
+
+
+def find_checkpoint(root: Path, checkpoint: str, warn) -> Checkpoint:
+    for candidate in list_checkpoints(root, warn=warn):
+        if candidate.checkpoint == checkpoint:
+            return candidate
+    raise dg.Failure(description=f"checkpoint {checkpoint!r} is not in the store at {root} (removed, or incomplete)")
+
+
+def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=GENERATED_QUERIES.name,
+        partitions_def=partitions_def,
+        deps=[
+            dg.AssetDep(CORPUS.name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SHARD_DIMENSION)),
+            dg.AssetDep(SFT_DATASET),
+            # Which checkpoint a partition uses is its own key; the dependency orders training before generation.
+            dg.AssetDep("student_checkpoints", partition_mapping=dg.AllPartitionMapping()),
+        ],
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name="generation",
+        kinds={"pytorch", "duckdb"},
+        description=GENERATED_QUERIES.description
+        + " A run of many partitions loads each checkpoint once and generates for all its shards in large batches.",
+        metadata={"dagster/column_schema": GENERATED_QUERIES.dagster_schema(), "dagster/table_name": f"lake.{GENERATED_QUERIES.name}"},
+        check_specs=[
+            dg.AssetCheckSpec("no_empty_queries", asset=GENERATED_QUERIES.name, blocking=True,
+                              description="Every generated query has text."),
+            dg.AssetCheckSpec("category_validity", asset=GENERATED_QUERIES.name,
+                              description="Share of queries that pass their category's validator (warns below 50%)."),
+        ],
+    )
+    def generated_queries(
+        context: dg.AssetExecutionContext, generation: GenerationResource, sft: SftResource, lake: LakeResource
+    ):
+        by_checkpoint: dict[str, list[str]] = defaultdict(list)
+        for key in context.partition_keys:
+            dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
+            by_checkpoint[dimensions[CHECKPOINT_DIMENSION]].append(dimensions[SHARD_DIMENSION])
+        totals = {"documents": 0, "queries": 0, "input_tokens": 0, "output_tokens": 0, "empty": 0}
+        validity: dict[str, list[int]] = {name: [0, 0] for name in CATEGORIES}
+        started = time.perf_counter()
+        generate_seconds = 0.0
+        tiny = False
+        for checkpoint, shards in by_checkpoint.items():
+            found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
+            path = found.path
+            tiny = tiny or bool(found.manifest.get("tiny_model"))
+            requests = []
+            documents_by_shard = {}
+            for shard in shards:
+                documents = evaluation_documents(lake, shard, sft.test_fraction)
+                documents_by_shard[shard] = documents
+                requests += [
+                    GenerationRequest(key=(shard, doc_id, name), category=name, text=text)
+                    for doc_id, text in documents
+                    for name in CATEGORIES
+                ]
+            context.log.info(
+                f"{checkpoint}: {len(requests)} queries for {sum(map(len, documents_by_shard.values()))} test documents "
+                f"in {len(shards)} shards, with {generation.backend}"
+            )
+            try:
+                generator = open_generator(
+                    generation.backend, str(path), batch_size=generation.batch_size,
+                    max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+                    base_url=generation.base_url, model_name=checkpoint,
+                )
+            except GeneratorUnavailable as error:
+                raise dg.Failure(description=f"QC_GENERATION_BACKEND={generation.backend}: {error}") from None
+            try:
+                generate_started = time.perf_counter()
+                results = generator.generate(requests, log=context.log.info)
+                generate_seconds += time.perf_counter() - generate_started
+            finally:
+                generator.close()
+            rows_by_shard: dict[str, list[dict]] = defaultdict(list)
+            now = datetime.now(timezone.utc)
+            for result in results:
+                shard, doc_id, name = result.key
+                rows_by_shard[shard].append({
+                    "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint, "query": result.query,
+                    "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+                    "backend": generation.backend, "created_at": now,
+                })
+                totals["input_tokens"] += result.input_tokens
+                totals["output_tokens"] += result.output_tokens
+                totals["empty"] += not result.query.strip()
+                try:
+                    CATEGORIES[name].validate(result.query)
+                    validity[name][0] += 1
+                except ValueError:
+                    pass
+                validity[name][1] += 1
+            for shard in shards:
+                rows = rows_by_shard.get(shard, [])
+                table = pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
+
+                def write(connection, table=table, shard=shard):
+                    connection.register("generated_rows", table)
+                    return replace_partition(
+                        connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
+                    )
+
+                lake.transaction(write, f"write generated queries {checkpoint}|{shard}")
+            totals["documents"] += sum(map(len, documents_by_shard.values()))
+            totals["queries"] += len(results)
+        elapsed = time.perf_counter() - started
+        rates = {name: (valid / total if total else 1.0) for name, (valid, total) in validity.items()}
+        yield dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": totals["queries"],
+                "checkpoints": len(by_checkpoint),
+                "partitions": len(context.partition_keys),
+                "documents": totals["documents"],
+                "input_tokens": totals["input_tokens"],
+                "output_tokens": totals["output_tokens"],
+                "input_tokens_per_second": round(totals["input_tokens"] / generate_seconds, 1) if generate_seconds else 0.0,
+                "output_tokens_per_second": round(totals["output_tokens"] / generate_seconds, 1) if generate_seconds else 0.0,
+                "documents_per_second": round(totals["documents"] / generate_seconds, 2) if generate_seconds else 0.0,
+                "backend": generation.backend,
+                "seconds": round(elapsed, 2),
+            }
+        )
+        # A tiny random-weight student often answers with nothing at all; that is expected of it, so for tiny
+        # checkpoints the blocking check only warns.
+        yield dg.AssetCheckResult(
+            check_name="no_empty_queries",
+            passed=totals["empty"] == 0,
+            severity=dg.AssetCheckSeverity.WARN if tiny else dg.AssetCheckSeverity.ERROR,
+            metadata={"empty_queries": totals["empty"], "tiny_model": tiny},
+        )
+        yield dg.AssetCheckResult(
+            check_name="category_validity",
+            passed=min(rates.values()) >= 0.5,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={f"valid_{name}": round(rate, 3) for name, rate in rates.items()},
+        )
+
+    return generated_queries
+
+
+_ARROW_SCHEMA = pa.schema([
+    ("doc_id", pa.string()), ("shard", pa.string()), ("category", pa.string()), ("checkpoint", pa.string()),
+    ("query", pa.string()), ("input_tokens", pa.int32()), ("output_tokens", pa.int32()), ("backend", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])

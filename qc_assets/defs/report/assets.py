@@ -1,0 +1,145 @@
+"""The eval_summary asset: seed 000's table (mean and population std of reranker scores per source), a percentile
+plot, and the checks that guard it."""
+
+
+import base64
+import io
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from qc_assets.lake.resource import LakeResource
+from qc_assets.lake.tables import EVAL_SUMMARY, RERANKER_SCORES
+from qc_assets.settings import Settings
+
+PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
+TINY_NOTE = "Tiny random-weight models took part: these scores mean nothing; they only show the pipeline works."
+
+
+class ReportResource(dg.ConfigurableResource):
+    reports_dir: str = Field(description="Where plots go, QC_DATA_DIR/reports.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ReportResource":
+        return cls(reports_dir=str(settings.data_root / "reports"))
+
+
+SUMMARY_SQL = f"""
+WITH scored AS (
+    SELECT s.*, coalesce(c.tiny_model, false) OR s.scorer LIKE 'tiny-%' AS tiny
+    FROM reranker_scores s LEFT JOIN checkpoints c ON c.checkpoint = s.source
+)
+SELECT source, scorer, coalesce(category, 'all') AS category, count(*) AS n, avg(score) AS mean,
+       stddev_pop(score) AS std,
+       {", ".join(f"quantile_cont(score, {q / 100}) AS p{q:02d}" for q in PERCENTILES)},
+       avg(bm25_overlap) AS bm25_overlap, avg(CASE WHEN bm25_rank = 1 THEN 1.0 ELSE 0.0 END) AS bm25_top1,
+       bool_or(tiny) AS tiny_model, now() AS created_at
+FROM scored
+GROUP BY GROUPING SETS ((source, scorer, category), (source, scorer))
+"""
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| モデル (source) | scorer | n | 平均 (mean) | 標準偏差 (std) | p50 | BM25 overlap | BM25 top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['source']} | {row['scorer']} | {row['n']} | {row['mean']:.4f} | {row['std']:.4f} | "
+            f"{row['p50']:.4f} | {row['bm25_overlap']:.3f} | {row['bm25_top1']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        axis.plot(PERCENTILES, [row[f"p{q:02d}"] for q in PERCENTILES], marker="o", label=f"{row['source']} ({row['scorer']})")
+    axis.set_xlabel("percentile")
+    axis.set_ylabel("reranker score")
+    axis.set_ylim(0, 1)
+    axis.set_title("Reranker score percentiles per source (all categories)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _regressions(connection) -> list[str]:
+    """Checkpoints whose overall mean is below the best earlier checkpoint of the same base model, per scorer."""
+    rows = connection.execute(
+        """
+        SELECT e.source, e.scorer, e.mean, c.base_model, c.created_at
+        FROM eval_summary e JOIN checkpoints c ON c.checkpoint = e.source
+        WHERE e.category = 'all' ORDER BY c.created_at
+        """
+    ).fetchall()
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    worse = []
+    for source, scorer, mean, base_model, _ in rows:
+        key = (base_model, scorer)
+        if key in best and mean < best[key][0]:
+            worse.append(f"{source} ({mean:.4f}) < {best[key][1]} ({best[key][0]:.4f}) under {scorer}")
+        if key not in best or mean > best[key][0]:
+            best[key] = (mean, source)
+    return worse
+
+
+@dg.asset(
+    name=EVAL_SUMMARY.name,
+    deps=[dg.AssetDep(RERANKER_SCORES.name, partition_mapping=dg.AllPartitionMapping())],
+    group_name="report",
+    kinds={"duckdb", "matplotlib"},
+    description=EVAL_SUMMARY.description + " Also a percentile plot under QC_DATA_DIR/reports/.",
+    metadata={"dagster/column_schema": EVAL_SUMMARY.dagster_schema(), "dagster/table_name": f"lake.{EVAL_SUMMARY.name}"},
+    automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec("no_regression", asset=EVAL_SUMMARY.name,
+                          description="Warns when a checkpoint scores below the best earlier one of its base model."),
+    ],
+)
+def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: ReportResource):
+    columns = ", ".join(EVAL_SUMMARY.column_names)
+
+    def rebuild(connection):
+        connection.execute(f'DELETE FROM "{EVAL_SUMMARY.name}"')
+        connection.execute(f'INSERT INTO "{EVAL_SUMMARY.name}" ({columns}) SELECT {columns} FROM ({SUMMARY_SQL})')
+        overall = connection.execute(
+            f"SELECT * FROM {EVAL_SUMMARY.name} WHERE category = 'all' ORDER BY scorer, mean DESC"
+        ).to_arrow_table().to_pylist()
+        return overall, _regressions(connection)
+
+    overall, worse = lake.transaction(rebuild, "rebuild eval_summary")
+    if not overall:
+        raise dg.Failure(description="reranker_scores is empty: materialize generated_queries and reranker_scores first")
+    tiny = any(row["tiny_model"] for row in overall)
+    table = _markdown(overall)
+    png = _plot(overall, Path(report.reports_dir) / "eval_percentiles.png")
+    (Path(report.reports_dir) / "eval_summary.md").write_text(
+        (f"> {TINY_NOTE}\n\n" if tiny else "") + table + "\n", encoding="utf-8"
+    )
+    context.log.info("evaluation:\n" + table + (f"\n{TINY_NOTE}" if tiny else ""))
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(overall),
+            "sources": len({row["source"] for row in overall}),
+            "table": dg.MetadataValue.md((f"**{TINY_NOTE}**\n\n" if tiny else "") + table),
+            "percentile_plot": dg.MetadataValue.md(f"![percentiles](data:image/png;base64,{base64.b64encode(png).decode()})"),
+            "plot_path": dg.MetadataValue.path(str(Path(report.reports_dir) / "eval_percentiles.png")),
+            "tiny_models": tiny,
+        }
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_regression", passed=not worse, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"regressions": dg.MetadataValue.json(worse)},
+    )

@@ -1,0 +1,169 @@
+"""The reranker_scores asset: a cross-encoder and a character-bigram BM25 check on students' and teacher's queries."""
+
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+from pydantic import Field
+
+from qc_assets.defs.generation.assets import CHECKPOINT_DIMENSION, SHARD_DIMENSION
+from qc_assets.defs.scoring.lexical import ShardIndex, lexical_checks
+from qc_assets.defs.scoring.scorers import open_scorer
+from qc_assets.defs.sft.assets import SftResource
+from qc_assets.defs.sft.dataset import split_is_test_sql
+from qc_assets.defs.teacher.assets import TeacherResource
+from qc_assets.lake.resource import LakeResource, replace_partition
+from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES, RERANKER_SCORES, TEACHER_LABELS
+from qc_assets.models.tiny import CROSS_ENCODER_DIR, ensure_tiny_models, sample_texts
+from qc_assets.settings import TINY_STUDENT, Settings
+
+TEACHER_SOURCE_PREFIX = "teacher:"
+
+
+class ScoringResource(dg.ConfigurableResource):
+    """The cross-encoder that judges queries (QC_SCORER_*)."""
+
+    model: str = Field(default="BAAI/bge-reranker-v2-m3", description="QC_SCORER_MODEL: hub id, directory, or `tiny`.")
+    max_length: int = Field(default=512, description="QC_SCORER_MAX_LENGTH")
+    batch_size: int = Field(default=32, description="QC_SCORER_BATCH_SIZE")
+    models_dir: str = Field(description="Where the tiny models live, QC_DATA_DIR/models.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ScoringResource":
+        return cls(
+            model=settings.scorer_model,
+            max_length=settings.scorer_max_length,
+            batch_size=settings.scorer_batch_size,
+            models_dir=str(settings.data_root / "models"),
+        )
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == TINY_STUDENT
+
+    def open(self):
+        if self.is_tiny:
+            path = ensure_tiny_models(Path(self.models_dir), sample_texts())[CROSS_ENCODER_DIR]
+            return open_scorer(str(path), max_length=self.max_length, batch_size=self.batch_size,
+                               name=f"tiny-cross-encoder@{self.max_length}")
+        return open_scorer(self.model, max_length=self.max_length, batch_size=self.batch_size)
+
+
+_ARROW_SCHEMA = pa.schema([
+    ("doc_id", pa.string()), ("shard", pa.string()), ("category", pa.string()), ("source", pa.string()),
+    ("scorer", pa.string()), ("score", pa.float64()), ("query", pa.string()), ("bm25_overlap", pa.float64()),
+    ("bm25_rank", pa.int32()), ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+def _score_rows(scorer, index: ShardIndex, texts: dict[str, str], items: list[tuple[str, str, str]],
+                shard: str, source: str, log) -> pa.Table:
+    """items: (doc_id, category, query) -> rows with the neural score and the lexical check."""
+    scores = scorer.score([(query, texts[doc_id]) for doc_id, _, query in items], log=log)
+    lexical = lexical_checks(index, [(query, doc_id) for doc_id, _, query in items])
+    now = datetime.now(timezone.utc)
+    return pa.Table.from_pylist(
+        [
+            {"doc_id": doc_id, "shard": shard, "category": category, "source": source, "scorer": scorer.name,
+             "score": float(score), "query": query, "bm25_overlap": float(overlap), "bm25_rank": int(rank),
+             "created_at": now}
+            for (doc_id, category, query), score, (overlap, rank) in zip(items, scores, lexical)
+        ],
+        schema=_ARROW_SCHEMA,
+    )
+
+
+def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=RERANKER_SCORES.name,
+        partitions_def=partitions_def,
+        deps=[
+            dg.AssetDep(GENERATED_QUERIES.name),
+            dg.AssetDep(TEACHER_LABELS.name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SHARD_DIMENSION)),
+        ],
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name="scoring",
+        kinds={"pytorch", "duckdb"},
+        description=RERANKER_SCORES.description
+        + " The teacher's labels of the same test documents are scored by the same scorer once per shard.",
+        metadata={"dagster/column_schema": RERANKER_SCORES.dagster_schema(), "dagster/table_name": f"lake.{RERANKER_SCORES.name}"},
+        check_specs=[
+            dg.AssetCheckSpec("scores_in_range", asset=RERANKER_SCORES.name, blocking=True,
+                              description="Every score is a number in 0..1."),
+        ],
+    )
+    def reranker_scores(
+        context: dg.AssetExecutionContext,
+        scoring: ScoringResource,
+        teacher: TeacherResource,
+        sft: SftResource,
+        lake: LakeResource,
+    ):
+        started = time.perf_counter()
+        teacher_name, prompt_versions = teacher.identity()
+        teacher_source = TEACHER_SOURCE_PREFIX + teacher_name
+        scorer = scoring.open()
+        context.log.info(f"scoring with {scorer.name}")
+        written = {"student": 0, "teacher": 0}
+        out_of_range = 0
+        try:
+            for key in context.partition_keys:
+                dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
+                checkpoint, shard = dimensions[CHECKPOINT_DIMENSION], dimensions[SHARD_DIMENSION]
+                with lake.get_connection() as connection:
+                    texts = dict(connection.execute(f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1', [shard]).fetchall())
+                    student = connection.execute(
+                        "SELECT doc_id, category, query FROM generated_queries WHERE checkpoint = $1 AND shard = $2 ORDER BY ALL",
+                        [checkpoint, shard],
+                    ).fetchall()
+                    teacher_items = connection.execute(
+                        f"""SELECT l.doc_id, l.category, l.query FROM teacher_labels l
+                            WHERE l.shard = $1 AND l.teacher = $2 AND {split_is_test_sql('l.doc_id', sft.test_fraction)}
+                            ORDER BY ALL""",
+                        [shard, teacher_name],
+                    ).fetchall()
+                    teacher_items = [item for item in teacher_items if prompt_versions.get(item[1]) is not None and item[0] in texts]
+                    already = connection.execute(
+                        "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
+                        [shard, teacher_source, scorer.name],
+                    ).fetchone()[0]
+                if not student:
+                    # A small shard can have no test-split document; then generated_queries wrote nothing either.
+                    context.log.warning(f"{checkpoint}|{shard}: no generated queries to score")
+                    continue
+                index = ShardIndex(list(texts), list(texts.values()))
+                batches = [(checkpoint, _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info))]
+                # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
+                if teacher_items and already != len(teacher_items):
+                    batches.append((teacher_source, _score_rows(scorer, index, texts, teacher_items, shard, teacher_source, context.log.info)))
+                for source, table in batches:
+                    scores = table.column("score").to_pylist()
+                    out_of_range += sum(not (0.0 <= score <= 1.0) for score in scores)
+
+                    def write(connection, table=table, source=source):
+                        connection.register("scored_rows", table)
+                        return replace_partition(
+                            connection, RERANKER_SCORES, {"shard": shard, "source": source, "scorer": scorer.name}, "scored_rows"
+                        )
+
+                    count = lake.transaction(write, f"write reranker scores {source}|{shard}")
+                    written["teacher" if source == teacher_source else "student"] += count
+                context.log.info(f"{checkpoint}|{shard}: {len(student)} student and {len(teacher_items)} teacher pairs scored")
+        finally:
+            scorer.close()
+        yield dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": written["student"],
+                "scorer": scorer.name,
+                "tiny_scorer": scoring.is_tiny,
+                "student_pairs": written["student"],
+                "teacher_pairs_rescored": written["teacher"],
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+        yield dg.AssetCheckResult(check_name="scores_in_range", passed=out_of_range == 0, metadata={"out_of_range": out_of_range})
+
+    return reranker_scores

@@ -1,0 +1,134 @@
+"""Generation, scoring and the evaluation report on tiny models; the checkpoint sensor on a real instance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import dagster as dg
+
+from qc_assets.categories import CATEGORIES
+from qc_assets.definitions import build_definitions
+from qc_assets.defs.student.store import new_checkpoint_id, publish, staging_directory
+from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets_tests.conftest import lake_rows, materialization_metadata, materialize, materialize_asset
+
+SHARDS = ("sample-00000", "sample-00001")
+
+
+def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replace(settings_for, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    source = tmp_path / "corpus"
+    source.mkdir()
+    for shard in SHARDS:
+        shutil.copy(SAMPLE_CORPUS / f"{shard}.jsonl", source)
+    settings = settings_for(
+        source, QC_STUDENT_BASE_MODELS="tiny", QC_SCORER_MODEL="tiny", QC_SFT_TEST_FRACTION="0.3",
+        QC_GENERATION_MAX_NEW_TOKENS="12",
+    )
+    with dg.instance_for_test() as instance:
+        for shard in SHARDS:
+            assert materialize(settings, shard, instance).success
+        assert materialize_asset(settings, "sft_dataset", instance).success
+        trained = materialize_asset(settings, "student_checkpoints", instance, partition="tiny")
+        assert trained.success
+        checkpoint = materialization_metadata(trained, "student_checkpoints")["checkpoint"]
+        assert instance.get_dynamic_partitions("checkpoint") == [checkpoint]
+        partition = dg.MultiPartitionKey({"checkpoint": checkpoint, "shard": SHARDS[0]})
+
+        generated = materialize_asset(settings, "generated_queries", instance, partition=partition)
+        assert generated.success
+        metadata = materialization_metadata(generated, "generated_queries")
+        test_docs = lake_rows(settings, "SELECT DISTINCT doc_id FROM generated_queries ORDER BY 1")
+        assert metadata["documents"] == len(test_docs) > 0
+        assert metadata["dagster/row_count"] == len(test_docs) * len(CATEGORIES)
+        assert metadata["input_tokens"] > 0 and metadata["documents_per_second"] > 0
+        checks = {result.check_name: result for result in generated.get_asset_check_evaluations()}
+        assert set(checks) == {"no_empty_queries", "category_validity"}
+
+        scored = materialize_asset(settings, "reranker_scores", instance, partition=partition)
+        assert scored.success
+        assert all(result.passed for result in scored.get_asset_check_evaluations())
+        summary = materialize_asset(settings, "eval_summary", instance)
+        assert summary.success
+        report = materialization_metadata(summary, "eval_summary")
+        assert report["tiny_models"] is True and "mean nothing" in report["table"]
+        assert report["percentile_plot"].startswith("![percentiles](data:image/png;base64,")
+
+        overall = lake_rows(
+            settings, "SELECT source, n, mean, std FROM eval_summary WHERE category = 'all' ORDER BY source"
+        )
+        by_source = {row[0]: row[1:] for row in overall}
+        assert set(by_source) == {checkpoint, "teacher:handwritten-sample"}
+        assert {n for n, _, _ in by_source.values()} == {len(test_docs) * len(CATEGORIES)}
+        assert all(0 <= mean <= 1 for _, mean, _ in by_source.values())
+        (recomputed,) = lake_rows(
+            settings, "SELECT avg(score), stddev_pop(score) FROM reranker_scores WHERE source = ?", [checkpoint]
+        )
+        assert abs(recomputed[0] - by_source[checkpoint][1]) < 1e-9 and abs(recomputed[1] - by_source[checkpoint][2]) < 1e-9
+        pairs = lake_rows(
+            settings,
+            "SELECT s.doc_id, s.category FROM reranker_scores s WHERE source = ? EXCEPT "
+            "SELECT doc_id, category FROM reranker_scores WHERE source LIKE 'teacher:%'",
+            [checkpoint],
+        )
+        assert pairs == []
+        per_category = lake_rows(settings, "SELECT count(DISTINCT category) FROM eval_summary WHERE category <> 'all'")
+        assert per_category == [(len(CATEGORIES),)]
+
+        counts = lake_rows(settings, "SELECT (SELECT count(*) FROM generated_queries), (SELECT count(*) FROM reranker_scores)")
+        assert materialize_asset(settings, "generated_queries", instance, partition=partition).success
+        assert materialize_asset(settings, "reranker_scores", instance, partition=partition).success
+        assert lake_rows(settings, "SELECT (SELECT count(*) FROM generated_queries), (SELECT count(*) FROM reranker_scores)") == counts
+    assert (settings.data_root / "reports" / "eval_percentiles.png").stat().st_size > 1000
+
+
+def fake_checkpoint(root, slug: str, version: str, minute: int, complete: bool = True):
+    checkpoint = new_checkpoint_id(slug, version).rsplit("--", 1)[0] + f"--20260101T00{minute:02d}00Z"
+    staging = staging_directory(root, slug, checkpoint)
+    (staging / "config.json").write_text("{}")
+    if not complete:
+        return checkpoint, staging
+    manifest = {"checkpoint": checkpoint, "base_model": slug, "dataset_version": version, "hyperparameters": {},
+                "metrics": {}, "created_at": f"2026-01-01T00:{minute:02d}:00+00:00"}
+    return checkpoint, publish(staging, manifest)
+
+
+def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_every_shard(settings_for, tmp_path):
+    settings = settings_for(SAMPLE_CORPUS)
+    repository = build_definitions(settings).get_repository_def()
+    sensor = repository.get_sensor_def("new_checkpoints")
+    root = settings.data_root / "checkpoints"
+    shards = sorted(path.stem for path in SAMPLE_CORPUS.glob("*.jsonl"))
+    with dg.instance_for_test() as instance:
+        def tick(cursor):
+            # The sensor's own function: evaluate_tick would validate run requests against partitions that
+            # build_sensor_context never adds to the instance.
+            result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=repository))
+            return result
+
+        assert isinstance(tick(None), dg.SkipReason)
+        first, staging = fake_checkpoint(root, "tiny", "aaaaaaaa", 1, complete=False)
+        assert isinstance(tick(None), dg.SkipReason)  # half-written: invisible until its manifest lands
+        publish(staging, {"checkpoint": first, "base_model": "tiny", "dataset_version": "aaaaaaaa",
+                          "hyperparameters": {}, "metrics": {}, "created_at": "2026-01-01T00:01:00+00:00"})
+        result = tick(None)
+        (request,) = result.dynamic_partitions_requests
+        assert list(request.partition_keys) == [first]
+        assert sorted(run.partition_key.keys_by_dimension["shard"] for run in result.run_requests) == shards
+        assert {run.partition_key.keys_by_dimension["checkpoint"] for run in result.run_requests} == {first}
+        cursor = result.cursor
+        instance.add_dynamic_partitions("checkpoint", [first])
+
+        assert isinstance(tick(cursor), dg.SkipReason)  # each checkpoint triggers once
+        second, _ = fake_checkpoint(root, "tiny", "bbbbbbbb", 2)
+        result = tick(cursor)
+        assert {run.partition_key.keys_by_dimension["checkpoint"] for run in result.run_requests} == {second}
+        assert list(result.dynamic_partitions_requests[0].partition_keys) == [second]
+        cursor = result.cursor
+        assert set(json.loads(cursor)) == {first, second}
+
+        shutil.rmtree(root / "tiny" / first)  # removed: not an error, nothing requested
+        (root / "tiny" / "broken").mkdir()
+        (root / "tiny" / "broken" / "manifest.json").write_text("[")
+        assert isinstance(tick(cursor), dg.SkipReason)
