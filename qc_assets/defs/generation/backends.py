@@ -464,7 +464,7 @@ class OpenAIGenerator:
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "no-key"  # local servers take any key
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY")
         self.builder: PromptBuilder | None = None
         if (Path(self.model_path) / "tokenizer_config.json").is_file():
             # The checkpoint is here too: cut long documents exactly as the other backends do.
@@ -499,21 +499,10 @@ class OpenAIGenerator:
             return pool.submit(asyncio.run, self._generate(requests, log)).result()
 
     def _client(self):
-        import httpx2
-        import openai
+        from qc_assets.defs.teacher.openai_teacher import async_client
 
-        connections = self.concurrency + 16
         # A client per call: the aiohttp session belongs to the event loop it was made on.
-        return openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=self._api_key,
-            max_retries=self.max_retries,
-            timeout=self.timeout_s,
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
-                timeout=self.timeout_s,
-            ),
-        )
+        return async_client(self.base_url, self._api_key, self.concurrency, self.timeout_s, self.max_retries)
 
     async def _generate(self, requests: list[GenerationRequest], log: Log) -> list[GeneratedQuery]:
         results: list[GeneratedQuery | None] = [None] * len(requests)

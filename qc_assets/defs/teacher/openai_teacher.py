@@ -139,6 +139,29 @@ def _inline_reasoning(content: str | None) -> str | None:
     return None
 
 
+def async_client(
+    base_url: str | None, api_key: str | None, concurrency: int, timeout_s: float, max_retries: int
+) -> openai.AsyncOpenAI:
+    """The SDK's async client for an OpenAI-compatible endpoint, sized for `concurrency` requests in flight.
+
+    It uses the SDK's aiohttp transport: httpx's pool scans every connection on each request (and polls each idle
+    socket), which at 100 connections costs more CPU than the request itself. The aiohttp session belongs to the
+    event loop it is first used on.
+    """
+    connections = concurrency + 16
+    return openai.AsyncOpenAI(
+        base_url=base_url,
+        # Local servers (vLLM, Ollama) take any key; the SDK insists on one.
+        api_key=api_key or "no-key",
+        max_retries=max_retries,
+        timeout=timeout_s,
+        http_client=openai.DefaultAioHttpClient(
+            limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
+            timeout=timeout_s,
+        ),
+    )
+
+
 class OpenAITeacher:
     def __init__(
         self,
@@ -160,19 +183,7 @@ class OpenAITeacher:
         self.max_tokens = max_tokens
         self.backoff_s = backoff_s
         self._secret = api_key or None
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url,
-            # Local servers (vLLM, Ollama) take any key; the SDK insists on one.
-            api_key=api_key or "no-key",
-            max_retries=0,
-            timeout=timeout_s,
-            # The SDK's aiohttp transport: httpx's pool scans every connection on each request (and polls each
-            # idle socket), which at 100 connections costs more CPU than the request itself.
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency + 16),
-                timeout=timeout_s,
-            ),
-        )
+        self._client = async_client(base_url, api_key, concurrency, timeout_s, max_retries=0)
         self.limit: AdaptiveLimit | None = None
         self.requests = 0
 
