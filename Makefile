@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test ui bench clean
+.PHONY: run test ui bench clean chromium
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ run: $(INSTALLED)
 	$(BIN)/qc models tiny
 	$(EMBEDDED) $(BIN)/qc run
 
-test: $(INSTALLED)
+# Debian's headless Chromium for the browser test of the UI; playwright drives it and never downloads one.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y -q chromium chromium-driver \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; } \
+		|| echo "WARNING: Debian's chromium could not be installed: the browser test of the UI will be SKIPPED"
+
+test: $(INSTALLED) chromium
 	$(BIN)/pytest
 
 ui: $(INSTALLED)
