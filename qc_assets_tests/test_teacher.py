@@ -246,11 +246,21 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
 
             # The next run asks again only for the quarantined keys; the run after that asks for nothing.
             server.set_plan({"rules": []})
-            assert materialize(settings, SHARD, instance).success
+            second = materialize(settings, SHARD, instance)
+            assert second.success
             retried = {(doc_of[entry["text_key"]], entry["category"]) for entry in chat_requests(server)[len(first_run):]}
             assert retried == set(quarantined)
             assert set(stored_keys(settings, "teacher_labels")) == every_key
             assert stored_keys(settings, "teacher_quarantine") == []
+            # A key's label keeps what its quarantined attempts of the first run cost, so the lake holds every dollar paid.
+            attempts_by_key = {
+                (doc, category): attempts
+                for doc, category, attempts in lake_rows(settings, "SELECT doc_id, category, attempts FROM teacher_labels")
+            }
+            assert [attempts_by_key[key] for key in quarantined] == [5] * len(quarantined)
+            (total,) = lake_rows(settings, "SELECT sum(cost_usd) FROM teacher_labels")[0]
+            second_cost = materialization_metadata(second, "teacher_labels")["cost_usd"]
+            assert total == pytest.approx(metadata["cost_usd"] + second_cost, abs=1e-6)
             before = len(chat_requests(server))
             result = materialize(settings, SHARD, instance)
             assert result.success and len(chat_requests(server)) == before

@@ -74,12 +74,12 @@ _LABEL_PROVENANCE = (
     Column("prompt_version", "VARCHAR", "Hash of the category's prompt (or `replay`); part of the key."),
 )
 _LABEL_SPEND = (
-    Column("input_tokens", "BIGINT", "Prompt tokens, summed over attempts."),
+    Column("input_tokens", "BIGINT", "Prompt tokens, summed over every attempt for the key (earlier quarantined runs too)."),
     Column("cached_input_tokens", "BIGINT", "Prompt tokens served from the provider's cache."),
-    Column("output_tokens", "BIGINT", "Completion tokens (reasoning included), summed over attempts."),
+    Column("output_tokens", "BIGINT", "Completion tokens (reasoning included), summed over every attempt."),
     Column("reasoning_tokens", "BIGINT", "Reasoning tokens among output_tokens."),
-    Column("cost_usd", "DOUBLE", "What the attempts for this key cost, from the configured price."),
-    Column("attempts", "INTEGER", "Requests made for this key in the run that wrote the row."),
+    Column("cost_usd", "DOUBLE", "What every attempt for this key cost, earlier quarantined runs included, at the configured price."),
+    Column("attempts", "INTEGER", "Requests made for this key, over every run that asked for it."),
 )
 
 TEACHER_LABELS = Table(

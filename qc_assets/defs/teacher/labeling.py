@@ -92,13 +92,30 @@ class Journal:
         self._segment = None
 
 
+SPEND_COLUMNS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_usd", "attempts")
+
+
+def _with_earlier_spend_sql(incoming: str, shard_parameter: str) -> str:
+    """`incoming` with the spend of the key's quarantine row from an earlier run added, so that a key's row keeps
+    everything ever paid for it. A quarantine row of the same run is a replayed batch, whose spend is already in."""
+    key_match = " AND ".join(f'q."{key}" = i."{key}"' for key in KEY_COLUMNS)
+    sums = ", ".join(
+        f'i."{column}" + CASE WHEN q.run_id IS DISTINCT FROM i.run_id THEN coalesce(q."{column}", 0) ELSE 0 END AS "{column}"'
+        for column in SPEND_COLUMNS
+    )
+    return (
+        f"(SELECT i.* REPLACE ({sums}) FROM {incoming} i "
+        f"LEFT JOIN teacher_quarantine q ON q.shard = {shard_parameter} AND {key_match})"
+    )
+
+
 def _insert_new_sql(table: Table, incoming: str, shard_parameter: str) -> str:
     columns = ", ".join(f'"{name}"' for name in table.column_names)
     casts = ", ".join(f'CAST(i."{column.name}" AS {column.sql_type})' for column in table.columns)
     key_match = " AND ".join(f't."{key}" = i."{key}"' for key in KEY_COLUMNS)
     keys = ", ".join(f'i."{key}"' for key in KEY_COLUMNS)
     return (
-        f'INSERT INTO "{table.name}" ({columns}) SELECT {casts} FROM {incoming} i '
+        f'INSERT INTO "{table.name}" ({columns}) SELECT {casts} FROM {_with_earlier_spend_sql(incoming, shard_parameter)} i '
         f'WHERE NOT EXISTS (SELECT 1 FROM "{table.name}" t WHERE t.shard = {shard_parameter} AND {key_match}) '
         f"QUALIFY row_number() OVER (PARTITION BY {keys}) = 1"
     )
@@ -129,18 +146,24 @@ def write_outcome_rows(connection: duckdb.DuckDBPyConnection, shard: str, rows: 
             connection.unregister("incoming_labels")
         if quarantined:
             connection.register("incoming_quarantine", pa.Table.from_pylist(quarantined))
+            connection.execute(
+                f"CREATE OR REPLACE TEMP TABLE quarantine_with_earlier_spend AS "
+                f"SELECT * FROM {_with_earlier_spend_sql('incoming_quarantine', '$1')}",
+                [shard],
+            )
             connection.execute(_delete_keys_sql(TEACHER_QUARANTINE, "incoming_quarantine", "$1"), [shard])
             columns = ", ".join(f'"{name}"' for name in TEACHER_QUARANTINE.column_names)
             casts = ", ".join(f'CAST(i."{c.name}" AS {c.sql_type})' for c in TEACHER_QUARANTINE.columns)
             # A key labelled by an earlier batch stays labelled: its late failure is not news.
             connection.execute(
-                f"INSERT INTO teacher_quarantine ({columns}) SELECT {casts} FROM incoming_quarantine i "
+                f"INSERT INTO teacher_quarantine ({columns}) SELECT {casts} FROM quarantine_with_earlier_spend i "
                 "WHERE NOT EXISTS (SELECT 1 FROM teacher_labels t WHERE t.shard = $1 AND "
                 + " AND ".join(f't."{key}" = i."{key}"' for key in KEY_COLUMNS)
                 + ")",
                 [shard],
             )
             connection.unregister("incoming_quarantine")
+            connection.execute("DROP TABLE quarantine_with_earlier_spend")
         return inserted
 
     return run_transaction(connection, work, f"write teacher labels of shard {shard}")
