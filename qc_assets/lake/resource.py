@@ -22,7 +22,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from qc_assets.lake.tables import TABLES, Table
+from qc_assets.lake.tables import TABLES, VIEWS, Table
 
 LAKE = "lake"
 _RETRYABLE = ("database is locked", "conflict", "sqlite_busy", "could not serialize")
@@ -142,6 +142,15 @@ class LakeResource(DuckDBResource):
                 existing = {row[0] for row in connection.execute(f'DESCRIBE "{table.name}"').fetchall()}
                 for statement in table.add_missing_columns_sql(existing):
                     connection.execute(statement)
+            comments = dict(
+                connection.execute(
+                    "SELECT view_name, comment FROM duckdb_views() WHERE database_name = ?", [LAKE]
+                ).fetchall()
+            )
+            for view in VIEWS.values():
+                if comments.get(view.name) != view.comment:
+                    connection.execute(view.create_sql())
+                    connection.execute(f'COMMENT ON VIEW "{view.name}" IS {sql_literal(view.comment)}')
 
         retry_transient(lambda: _run_in_transaction(connection, create_or_evolve), "create lake tables")
         _tables_ready.add(key)

@@ -1,10 +1,11 @@
-"""The lake's data contract: every table's columns, in one place.
+"""The lake's data contract: every table's columns and the analysts' views, in one place.
 
 Asset keys match table names. Later stages add their tables here, so analysts and code read one definition.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import dagster as dg
@@ -191,3 +192,73 @@ TABLES: dict[str, Table] = {
         CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE, CHECKPOINTS, GENERATED_QUERIES, RERANKER_SCORES, EVAL_SUMMARY
     )
 }
+
+
+TEACHER_SOURCE_PREFIX = "teacher:"
+
+
+@dataclass(frozen=True)
+class View:
+    """A saved query for analysts, stored in the lake's catalog so every DuckDB client that attaches sees it."""
+
+    name: str
+    description: str
+    sql: str
+
+    @property
+    def comment(self) -> str:
+        # The definition's hash rides in the comment, so a writer replaces the view only when the code changed it.
+        digest = hashlib.sha256(self.sql.encode()).hexdigest()[:12]
+        return f"{self.description} [definition {digest}]"
+
+    def create_sql(self) -> str:
+        return f'CREATE OR REPLACE VIEW "{self.name}" AS {self.sql}'
+
+
+_SPEND_SUMS = (
+    "sum(attempts) AS requests, sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens, "
+    "sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, sum(cost_usd) AS cost_usd"
+)
+_SPEND_COLUMNS = "attempts, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_usd"
+
+LABEL_COSTS = View(
+    name="label_costs",
+    description="Teacher spend per shard, category and teacher: labels, quarantined keys, requests, tokens and USD.",
+    sql=(
+        "SELECT shard, category, teacher, count(*) FILTER (WHERE outcome = 'labelled') AS labels, "
+        f"count(*) FILTER (WHERE outcome = 'quarantined') AS quarantined, {_SPEND_SUMS}, "
+        "sum(cost_usd) / nullif(count(*) FILTER (WHERE outcome = 'labelled'), 0) AS usd_per_label "
+        f"FROM (SELECT 'labelled' AS outcome, shard, category, teacher, {_SPEND_COLUMNS} FROM teacher_labels "
+        f"UNION ALL SELECT 'quarantined' AS outcome, shard, category, teacher, {_SPEND_COLUMNS} FROM teacher_quarantine) "
+        "GROUP BY shard, category, teacher ORDER BY shard, category, teacher"
+    ),
+)
+
+TEACHER_VS_STUDENT = View(
+    name="teacher_vs_student",
+    description="Each student query next to the teacher's for the same document, category and scorer, with both scores.",
+    sql=(
+        "SELECT student.doc_id, student.shard, student.category, student.scorer, teacher.source AS teacher, "
+        "student.source AS checkpoint, teacher.query AS teacher_query, student.query AS student_query, "
+        "teacher.score AS teacher_score, student.score AS student_score, student.score - teacher.score AS score_gain, "
+        "teacher.bm25_rank AS teacher_bm25_rank, student.bm25_rank AS student_bm25_rank, corpus.text AS document "
+        "FROM reranker_scores student JOIN reranker_scores teacher ON teacher.doc_id = student.doc_id "
+        "AND teacher.shard = student.shard AND teacher.category = student.category AND teacher.scorer = student.scorer "
+        f"AND starts_with(teacher.source, '{TEACHER_SOURCE_PREFIX}') "
+        "LEFT JOIN corpus ON corpus.doc_id = student.doc_id AND corpus.shard = student.shard "
+        f"WHERE NOT starts_with(student.source, '{TEACHER_SOURCE_PREFIX}')"
+    ),
+)
+
+QUARANTINE = View(
+    name="quarantine",
+    description="Keys the teacher could not label yet, with the reason, the last raw output and the document's start.",
+    sql=(
+        "SELECT q.shard, q.doc_id, q.category, q.teacher, q.error, q.raw_output, q.attempts, q.cost_usd, q.run_id, "
+        "q.created_at, left(corpus.text, 200) AS document_start, q.prompt_version "
+        "FROM teacher_quarantine q LEFT JOIN corpus ON corpus.doc_id = q.doc_id AND corpus.shard = q.shard "
+        "ORDER BY q.shard, q.doc_id, q.category"
+    ),
+)
+
+VIEWS: dict[str, View] = {view.name: view for view in (LABEL_COSTS, TEACHER_VS_STUDENT, QUARANTINE)}
