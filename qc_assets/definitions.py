@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from qc_assets.defs.corpus.assets import CorpusResource, build_corpus_asset
@@ -19,6 +21,11 @@ from qc_assets.defs.student.sensors import CHECKPOINT_PARTITIONS, build_checkpoi
 from qc_assets.defs.teacher.assets import TeacherResource, build_discount_schedule, build_teacher_asset
 from qc_assets.lake.resource import LakeResource
 from qc_assets.settings import Settings, load_settings
+
+# The beta APIs used here (multi-dimension partition mappings, backfill policies) are deliberate, with Dagster
+# pinned; unfiltered, their warnings repeat in every run process and bury the run's own log.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
