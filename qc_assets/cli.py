@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 import sys
@@ -52,7 +53,11 @@ def main() -> None:
     "--executor", default="in_process", show_default=True, type=click.Choice(["in_process", "multiprocess"]),
     help="Executor inside each run.",
 )
-def run(select: str | None, parallel: int, executor: str) -> None:
+@click.option(
+    "--shard", "shard_patterns", multiple=True, metavar="GLOB",
+    help="Only these shards (glob, repeatable), e.g. 'data/train-0000*'; base-model partitions are not filtered.",
+)
+def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[str, ...]) -> None:
     """Materialize the graph (or the selection) for every partition on the persistent instance."""
     settings = _settings()
     from qc_assets.runner import plan_stages, prepare_dagster_home, run_stages
@@ -69,6 +74,10 @@ def run(select: str | None, parallel: int, executor: str) -> None:
         raise click.ClickException(str(error)) from None
     if not stages:
         raise click.UsageError(f"--select {select!r} matches no asset")
+    shards = definitions.resolve_assets_def("corpus").partitions_def.get_partition_keys()
+    for pattern in shard_patterns:
+        if not any(fnmatch.fnmatchcase(shard, pattern) for shard in shards):
+            raise click.UsageError(f"--shard {pattern!r} matches none of the {len(shards)} shards, e.g. {shards[0]!r}")
     click.echo(f"Dagster home {home}; lake {settings.catalog}")
     started = time.perf_counter()
 
@@ -86,7 +95,8 @@ def run(select: str | None, parallel: int, executor: str) -> None:
         register_checkpoint_partitions(instance, settings.data_root / "checkpoints", lambda message: click.echo(message, err=True))
         for stage in stages:
             click.echo(f"stage {stage.label}")
-        outcomes = run_stages(stages, instance, parallel, executor, report)
+        shard_partitions = definitions.resolve_assets_def("corpus").partitions_def
+        outcomes = run_stages(stages, instance, parallel, executor, report, shard_partitions, shard_patterns)
     elapsed = time.perf_counter() - started
     counts = {status: sum(outcome.status == status for outcome in outcomes) for status in ("success", "failure", "skipped")}
     click.echo(

@@ -7,6 +7,7 @@ processes. A partition whose same-keyed upstream failed is skipped, not run agai
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import dagster as dg
 from filelock import FileLock
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
+from qc_assets.defs.generation.assets import SHARD_DIMENSION
 from qc_assets.settings import PROJECT_ROOT, Settings
 
 DEFINITIONS_MODULE = "qc_assets.definitions"
@@ -114,19 +116,47 @@ def _failure_message(event: dg.DagsterEvent) -> str:
     return error.to_string().strip().splitlines()[0] if error.message is None else error.message.strip()
 
 
+def select_shards(
+    partitions_def: dg.PartitionsDefinition,
+    keys: list[str],
+    shard_partitions: dg.PartitionsDefinition,
+    shard_patterns: tuple[str, ...],
+) -> list[str]:
+    """Keep the partitions whose shard matches one of the glob patterns; other partitionings (base models) stay whole."""
+    if not shard_patterns:
+        return keys
+
+    def shard_of(key: str) -> str | None:
+        if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+            return key.keys_by_dimension.get(SHARD_DIMENSION)
+        return key if partitions_def == shard_partitions else None
+
+    return [
+        key for key in keys
+        if (shard := shard_of(key)) is None or any(fnmatch.fnmatchcase(shard, pattern) for pattern in shard_patterns)
+    ]
+
+
 def run_stages(
     stages: list[Stage],
     instance: dg.DagsterInstance,
     parallel: int,
     executor: str,
     report: Callable[[RunOutcome], None],
+    shard_partitions: dg.PartitionsDefinition | None = None,
+    shard_patterns: tuple[str, ...] = (),
 ) -> list[RunOutcome]:
     outcomes: list[RunOutcome] = []
     failed: dict[dg.AssetKey, set[str | None]] = {}
     with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
         for stage in stages:
             keys = (
-                stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+                select_shards(
+                    stage.partitions_def,
+                    stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance),
+                    shard_partitions,
+                    shard_patterns,
+                )
                 if stage.partitions_def
                 else [None]
             )

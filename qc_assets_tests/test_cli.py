@@ -7,6 +7,7 @@ import subprocess
 
 import dagster as dg
 
+from qc_assets.runner import select_shards
 from qc_assets.settings import PROJECT_ROOT
 from qc_assets_tests.conftest import BIN, document, run_qc, write_jsonl
 
@@ -81,3 +82,30 @@ def test_dg_check_defs_loads_the_code_location(environment, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All definitions loaded successfully" in result.stdout + result.stderr
+
+
+def test_qc_run_shard_globs_limit_shard_partitions_and_a_glob_that_matches_nothing_is_refused(environment, tmp_path):
+    source = tmp_path / "corpus"
+    for name in ("a0", "a1", "b0"):
+        write_jsonl(source / f"{name}.jsonl", [{"id": f"{name}-{i}", "text": document(i, name)} for i in range(2)])
+    env = environment(source)
+    result = run_qc(["run", "--select", "corpus", "--shard", "a*"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 runs" in result.stdout
+    counts = run_qc(["sql", "SELECT DISTINCT shard FROM corpus ORDER BY shard", "--format", "json"], env)
+    assert json.loads(counts.stdout) == [{"shard": "a0"}, {"shard": "a1"}]
+    refused = run_qc(["run", "--shard", "c*"], env)
+    assert refused.returncode == 2 and "'c*' matches none of the 3 shards" in refused.stderr
+
+
+def test_shard_globs_filter_the_shard_dimension_of_checkpoint_partitions_and_leave_base_models_whole():
+    shards = dg.StaticPartitionsDefinition(["a0", "a1", "b0"])
+    base_models = dg.StaticPartitionsDefinition(["tiny", "Qwen--Qwen3-1.7B"])
+    evaluation = dg.MultiPartitionsDefinition(
+        {"checkpoint": dg.StaticPartitionsDefinition(["c1", "c2"]), "shard": shards}
+    )
+    assert select_shards(shards, shards.get_partition_keys(), shards, ("a*",)) == ["a0", "a1"]
+    assert select_shards(base_models, base_models.get_partition_keys(), shards, ("a*",)) == ["tiny", "Qwen--Qwen3-1.7B"]
+    kept = select_shards(evaluation, evaluation.get_partition_keys(), shards, ("b0",))
+    assert sorted(str(key) for key in kept) == ["c1|b0", "c2|b0"]
+    assert select_shards(shards, shards.get_partition_keys(), shards, ()) == ["a0", "a1", "b0"]
