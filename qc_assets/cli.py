@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import subprocess
 import sys
 import time
 
@@ -218,4 +217,8 @@ def ui(port: int, host: str) -> None:
         "-h", host, "-p", str(port),
     ]
     click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-    sys.exit(subprocess.call(command, cwd=PROJECT_ROOT))
+    # The code server resolves a relative QC_DATA_DIR against its own working directory; pin it to this one's.
+    os.environ["QC_DATA_DIR"] = str(settings.data_root)
+    # Replaced, not wrapped: a SIGTERM or SIGINT sent to `qc ui` then reaches `dagster dev`, which shuts down its
+    # webserver, daemon and code server; a wrapping process would die alone and leave them holding the port.
+    os.execv(sys.executable, command)

@@ -1,0 +1,251 @@
+"""The real `qc ui` (webserver and daemon) as a test fixture: started on a free loopback port, spoken to over
+GraphQL, and stopped with its whole process group, so that no dagster process outlives the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Self
+
+from qc_assets_tests.conftest import BIN
+
+TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
+
+WORKSPACE_QUERY = """
+{
+  workspaceOrError {
+    __typename
+    ... on PythonError { message }
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError { __typename ... on PythonError { message } }
+      }
+    }
+  }
+}
+"""
+
+RUN_QUERY = """
+query Run($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on PythonError { message }
+    ... on RunNotFoundError { message }
+    ... on Run { runId status tags { key value } assetSelection { path } }
+  }
+}
+"""
+
+RUN_ERRORS_QUERY = """
+query RunErrors($runId: ID!) {
+  logsForRun(runId: $runId) {
+    __typename
+    ... on EventConnection {
+      events {
+        __typename
+        ... on MessageEvent { message level stepKey }
+        ... on ErrorEvent { error { message } }
+      }
+    }
+  }
+}
+"""
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class DagsterUI:
+    """`qc ui --host 127.0.0.1 --port <free port>` in its own session, its output in `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
+        self.port = port or free_loopback_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        # The processes to account for at the end are those carrying this environment, whatever their group.
+        self._marker = f"QC_DATA_DIR={env['QC_DATA_DIR']}"
+        clean = {key: value for key, value in os.environ.items() if not key.startswith(("QC_", "DAGSTER_"))}
+        self.env = {**clean, **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Self:
+        # A child inherits an ignored SIGINT (pytest started in the background has one), and `dagster dev`
+        # maps SIGTERM to SIGINT's handler: with SIGINT ignored nothing would ever stop it gracefully.
+        restore = None
+        try:
+            if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+                restore = signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # not the main thread
+            pass
+        try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    [str(BIN / "qc"), "ui", "--host", "127.0.0.1", "--port", str(self.port)],
+                    env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGINT, restore)
+        return self
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = json.load(response)
+        if body.get("errors"):
+            raise RuntimeError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+    def _check_alive(self, waiting_for: str) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"`qc ui` exited with code {self.process.returncode} while waiting for {waiting_for}; "
+                f"its output:\n{self.log_tail()}"
+            )
+
+    def wait_until_loaded(self, timeout: float = 120) -> None:
+        """Until the webserver answers and every code location has loaded; a load error fails at once."""
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_alive("the webserver")
+            try:
+                with urllib.request.urlopen(f"{self.url}/server_info", timeout=5) as response:
+                    response.read()
+                workspace = self.graphql(WORKSPACE_QUERY, timeout=10)["workspaceOrError"]
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+                last = f"{type(error).__name__}: {error}"
+                time.sleep(0.5)
+                continue
+            if workspace["__typename"] != "Workspace":
+                raise RuntimeError(f"the workspace could not be read: {workspace}")
+            entries = workspace["locationEntries"]
+            errors = [
+                f"{entry['name']}: {entry['locationOrLoadError']['message']}"
+                for entry in entries
+                if (entry["locationOrLoadError"] or {}).get("__typename") == "PythonError"
+            ]
+            if errors:
+                raise RuntimeError("code location failed to load:\n" + "\n".join(errors))
+            if entries and all(
+                entry["loadStatus"] == "LOADED" and (entry["locationOrLoadError"] or {}).get("__typename") == "RepositoryLocation"
+                for entry in entries
+            ):
+                return
+            last = f"locations {[(entry['name'], entry['loadStatus']) for entry in entries]}"
+            time.sleep(0.5)
+        raise TimeoutError(f"the UI at {self.url} was not ready after {timeout:.0f}s ({last}); its output:\n{self.log_tail()}")
+
+    def run(self, run_id: str) -> dict:
+        result = self.graphql(RUN_QUERY, {"runId": run_id})["runOrError"]
+        if result["__typename"] != "Run":
+            raise RuntimeError(f"run {run_id}: {result}")
+        return result
+
+    def run_errors(self, run_id: str) -> list[str]:
+        logs = self.graphql(RUN_ERRORS_QUERY, {"runId": run_id})["logsForRun"]
+        messages = []
+        for event in logs.get("events", []):
+            if event.get("level") in ("ERROR", "CRITICAL") or event.get("error"):
+                error = (event.get("error") or {}).get("message", "")
+                messages.append(f"[{event.get('stepKey') or '-'}] {event.get('message', '')} {error}".strip())
+        return messages
+
+    def wait_for_run(self, run_id: str, timeout: float = 180) -> dict:
+        """The run once it has finished, whatever its outcome; a run still going at the deadline raises."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(f"run {run_id}")
+            run = self.run(run_id)
+            if run["status"] in TERMINAL_RUN_STATUSES:
+                return run
+            if time.monotonic() > deadline:
+                hint = " (QUEUED: is the daemon running?)" if run["status"] == "QUEUED" else ""
+                raise TimeoutError(
+                    f"run {run_id} still {run['status']}{hint} after {timeout:.0f}s; UI output:\n{self.log_tail()}"
+                )
+            time.sleep(1)
+
+    def processes(self) -> list[int]:
+        """Live processes (not zombies) in the UI's process group or started with its environment."""
+        found = []
+        group = self.process.pid if self.process else None
+        marker = self._marker.encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                state, _ppid, pgid = stat.rsplit(")", 1)[1].split()[:3]
+                if state == "Z":
+                    continue
+                if int(pgid) == group or marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):  # gone, a kernel thread, or not ours to read
+                continue
+        return found
+
+    def stop(self, grace: float = 30) -> list[int]:
+        """Ctrl-C to the whole group, as a terminal would; SIGKILL for whatever is left after `grace` seconds.
+
+        Returns the processes that had to be killed; raises if any survives even that.
+        """
+        if self.process is None:
+            return []
+        group = self.process.pid
+        try:
+            os.killpg(group, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.processes():
+            time.sleep(0.2)
+        self.process.poll()
+        killed = self.processes()
+        for pid in killed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.processes():
+            time.sleep(0.2)
+        survivors = self.processes()
+        if survivors:
+            raise RuntimeError(f"processes of `qc ui` survived SIGKILL: {survivors}")
+        return killed
