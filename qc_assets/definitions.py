@@ -38,7 +38,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     evaluation_partitions = dg.MultiPartitionsDefinition(
         {CHECKPOINT_DIMENSION: checkpoint_partitions, SHARD_DIMENSION: shard_partitions}
     )
-    generated_queries = build_generation_asset(evaluation_partitions)
+    generated_queries = build_generation_asset(evaluation_partitions, settings.generation_backend)
     reranker_scores = build_scoring_asset(evaluation_partitions)
     return dg.Definitions(
         assets=[

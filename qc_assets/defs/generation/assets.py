@@ -15,6 +15,7 @@ from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnava
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints
+from qc_assets.deploy import GPU_POD
 from qc_assets.lake.resource import LakeResource, replace_partition
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
 from qc_assets.settings import Settings
@@ -62,7 +63,11 @@ def find_checkpoint(root: Path, checkpoint: str, warn) -> Checkpoint:
     raise dg.Failure(description=f"checkpoint {checkpoint!r} is not in the store at {root} (removed, or incomplete)")
 
 
-def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
+# The UI's kind badge per backend: which engine writes the queries.
+BACKEND_KINDS = {"transformers": "huggingface", "vllm": "vllm", "openai": "openai"}
+
+
+def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=GENERATED_QUERIES.name,
         partitions_def=partitions_def,
@@ -74,7 +79,9 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.A
         ],
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name="generation",
-        kinds={"pytorch", "duckdb"},
+        # A served model (`openai` backend) does its own GPU work: the step that calls it needs none.
+        op_tags={} if backend == "openai" else GPU_POD,
+        kinds={BACKEND_KINDS[backend], "duckdb"},
         description=GENERATED_QUERIES.description
         + " A run of many partitions loads each checkpoint once and generates for all its shards in large batches.",
         metadata={"dagster/column_schema": GENERATED_QUERIES.dagster_schema(), "dagster/table_name": f"lake.{GENERATED_QUERIES.name}"},
