@@ -8,7 +8,7 @@ per trained token; an H100 does about 790 TFLOP/s bf16 dense).
     python bench/student_training.py                        # tiny Qwen3 on CPU, full and LoRA
     python bench/student_training.py --shape qwen3-1.7b     # random weights of Qwen3-1.7B's shape (GPU)
 
-Writes bench/results/student_training.json. Not a test: nothing here asserts a timing.
+Writes bench/results/student_training.json (or --json PATH). Not a test: nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
+from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
 from qc_assets.defs.student.train import train  # noqa: E402
 from qc_assets.models.tiny import build_tiny_student, sample_texts  # noqa: E402
 from qc_assets.settings import SAMPLE_TEACHER_LABELS  # noqa: E402
@@ -110,8 +111,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "student_training.json", help="Where the results go.")
     args = parser.parse_args()
     results: dict = {"shape": args.shape, "device": "cuda" if torch.cuda.is_available() else "cpu", "steps": args.steps}
+    figures: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         tiny = build_tiny_student(work / "tiny", sample_texts())
@@ -146,15 +149,28 @@ def main() -> None:
             if args.shape == "qwen3-1.7b" and results["device"] == "cuda":
                 entry["vs_h100_physical_limit"] = round(rate * QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN / H100_BF16_FLOPS, 3)
             results[method] = entry
+            figures.append(
+                figure(
+                    f"training script, {method}, {args.shape} on {results['device']}", round(rate, 1), "tokens/s",
+                    "plain PyTorch loop", round(reference, 1), entry["vs_plain_loop"],
+                )
+            )
+            if "vs_h100_physical_limit" in entry:
+                figures.append(
+                    figure(
+                        f"training script, {method}, share of the H100's bf16 limit", round(rate, 1), "tokens/s",
+                        "H100 physical limit", round(H100_BF16_FLOPS / QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN), entry["vs_h100_physical_limit"],
+                    )
+                )
+            figures.append(figure(f"training script, {method}, peak memory", round(metrics["peak_memory_bytes"] / 2**30, 2), "GiB"))
             print(
                 f"  training script, {method:<4}            {rate:10.1f} tokens/s = {entry['vs_plain_loop']:.3f} x reference, "
                 f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
                 + (f", {entry['vs_h100_physical_limit']:.3f} of the H100 limit" if "vs_h100_physical_limit" in entry else "")
             )
-    out = ROOT / "bench" / "results" / "student_training.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    results["figures"] = figures
+    write_results(args.json, results)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

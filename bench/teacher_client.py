@@ -7,7 +7,7 @@
 
     python bench/teacher_client.py [--requests 3000] [--quick]
 
-Writes bench/results/teacher_client.json. Not a test: nothing here asserts a timing.
+Writes bench/results/teacher_client.json (or --json PATH). Not a test: nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
 from qc_assets.categories import CATEGORIES  # noqa: E402
 from qc_assets.defs.teacher.backends import Budget, LabelRequest  # noqa: E402
 from qc_assets.defs.teacher.labeling import _event_loop_factory, label_shard  # noqa: E402
@@ -98,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000, help="requests per measurement at latency 0")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "teacher_client.json", help="Where the results go.")
     args = parser.parse_args()
     zero_docs = max(1, (300 if args.quick else args.requests) // len(CATEGORIES))
     slow_docs = max(1, (700 if args.quick else 7000) // len(CATEGORIES))
@@ -137,11 +139,19 @@ def main() -> None:
     print(f"latency 200 ms, concurrency {CONCURRENCY} ({slow_docs * 7} requests), ideal {slow['ideal_req_per_s']:.0f} req/s:")
     print(f"  openai backend               {slow['backend_req_per_s']:8.1f} req/s  = {slow['backend_vs_ideal']:.3f} x ideal (goal >= 0.9)")
     print(f"  whole labelling path         {slow['full_path_labels_per_s']:8.1f} labels/s = {slow['full_path_vs_ideal']:.3f} x ideal")
-    out = ROOT / "bench" / "results" / "teacher_client.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
-
+    raw = zero["raw_http_client_req_per_s"]
+    results["figures"] = [
+        figure("openai backend, latency 0", zero["backend_req_per_s"], "req/s", "raw HTTP client, same server", raw,
+               zero["backend_vs_raw"], "≥ 500 req/s", zero["backend_req_per_s"] >= 500),
+        figure("whole labelling path, latency 0", zero["full_path_labels_per_s"], "labels/s", "raw HTTP client, same server",
+               raw, zero["full_path_vs_raw"]),
+        figure("openai backend, 200 ms, concurrency 100", slow["backend_req_per_s"], "req/s", "ideal 100 / 0.2 s",
+               slow["ideal_req_per_s"], slow["backend_vs_ideal"], "≥ 0.9 of ideal", slow["backend_vs_ideal"] >= 0.9),
+        figure("whole labelling path, 200 ms, concurrency 100", slow["full_path_labels_per_s"], "labels/s",
+               "ideal 100 / 0.2 s", slow["ideal_req_per_s"], slow["full_path_vs_ideal"]),
+    ]
+    write_results(args.json, results)
+    print(f"wrote {args.json}")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ import fnmatch
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 import duckdb
@@ -178,6 +179,35 @@ def estimate(documents: int, shard: str | None) -> None:
         raise click.ClickException(str(error)) from None
     for line in projection.lines():
         click.echo(line)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Small sizes: a smoke run of every benchmark in about a minute; its figures mean little.")
+@click.option("--only", multiple=True, metavar="NAME", help="Run only this benchmark (repeatable), e.g. --only scaling.")
+@click.option(
+    "--results-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where the JSON files go. Default: bench/results/.",
+)
+def bench(quick: bool, only: tuple[str, ...], results_dir: Path | None) -> None:
+    """Run every benchmark in bench/ and write results.json; a full run also rewrites the README's performance table.
+
+    Every figure is printed next to a reference measured in the same run, as a ratio. Nothing here is a test.
+    """
+    from qc_assets.benchmarks import RESULTS_DIR, run_benchmarks, update_readme, render_table
+
+    try:
+        summary = run_benchmarks(quick, only, results_dir or RESULTS_DIR, click.echo)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    table = render_table(summary)
+    click.echo("\n" + table)
+    failed = [name for name, entry in summary["benchmarks"].items() if entry["status"] != "ok"]
+    if not quick and not only and not failed and results_dir is None:
+        update_readme(table)
+        click.echo("\nREADME.md's performance table rewritten.")
+    click.echo(f"\n{len(summary['benchmarks'])} benchmarks in {summary['seconds']:.0f}s; results in {(results_dir or RESULTS_DIR) / 'results.json'}")
+    if failed:
+        raise click.ClickException(f"benchmarks failed: {', '.join(failed)}")
 
 
 @main.group()
