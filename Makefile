@@ -35,9 +35,7 @@ ui: $(INSTALLED)
 	$(EMBEDDED) $(BIN)/qc ui
 
 bench: $(INSTALLED)
-	$(BIN)/python bench/corpus_ingest.py
-	$(BIN)/python bench/teacher_client.py
-	$(BIN)/python bench/student_training.py
+	$(BIN)/qc bench
 
 clean:
 	rm -rf data/lake data/dagster data/sources data/teacher data/sft data/models data/checkpoints
