@@ -1,8 +1,11 @@
 """`qc run`: materialize the graph, or a selection of it, for every partition, on the persistent instance.
 
 Assets are grouped into stages of one partitioning, in dependency order; each partition of a stage is one
-Dagster run, so the runs appear in the UI like runs launched there. Runs of a stage go in parallel worker
-processes. A partition whose same-keyed upstream failed is skipped, not run against missing data.
+Dagster run, so the runs appear in the UI like runs launched there. A stage whose assets all have a single-run
+backfill policy (generation and scoring, which load a model) is one run per partition range instead, as a
+backfill from the UI would launch it: the whole stage in one run when every partition is selected. Runs of a
+stage go in parallel worker processes. A partition whose same-keyed upstream failed is skipped, not run against
+missing data.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from multiprocessing import get_context
 import dagster as dg
 from filelock import FileLock
 from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from qc_assets.defs.generation.assets import SHARD_DIMENSION
 from qc_assets.settings import PROJECT_ROOT, Settings
@@ -50,6 +54,8 @@ def prepare_dagster_home(settings: Settings) -> str:
 class Stage:
     asset_keys: tuple[dg.AssetKey, ...]
     partitions_def: dg.PartitionsDefinition | None
+    # Every asset has BackfillPolicy.single_run(): many partitions go in one run (a partition range).
+    single_run: bool = False
 
     @property
     def label(self) -> str:
@@ -74,21 +80,96 @@ def plan_stages(definitions: dg.Definitions, selection: str | None) -> list[Stag
     for key in graph.toposorted_asset_keys:
         if key not in chosen or not graph.get(key).is_materializable:
             continue
-        partitions_def = graph.get(key).partitions_def
+        node = graph.get(key)
+        partitions_def = node.partitions_def
+        policy = node.backfill_policy
+        single_run = partitions_def is not None and policy is not None and policy.max_partitions_per_run is None
         if stages and stages[-1].partitions_def == partitions_def:
-            stages[-1] = Stage(stages[-1].asset_keys + (key,), partitions_def)
+            stages[-1] = Stage(stages[-1].asset_keys + (key,), partitions_def, stages[-1].single_run and single_run)
         else:
-            stages.append(Stage((key,), partitions_def))
+            stages.append(Stage((key,), partitions_def, single_run))
     return stages
 
 
+@dataclass(frozen=True)
+class PartitionBlock:
+    """What one run materializes: one partition, or a range whose keys are exactly `keys`."""
+
+    start: str
+    end: str
+    keys: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return self.start if len(self.keys) == 1 else f"{self.start} … {self.end} ({len(self.keys)} partitions)"
+
+
+def _contiguous_runs(ordered: list[str], chosen: set[str]) -> list[list[str]]:
+    runs: list[list[str]] = []
+    previous_chosen = False
+    for key in ordered:
+        if key in chosen:
+            if previous_chosen:
+                runs[-1].append(key)
+            else:
+                runs.append([key])
+        previous_chosen = key in chosen
+    return runs
+
+
+def partition_blocks(
+    partitions_def: dg.PartitionsDefinition, keys: list[str], instance: dg.DagsterInstance
+) -> list[PartitionBlock]:
+    """The fewest partition ranges that cover exactly `keys`: contiguous runs in the definition's order, and for two
+    dimensions, rectangles (a multi-partition range is every combination of its dimensions' ranges)."""
+    chosen = set(map(str, keys))
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+        first, second = partitions_def.partitions_defs
+        first_keys = first.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+        second_keys = second.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+        firsts_by_second: dict[str, set[str]] = {}
+        for key in keys:
+            dimensions = partitions_def.get_partition_key_from_str(str(key)).keys_by_dimension
+            firsts_by_second.setdefault(dimensions[second.name], set()).add(dimensions[first.name])
+
+        def key_of(a: str, b: str) -> str:
+            return str(dg.MultiPartitionKey({first.name: a, second.name: b}))
+
+        # Runs of consecutive second-dimension keys with the same first-dimension keys, then each of those split
+        # into contiguous first-dimension runs: rectangles.
+        groups: list[tuple[set[str], list[str]]] = []
+        for run in _contiguous_runs(second_keys, set(firsts_by_second)):
+            for b in run:
+                if groups and groups[-1][0] == firsts_by_second[b] and groups[-1][1][-1] in run:
+                    groups[-1][1].append(b)
+                else:
+                    groups.append((firsts_by_second[b], [b]))
+        blocks = []
+        for firsts, seconds in groups:
+            for run in _contiguous_runs(first_keys, firsts):
+                block_keys = tuple(key_of(a, b) for a in run for b in seconds)
+                blocks.append(PartitionBlock(key_of(run[0], seconds[0]), key_of(run[-1], seconds[-1]), block_keys))
+        covered = [key for block in blocks for key in block.keys]
+        if sorted(covered) == sorted(chosen) and len(covered) == len(chosen):
+            return blocks
+        return [PartitionBlock(str(key), str(key), (str(key),)) for key in keys]
+    ordered = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+    return [PartitionBlock(run[0], run[-1], tuple(run)) for run in _contiguous_runs(ordered, chosen)]
+
+
 def _execute_partition(
-    asset_keys: tuple[dg.AssetKey, ...], partition: str | None, executor: str
+    asset_keys: tuple[dg.AssetKey, ...], partition: str | None, executor: str, range_end: str | None = None
 ) -> tuple[str | None, bool, list[str]]:
-    """Runs in a worker process: one Dagster run of one stage and partition."""
+    """Runs in a worker process: one Dagster run of one stage and partition, or of the partition range
+    `partition`..`range_end`."""
     repository = ReconstructableRepository.for_module(DEFINITIONS_MODULE, "defs", str(PROJECT_ROOT))
     job = repository.get_definition().get_implicit_job_def_for_assets(list(asset_keys))
-    tags = job.get_tags_for_partition_key(partition, selected_asset_keys=list(asset_keys)) if partition else {}
+    if partition and range_end is not None and range_end != partition:
+        tags = {ASSET_PARTITION_RANGE_START_TAG: partition, ASSET_PARTITION_RANGE_END_TAG: range_end}
+    elif partition:
+        tags = job.get_tags_for_partition_key(partition, selected_asset_keys=list(asset_keys))
+    else:
+        tags = {}
     with dg.DagsterInstance.get() as instance:
         with dg.execute_job(
             repository.get_reconstructable_job(job.name),
@@ -165,23 +246,32 @@ def run_stages(
                 if earlier.partitions_def == stage.partitions_def:
                     for key in earlier.asset_keys:
                         upstream_failures |= failed.get(key, set())
-            futures = {}
+            runnable = []
             for partition in keys:
                 if partition in upstream_failures:
                     outcome = RunOutcome(stage.label, partition, None, "skipped", ["an upstream partition failed"])
                     outcomes.append(outcome)
                     report(outcome)
                     continue
-                futures[partition] = pool.submit(_execute_partition, stage.asset_keys, partition, executor)
-            for partition, future in futures.items():
+                runnable.append(partition)
+            if stage.single_run and runnable:
+                blocks = partition_blocks(stage.partitions_def, runnable, instance)
+            else:
+                blocks = [PartitionBlock(partition, partition, (partition,)) for partition in runnable]
+            futures = {
+                block: pool.submit(_execute_partition, stage.asset_keys, block.start, executor, block.end)
+                for block in blocks
+            }
+            for block, future in futures.items():
                 try:
                     run_id, success, errors = future.result()
                 except Exception as error:
                     run_id, success, errors = None, False, [f"{type(error).__name__}: {error}"]
-                outcome = RunOutcome(stage.label, partition, run_id, "success" if success else "failure", errors)
+                label = block.label if block.start is not None else None
+                outcome = RunOutcome(stage.label, label, run_id, "success" if success else "failure", errors)
                 if not success:
                     for key in stage.asset_keys:
-                        failed.setdefault(key, set()).add(partition)
+                        failed.setdefault(key, set()).update(block.keys)
                 outcomes.append(outcome)
                 report(outcome)
     return outcomes

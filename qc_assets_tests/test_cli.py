@@ -7,8 +7,9 @@ import subprocess
 
 import dagster as dg
 
-from qc_assets.runner import select_shards
-from qc_assets.settings import PROJECT_ROOT
+from qc_assets.definitions import build_definitions
+from qc_assets.runner import partition_blocks, plan_stages, select_shards
+from qc_assets.settings import PROJECT_ROOT, load_settings
 from qc_assets_tests.conftest import BIN, document, run_qc, write_jsonl
 
 
@@ -109,3 +110,33 @@ def test_shard_globs_filter_the_shard_dimension_of_checkpoint_partitions_and_lea
     kept = select_shards(evaluation, evaluation.get_partition_keys(), shards, ("b0",))
     assert sorted(str(key) for key in kept) == ["c1|b0", "c2|b0"]
     assert select_shards(shards, shards.get_partition_keys(), shards, ()) == ["a0", "a1", "b0"]
+
+
+def test_single_run_stages_go_in_partition_ranges_that_cover_exactly_the_selected_partitions(environment, tmp_path):
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"id": "x", "text": document(0)}])
+    definitions = build_definitions(load_settings(environment(tmp_path / "corpus")))
+    stages = {stage.label: stage.single_run for stage in plan_stages(definitions, None)}
+    # Generation and scoring load a model: their whole stage is one run; every other stage is a run per partition.
+    assert stages == {
+        "corpus, teacher_labels": False, "sft_dataset": False, "student_checkpoints": False,
+        "generated_queries, reranker_scores": True, "eval_summary": False,
+    }
+
+    shards = dg.StaticPartitionsDefinition(["a0", "a1", "b0", "b1"])
+    evaluation = dg.MultiPartitionsDefinition({"checkpoint": dg.StaticPartitionsDefinition(["c1", "c2"]), "shard": shards})
+    with dg.DagsterInstance.ephemeral() as instance:
+        for patterns, expected in [
+            ((), [("c1|a0", "c2|b1", 8)]),
+            (("a*",), [("c1|a0", "c2|a1", 4)]),
+            (("a0", "b1"), [("c1|a0", "c2|a0", 2), ("c1|b1", "c2|b1", 2)]),
+        ]:
+            keys = select_shards(evaluation, evaluation.get_partition_keys(), shards, patterns)
+            blocks = partition_blocks(evaluation, keys, instance)
+            assert [(block.start, block.end, len(block.keys)) for block in blocks] == expected
+            for block in blocks:
+                in_range = evaluation.get_partition_keys_in_range(dg.PartitionKeyRange(block.start, block.end))
+                assert sorted(map(str, in_range)) == sorted(block.keys)
+            assert sorted(key for block in blocks for key in block.keys) == sorted(map(str, keys))
+        uneven = partition_blocks(evaluation, ["c1|a0", "c1|a1", "c2|a1"], instance)
+        assert [(block.start, block.end) for block in uneven] == [("c1|a0", "c1|a0"), ("c1|a1", "c2|a1")]
+        assert [block.keys for block in partition_blocks(shards, ["a0", "a1", "b1"], instance)] == [("a0", "a1"), ("b1",)]

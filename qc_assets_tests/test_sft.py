@@ -8,6 +8,7 @@ import random
 import dagster as dg
 import datasets
 import duckdb
+import pyarrow.parquet as pq
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.sft.dataset import current_version, is_test_document, split_is_test_sql
@@ -95,3 +96,22 @@ def test_without_labels_the_dataset_fails_saying_what_to_materialize(settings_fo
         result = materialize_asset(settings, "sft_dataset", instance)
     assert not result.success
     assert "teacher_labels" in result.failure_data_for_node("sft_dataset").user_failure_data.description
+
+
+def test_a_split_without_documents_is_an_empty_split_that_loads(settings_for, tmp_path):
+    source = tmp_path / "corpus"
+    (source / "a.jsonl").parent.mkdir(parents=True)
+    sample = sorted(SAMPLE_CORPUS.glob("*.jsonl"))[0]
+    (source / "a.jsonl").write_bytes(sample.read_bytes())
+    # No document of the shard falls below this fraction: the test split is empty.
+    settings = settings_for(source, QC_SFT_TEST_FRACTION="0.000001")
+    with dg.instance_for_test() as instance:
+        assert materialize(settings, "a", instance).success
+        result = materialize_asset(settings, "sft_dataset", instance)
+        assert result.success
+        metadata = materialization_metadata(result, "sft_dataset")
+    rows = sft_rows(settings)
+    assert len(rows["test"]) == metadata["test_rows"] == 0 and len(rows["train"]) == metadata["train_rows"] > 0
+    directory = current_version(settings.data_root / "sft")
+    empty = pq.read_table(directory / "parquet" / "test.parquet")
+    assert empty.num_rows == 0 and empty.column_names == pq.read_table(directory / "parquet" / "train.parquet").column_names

@@ -102,26 +102,15 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
         totals = {"documents": 0, "queries": 0, "input_tokens": 0, "output_tokens": 0, "empty": 0}
         validity: dict[str, list[int]] = {name: [0, 0] for name in CATEGORIES}
         started = time.perf_counter()
-        generate_seconds = 0.0
+        generate_seconds = generate_cpu_seconds = 0.0
         tiny = False
+        load_seconds = 0.0
         for checkpoint, shards in by_checkpoint.items():
             found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
             path = found.path
             tiny = tiny or bool(found.manifest.get("tiny_model"))
-            requests = []
-            documents_by_shard = {}
-            for shard in shards:
-                documents = evaluation_documents(lake, shard, sft.test_fraction)
-                documents_by_shard[shard] = documents
-                requests += [
-                    GenerationRequest(key=(shard, doc_id, name), category=name, text=text)
-                    for doc_id, text in documents
-                    for name in CATEGORIES
-                ]
-            context.log.info(
-                f"{checkpoint}: {len(requests)} queries for {sum(map(len, documents_by_shard.values()))} test documents "
-                f"in {len(shards)} shards, with {generation.backend}"
-            )
+            context.log.info(f"{checkpoint}: generating for the test documents of {len(shards)} shards with {generation.backend}")
+            load_started = time.perf_counter()
             try:
                 generator = open_generator(
                     generation.backend, str(path), batch_size=generation.batch_size,
@@ -130,43 +119,57 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
                 )
             except GeneratorUnavailable as error:
                 raise dg.Failure(description=f"QC_GENERATION_BACKEND={generation.backend}: {error}") from None
+            load_seconds += time.perf_counter() - load_started
             try:
-                generate_started = time.perf_counter()
-                results = generator.generate(requests, log=context.log.info)
-                generate_seconds += time.perf_counter() - generate_started
+                # One shard at a time: the checkpoint is loaded once, and what is held in memory is one shard's
+                # requests and answers, however many shards the run covers.
+                for shard in shards:
+                    documents = evaluation_documents(lake, shard, sft.test_fraction)
+                    requests = [
+                        GenerationRequest(key=(doc_id, name), category=name, text=text)
+                        for doc_id, text in documents
+                        for name in CATEGORIES
+                    ]
+                    del documents
+                    context.log.info(f"{checkpoint}|{shard}: {len(requests)} queries for {len(requests) // len(CATEGORIES)} test documents")
+                    generate_started, generate_cpu_started = time.perf_counter(), time.process_time()
+                    results = generator.generate(requests, log=context.log.info)
+                    generate_seconds += time.perf_counter() - generate_started
+                    generate_cpu_seconds += time.process_time() - generate_cpu_started
+                    del requests
+                    now = datetime.now(timezone.utc)
+                    rows = []
+                    for result in results:
+                        doc_id, name = result.key
+                        rows.append({
+                            "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint,
+                            "query": result.query, "input_tokens": result.input_tokens,
+                            "output_tokens": result.output_tokens, "backend": generation.backend, "created_at": now,
+                        })
+                        totals["input_tokens"] += result.input_tokens
+                        totals["output_tokens"] += result.output_tokens
+                        totals["empty"] += not result.query.strip()
+                        try:
+                            CATEGORIES[name].validate(result.query)
+                            validity[name][0] += 1
+                        except ValueError:
+                            pass
+                        validity[name][1] += 1
+                    table = pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
+                    del rows
+
+                    def write(connection, table=table, shard=shard):
+                        connection.register("generated_rows", table)
+                        return replace_partition(
+                            connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
+                        )
+
+                    lake.transaction(write, f"write generated queries {checkpoint}|{shard}")
+                    totals["documents"] += len(results) // len(CATEGORIES)
+                    totals["queries"] += len(results)
+                    del results, table
             finally:
                 generator.close()
-            rows_by_shard: dict[str, list[dict]] = defaultdict(list)
-            now = datetime.now(timezone.utc)
-            for result in results:
-                shard, doc_id, name = result.key
-                rows_by_shard[shard].append({
-                    "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint, "query": result.query,
-                    "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-                    "backend": generation.backend, "created_at": now,
-                })
-                totals["input_tokens"] += result.input_tokens
-                totals["output_tokens"] += result.output_tokens
-                totals["empty"] += not result.query.strip()
-                try:
-                    CATEGORIES[name].validate(result.query)
-                    validity[name][0] += 1
-                except ValueError:
-                    pass
-                validity[name][1] += 1
-            for shard in shards:
-                rows = rows_by_shard.get(shard, [])
-                table = pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
-
-                def write(connection, table=table, shard=shard):
-                    connection.register("generated_rows", table)
-                    return replace_partition(
-                        connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
-                    )
-
-                lake.transaction(write, f"write generated queries {checkpoint}|{shard}")
-            totals["documents"] += sum(map(len, documents_by_shard.values()))
-            totals["queries"] += len(results)
         elapsed = time.perf_counter() - started
         rates = {name: (valid / total if total else 1.0) for name, (valid, total) in validity.items()}
         yield dg.MaterializeResult(
@@ -181,6 +184,10 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
                 "output_tokens_per_second": round(totals["output_tokens"] / generate_seconds, 1) if generate_seconds else 0.0,
                 "documents_per_second": round(totals["documents"] / generate_seconds, 2) if generate_seconds else 0.0,
                 "backend": generation.backend,
+                # Model compute: time inside the generator (prompts, generate, decoding), and loading checkpoints.
+                "generate_seconds": round(generate_seconds, 3),
+                "generate_cpu_seconds": round(generate_cpu_seconds, 3),
+                "model_load_seconds": round(load_seconds, 3),
                 "seconds": round(elapsed, 2),
             }
         )

@@ -59,10 +59,16 @@ _ARROW_SCHEMA = pa.schema([
 
 
 def _score_rows(scorer, index: ShardIndex, texts: dict[str, str], items: list[tuple[str, str, str]],
-                shard: str, source: str, log) -> pa.Table:
-    """items: (doc_id, category, query) -> rows with the neural score and the lexical check."""
+                shard: str, source: str, log, seconds: dict[str, float]) -> pa.Table:
+    """items: (doc_id, category, query) -> rows with the neural score and the lexical check; adds the time spent in
+    the cross-encoder and in the lexical check to `seconds`."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     scores = scorer.score([(query, texts[doc_id]) for doc_id, _, query in items], log=log)
+    scored = time.perf_counter()
+    seconds["score_cpu"] += time.process_time() - cpu_started
     lexical = lexical_checks(index, [(query, doc_id) for doc_id, _, query in items])
+    seconds["score"] += scored - started
+    seconds["lexical"] += time.perf_counter() - scored
     now = datetime.now(timezone.utc)
     return pa.Table.from_pylist(
         [
@@ -105,7 +111,9 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
         started = time.perf_counter()
         teacher_name, prompt_versions = teacher.identity()
         teacher_source = TEACHER_SOURCE_PREFIX + teacher_name
+        seconds = {"model_load": 0.0, "score": 0.0, "score_cpu": 0.0, "lexical": 0.0, "index": 0.0}
         scorer = scoring.open()
+        seconds["model_load"] = time.perf_counter() - started
         context.log.info(f"scoring with {scorer.name}")
         written = {"student": 0, "teacher": 0}
         out_of_range = 0
@@ -134,11 +142,15 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                     # A small shard can have no test-split document; then generated_queries wrote nothing either.
                     context.log.warning(f"{checkpoint}|{shard}: no generated queries to score")
                     continue
+                index_started = time.perf_counter()
                 index = ShardIndex(list(texts), list(texts.values()))
-                batches = [(checkpoint, _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info))]
+                seconds["index"] += time.perf_counter() - index_started
+                batches = [(checkpoint, _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info, seconds))]
                 # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
                 if teacher_items and already != len(teacher_items):
-                    batches.append((teacher_source, _score_rows(scorer, index, texts, teacher_items, shard, teacher_source, context.log.info)))
+                    batches.append((teacher_source, _score_rows(scorer, index, texts, teacher_items, shard, teacher_source,
+                                                                context.log.info, seconds)))
+                del index, texts
                 for source, table in batches:
                     scores = table.column("score").to_pylist()
                     out_of_range += sum(not (0.0 <= score <= 1.0) for score in scores)
@@ -162,6 +174,12 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                 "student_pairs": written["student"],
                 "teacher_pairs_rescored": written["teacher"],
                 "seconds": round(time.perf_counter() - started, 2),
+                # Model compute: time inside the cross-encoder, and loading it. The BM25 check is not model compute.
+                "score_seconds": round(seconds["score"], 3),
+                "score_cpu_seconds": round(seconds["score_cpu"], 3),
+                "model_load_seconds": round(seconds["model_load"], 3),
+                "bm25_index_seconds": round(seconds["index"], 3),
+                "bm25_check_seconds": round(seconds["lexical"], 3),
             }
         )
         yield dg.AssetCheckResult(check_name="scores_in_range", passed=out_of_range == 0, metadata={"out_of_range": out_of_range})

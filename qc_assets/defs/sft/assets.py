@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from qc_assets.categories import CATEGORIES
-from qc_assets.defs.sft.dataset import SPLITS, export, select_rows
+from qc_assets.defs.sft.dataset import SPLITS, export_from_lake
 from qc_assets.defs.teacher.assets import TeacherResource
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import TEACHER_LABELS
@@ -53,14 +53,13 @@ def sft_dataset(
 ) -> dg.MaterializeResult:
     teacher_name, prompt_versions = teacher.identity()
     with lake.get_connection() as connection:
-        rows = select_rows(connection, teacher_name, prompt_versions, sft.test_fraction)
-    if rows.num_rows == 0:
+        exported = export_from_lake(connection, Path(sft.root), teacher_name, prompt_versions, sft.test_fraction)
+    if exported.rows == 0:
         raise dg.Failure(
             description=f"no valid labels of teacher {teacher_name!r} with the current prompt versions: "
             "materialize teacher_labels first (or check QC_TEACHER_BACKEND / QC_TEACHER_MODEL)"
         )
-    exported = export(rows, Path(sft.root), teacher_name, prompt_versions, sft.test_fraction)
-    totals = {split: sum(exported.rows[split].values()) for split in SPLITS}
+    totals = {split: sum(exported.counts[split].values()) for split in SPLITS}
     context.log.info(
         f"SFT dataset {exported.version}: {totals['train']} train and {totals['test']} test rows from "
         f"{teacher_name} ({'written' if exported.created else 'unchanged, already'} at {exported.directory})"
@@ -74,7 +73,7 @@ def sft_dataset(
         datasets.load_from_disk(str(exported.hf_dir)).push_to_hub(sft.hub_repo, token=sft.hf_token)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": rows.num_rows,
+            "dagster/row_count": exported.rows,
             "version": exported.version,
             "path": dg.MetadataValue.path(str(exported.directory)),
             "teacher": teacher_name,
@@ -82,7 +81,7 @@ def sft_dataset(
             "train_rows": totals["train"],
             "test_rows": totals["test"],
             "test_fraction": sft.test_fraction,
-            "rows_by_category": dg.MetadataValue.md(_counts_table(exported.rows)),
+            "rows_by_category": dg.MetadataValue.md(_counts_table(exported.counts)),
             "mean_user_chars": round(exported.mean_chars["user"], 1),
             "mean_assistant_chars": round(exported.mean_chars["assistant"], 1),
             "new_version": exported.created,

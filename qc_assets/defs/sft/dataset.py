@@ -43,47 +43,154 @@ def split_is_test_sql(doc_id_column: str, test_fraction: float) -> str:
 class SftExport:
     version: str
     directory: Path
-    rows: dict[str, dict[str, int]]
+    counts: dict[str, dict[str, int]]  # split -> category -> rows
     mean_chars: dict[str, float]
     created: bool
+    rows: int
 
     @property
     def hf_dir(self) -> Path:
         return self.directory / "hf"
 
 
-def select_rows(
-    connection: duckdb.DuckDBPyConnection, teacher: str, prompt_versions: dict[str, str], test_fraction: float
-) -> pa.Table:
-    wanted = pa.table({
-        "category": pa.array(list(prompt_versions), pa.string()),
-        "prompt_version": pa.array(list(prompt_versions.values()), pa.string()),
-    })
-    connection.register("wanted_versions", wanted)
-    try:
-        return connection.execute(
-            f"""
-            SELECT l.category AS system, c.text AS "user", l.query AS assistant,
-                   CASE WHEN {split_is_test_sql('l.doc_id', test_fraction)} THEN 'test' ELSE 'train' END AS split,
-                   l.doc_id, l.shard, l.teacher, l.prompt_version
-            FROM teacher_labels l
-            JOIN wanted_versions w USING (category, prompt_version)
-            JOIN corpus c ON c.doc_id = l.doc_id
-            WHERE l.teacher = $1
-            ORDER BY l.doc_id, l.category
-            """,
-            [teacher],
-        ).to_arrow_table()
-    finally:
-        connection.unregister("wanted_versions")
+# The dataset's columns, in order; `system` is the category, `user` the document, `assistant` the query.
+COLUMNS = ("system", "user", "assistant", "doc_id", "shard", "teacher", "prompt_version")
+# datasets' default `max_shard_size` for save_to_disk: an arrow file per this many bytes of a split.
+MAX_SHARD_BYTES = 500 * 2**20
+BATCH_ROWS = 4096
+# DuckDB's memory while it joins and sorts every label with its document: beyond it, it spills to the staging
+# directory, so a corpus of any size is exported in bounded memory.
+EXPORT_MEMORY_LIMIT = "512MB"
 
 
-def content_version(rows: pa.Table, test_fraction: float) -> str:
+def _rows_sql(select: str, test_fraction: float, where: str = "", order: bool = True) -> str:
+    """The configured teacher's labels of the wanted prompt versions, joined with their documents ($1: teacher)."""
+    return f"""
+        SELECT {select}
+        FROM teacher_labels l
+        JOIN wanted_versions w USING (category, prompt_version)
+        JOIN corpus c ON c.doc_id = l.doc_id
+        WHERE l.teacher = $1 {where}
+        {"ORDER BY l.doc_id, l.category" if order else ""}
+    """
+
+
+def _split_sql(test_fraction: float) -> str:
+    return f"CASE WHEN {split_is_test_sql('l.doc_id', test_fraction)} THEN 'test' ELSE 'train' END"
+
+
+def content_version(batches, test_fraction: float) -> str:
+    """A hash of the rows' keys and answers (not the documents), in row order; `batches` hold doc_id, system,
+    assistant, teacher and prompt_version."""
     digest = hashlib.sha256(f"{test_fraction!r}\0".encode())
-    for batch in rows.select(["doc_id", "system", "assistant", "teacher", "prompt_version"]).to_batches(50_000):
-        for doc_id, system, assistant, teacher, version in zip(*(column.to_pylist() for column in batch.columns)):
+    for batch in batches:
+        columns = [batch.column(name).to_pylist() for name in ("doc_id", "system", "assistant", "teacher", "prompt_version")]
+        for doc_id, system, assistant, teacher, version in zip(*columns):
             digest.update(f"{doc_id}\x1f{system}\x1f{assistant}\x1f{teacher}\x1f{version}\x1e".encode())
     return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class _SplitSize:
+    rows: int
+    nbytes: int
+
+
+def _summarize(connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float):
+    """Rows per split and category, mean characters of user and assistant, and each split's size in bytes."""
+    rows = connection.execute(
+        _rows_sql(
+            f"""{_split_sql(test_fraction)} AS split, l.category AS system, count(*) AS n,
+                sum(length(c.text)) AS user_chars, sum(length(l.query)) AS assistant_chars,
+                sum(strlen(c.text) + strlen(l.query) + strlen(l.category) + strlen(l.doc_id) + strlen(l.shard)
+                    + strlen(l.teacher) + strlen(l.prompt_version)) AS nbytes""",
+            test_fraction, order=False,
+        ) + " GROUP BY ALL",
+        [teacher],
+    ).fetchall()
+    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    sizes = {split: _SplitSize(0, 0) for split in SPLITS}
+    chars = {"user": 0, "assistant": 0}
+    for split, system, n, user_chars, assistant_chars, nbytes in rows:
+        counts[split][system] = n
+        # Arrow strings also take a 4-byte offset per value.
+        sizes[split] = _SplitSize(sizes[split].rows + n, sizes[split].nbytes + int(nbytes) + 4 * len(COLUMNS) * n)
+        chars["user"] += int(user_chars)
+        chars["assistant"] += int(assistant_chars)
+    total = sum(size.rows for size in sizes.values())
+    mean_chars = {column: (chars[column] / total if total else 0.0) for column in chars}
+    return counts, sizes, mean_chars
+
+
+def _write_split(
+    connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float, split: str, size: _SplitSize,
+    hf_dir: Path, parquet_path: Path, fingerprint: str,
+) -> None:
+    """Stream one split, in order, into parquet and into `save_to_disk`'s layout (contiguous arrow shards of at most
+    about MAX_SHARD_BYTES, state.json, dataset_info.json), as `Dataset.save_to_disk` would write it."""
+    import datasets
+    import pyarrow.parquet as pq
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.utils.py_utils import asdict
+
+    features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
+    # An empty split still gets one (empty) arrow file: `load_from_disk` cannot load a split without any.
+    shards = max(1, min(size.rows, int(size.nbytes / MAX_SHARD_BYTES) + 1))
+    # Dataset.shard(contiguous=True)'s boundaries.
+    ends, start = [], 0
+    for index in range(shards):
+        start += size.rows // shards + (1 if index < size.rows % shards else 0)
+        ends.append(start)
+    names = [f"data-{index:05d}-of-{shards:05d}.arrow" for index in range(shards)]
+    hf_dir.mkdir(parents=True)
+    reader = connection.execute(
+        _rows_sql(", ".join(f'{expression} AS "{name}"' for name, expression in _COLUMN_SQL.items()), test_fraction,
+                  where=f"AND {_split_sql(test_fraction)} = '{split}'"),
+        [teacher],
+    ).to_arrow_reader(BATCH_ROWS)
+    schema = pa.schema([(name, pa.string()) for name in COLUMNS])
+    shard, written, writer = 0, 0, None
+    with pq.ParquetWriter(parquet_path, schema) as parquet:
+        try:
+            for batch in reader:
+                batch = pa.Table.from_batches([batch]).cast(schema)
+                parquet.write_table(batch)
+                while len(batch):
+                    if writer is None:
+                        writer = ArrowWriter(features=features, path=str(hf_dir / names[shard]), embed_local_files=True)
+                    take = min(len(batch), ends[shard] - written)
+                    writer.write_table(batch.slice(0, take))
+                    batch, written = batch.slice(take), written + take
+                    if written == ends[shard]:
+                        writer.finalize()
+                        writer.close()
+                        writer, shard = None, shard + 1
+            if size.rows == 0:
+                writer = ArrowWriter(features=features, path=str(hf_dir / names[0]), embed_local_files=True)
+                writer.finalize()
+        finally:
+            if writer is not None:
+                writer.close()
+    if written != size.rows:
+        raise RuntimeError(f"SFT split {split}: {written} rows written where {size.rows} were counted (the lake changed?)")
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (hf_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    info = asdict(datasets.DatasetInfo(features=features))
+    (hf_dir / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2), encoding="utf-8")
+
+
+_COLUMN_SQL = {
+    "system": "l.category", "user": "c.text", "assistant": "l.query", "doc_id": "l.doc_id", "shard": "l.shard",
+    "teacher": "l.teacher", "prompt_version": "l.prompt_version",
+}
 
 
 def _card(version: str, rows: dict[str, dict[str, int]], teacher: str, prompt_versions: dict[str, str],
@@ -120,38 +227,63 @@ def _card(version: str, rows: dict[str, dict[str, int]], teacher: str, prompt_ve
     return "\n".join(lines)
 
 
-def export(rows: pa.Table, root: Path, teacher: str, prompt_versions: dict[str, str], test_fraction: float) -> SftExport:
-    import datasets
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def export_from_lake(
+    connection: duckdb.DuckDBPyConnection, root: Path, teacher: str, prompt_versions: dict[str, str], test_fraction: float
+) -> SftExport:
+    """The teacher's valid labels with their documents as the dataset version they make, written when new.
 
-    version = content_version(rows, test_fraction)
-    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
-    for row in rows.group_by(["split", "system"]).aggregate([("doc_id", "count")]).to_pylist():
-        counts[row["split"]][row["system"]] = row["doc_id_count"]
-    mean_chars = {
-        column: (pc.mean(pc.utf8_length(rows[column])).as_py() or 0.0) if rows.num_rows else 0.0
-        for column in ("user", "assistant")
-    }
-    directory = root / version
-    if (directory / "README.md").exists():
+    Streamed from DuckDB, never held whole: the version comes from the rows' keys and answers, the counts from an
+    aggregate, and the rows go in batches into parquet and arrow files, while DuckDB joins and sorts within
+    EXPORT_MEMORY_LIMIT (spilling beyond it). Memory stays flat however large the corpus.
+    """
+    wanted = pa.table({
+        "category": pa.array(list(prompt_versions), pa.string()),
+        "prompt_version": pa.array(list(prompt_versions.values()), pa.string()),
+    })
+    connection.register("wanted_versions", wanted)
+    # One snapshot of the lake for every query below, so counts, version and rows agree.
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        counts, sizes, mean_chars = _summarize(connection, teacher, test_fraction)
+        rows = sum(size.rows for size in sizes.values())
+        if rows == 0:
+            return SftExport("", root, counts, mean_chars, created=False, rows=0)
+        keys = connection.execute(
+            _rows_sql("l.doc_id, l.category AS system, l.query AS assistant, l.teacher, l.prompt_version", test_fraction),
+            [teacher],
+        ).to_arrow_reader(50_000)
+        version = content_version(keys, test_fraction)
+        directory = root / version
+        if (directory / "README.md").exists():
+            _point_at(root, version)
+            return SftExport(version, directory, counts, mean_chars, created=False, rows=rows)
+        staging = root / f".{version}.partial"
+        if staging.exists():
+            shutil.rmtree(staging)
+        (staging / "parquet").mkdir(parents=True)
+        spill = staging / ".spill"
+        connection.execute(f"SET memory_limit = '{EXPORT_MEMORY_LIMIT}'")
+        connection.execute(f"SET temp_directory = {_literal(str(spill))}")
+        for split in SPLITS:
+            _write_split(
+                connection, teacher, test_fraction, split, sizes[split], staging / "hf" / split,
+                staging / "parquet" / f"{split}.parquet", hashlib.sha256(f"{version}:{split}".encode()).hexdigest()[:16],
+            )
+        (staging / "hf" / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
+        shutil.rmtree(spill, ignore_errors=True)
+        (staging / "README.md").write_text(
+            _card(version, counts, teacher, prompt_versions, test_fraction, mean_chars), encoding="utf-8"
+        )
+        os.rename(staging, directory)
         _point_at(root, version)
-        return SftExport(version, directory, counts, mean_chars, created=False)
-    staging = root / f".{version}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "parquet").mkdir(parents=True)
-    by_split = {split: rows.filter(pc.equal(rows["split"], split)).drop_columns(["split"]) for split in SPLITS}
-    dataset = datasets.DatasetDict({split: datasets.Dataset(table) for split, table in by_split.items()})
-    dataset.save_to_disk(str(staging / "hf"))
-    for split, table in by_split.items():
-        pq.write_table(table, staging / "parquet" / f"{split}.parquet")
-    (staging / "README.md").write_text(
-        _card(version, counts, teacher, prompt_versions, test_fraction, mean_chars), encoding="utf-8"
-    )
-    os.rename(staging, directory)
-    _point_at(root, version)
-    return SftExport(version, directory, counts, mean_chars, created=True)
+        return SftExport(version, directory, counts, mean_chars, created=True, rows=rows)
+    finally:
+        connection.execute("ROLLBACK")
+        connection.unregister("wanted_versions")
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _point_at(root: Path, version: str) -> None:

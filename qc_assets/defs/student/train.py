@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import resource
 import shutil
 import tempfile
@@ -118,16 +119,33 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def load_conversations(dataset_dir: str | os.PathLike) -> datasets.Dataset:
-    """The train split as conversations: system (category), user (document), assistant (query); nothing else.
+def examples_needed(hp: Mapping[str, Any]) -> int | None:
+    """How many training examples a run with a step count can use at most (None: every example, by epochs).
 
-    Loaded into memory, so neither this nor TRL's preprocessing writes cache files into the dataset directory,
-    which may be read-only (a mounted volume on the training pod).
+    max_steps optimizer steps of per_device_train_batch_size x gradient_accumulation_steps examples each, plus an
+    eighth for the examples TRL drops (a prompt that fills max_length), so the run rarely needs a second pass.
+    """
+    steps = int(hp["max_steps"])
+    if steps <= 0:
+        return None
+    needed = steps * int(hp["per_device_train_batch_size"]) * int(hp["gradient_accumulation_steps"])
+    return needed + needed // 8
+
+
+def load_conversations(dataset_dir: str | os.PathLike, limit: int | None = None, seed: int = 0) -> tuple[datasets.Dataset, int]:
+    """The train split as conversations: system (category), user (document), assistant (query); nothing else, and
+    the split's size.
+
+    With `limit` below the split's size, a uniform random sample of `limit` rows (fixed by `seed`), in split order:
+    a run of a few hundred steps then reads, checks and tokenizes those rows only, not a corpus-sized split (the
+    trainer shuffles what it gets, so it sees a uniform sample either way). The split is memory-mapped; the rows
+    used are copied into memory, so neither this nor TRL's preprocessing writes cache files into the dataset
+    directory, which may be read-only (a mounted volume on the training pod).
     """
     directory = Path(dataset_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"dataset_dir {directory} does not exist or is not a directory")
-    loaded = datasets.load_from_disk(str(directory), keep_in_memory=True)
+    loaded = datasets.load_from_disk(str(directory))
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise TrainingInputError(f"{directory}: no 'train' split (splits: {', '.join(loaded)})")
@@ -137,9 +155,13 @@ def load_conversations(dataset_dir: str | os.PathLike) -> datasets.Dataset:
     missing = [column for column in DATASET_COLUMNS if column not in train.column_names]
     if missing:
         raise TrainingInputError(f"{directory}: the train split lacks columns {', '.join(missing)}")
-    if len(train) == 0:
+    total = len(train)
+    if total == 0:
         raise TrainingInputError(f"{directory}: the train split is empty")
-    columns = train.select_columns(list(DATASET_COLUMNS)).to_dict()
+    train = train.select_columns(list(DATASET_COLUMNS))
+    if limit is not None and limit < total:
+        train = train.select(sorted(random.Random(seed).sample(range(total), limit)), keep_in_memory=True)
+    columns = train.to_dict()
     unusable = sum(
         1
         for row in zip(*(columns[column] for column in DATASET_COLUMNS))
@@ -149,7 +171,7 @@ def load_conversations(dataset_dir: str | os.PathLike) -> datasets.Dataset:
         raise TrainingInputError(
             f"{directory}: {unusable} train rows have an empty or non-string {', '.join(DATASET_COLUMNS)} value"
         )
-    return datasets.Dataset.from_dict(
+    conversations = datasets.Dataset.from_dict(
         {
             "messages": [
                 [
@@ -161,6 +183,7 @@ def load_conversations(dataset_dir: str | os.PathLike) -> datasets.Dataset:
             ]
         }
     )
+    return conversations, total
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,7 +295,7 @@ def build_trainer(
     precision = resolve_precision(hp["precision"])
     method = hp["method"]
 
-    conversations = load_conversations(extras["dataset_dir"])
+    conversations, train_rows = load_conversations(extras["dataset_dir"], examples_needed(hp), int(hp["seed"]))
 
     tokenizer = AutoTokenizer.from_pretrained(extras["base_model_path"])
     train_template, template_source = training_chat_template(tokenizer, base_model)
@@ -350,7 +373,9 @@ def build_trainer(
         "load_dtype": str(load_dtype).removeprefix("torch."),
         "chat_template_source": template_source,
         "gradient_checkpointing": gradient_checkpointing,
-        "train_examples": len(conversations),
+        "train_examples": train_rows,
+        # With a step count, a seeded uniform sample of the split big enough for every step (see examples_needed).
+        "train_examples_sampled": len(conversations),
         # Examples whose prompt alone fills max_length are dropped by TRL (nothing left to learn from).
         "train_examples_used": used,
         # Examples cut at max_length: the end of their answer (and its end-of-turn token) is not trained.
@@ -404,13 +429,16 @@ def train(extras: Mapping[str, Any], log: Log = print) -> dict[str, Any]:
         trainer, tokenizer, facts = build_trainer(extras, scratch, callbacks=[progress])
         log(
             f"training {extras['base_model']} ({hp['method']}, {facts['precision']}, device {_device()}) on "
-            f"{facts['train_examples_used']}/{facts['train_examples']} examples "
-            f"({facts['train_examples_truncated']} cut at max_length {hp['max_length']}), chat template from "
+            f"{facts['train_examples_used']}/{facts['train_examples']} examples"
+            + (f" (a sample of {facts['train_examples_sampled']} for {hp['max_steps']} steps)"
+               if facts["train_examples_sampled"] < facts["train_examples"] else "")
+            + f" ({facts['train_examples_truncated']} cut at max_length {hp['max_length']}), chat template from "
             f"{facts['chat_template_source']}"
         )
-        train_started = time.perf_counter()
+        train_started, train_cpu_started = time.perf_counter(), time.process_time()
         output = trainer.train()
         train_seconds = time.perf_counter() - train_started
+        train_cpu_seconds = time.process_time() - train_cpu_started
         steps = int(trainer.state.global_step)
         train_tokens = int(trainer.state.num_input_tokens_seen)
         peak_memory = _peak_memory_bytes()
@@ -429,10 +457,12 @@ def train(extras: Mapping[str, Any], log: Log = print) -> dict[str, Any]:
                 "train_tokens": train_tokens,
                 "tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else 0.0,
                 "train_seconds": train_seconds,
+                "train_cpu_seconds": train_cpu_seconds,
                 "wall_seconds": time.perf_counter() - started,
                 "peak_memory_bytes": peak_memory,
                 "device": _device(),
                 "train_examples": facts["train_examples"],
+                "train_examples_sampled": facts["train_examples_sampled"],
                 "train_examples_used": facts["train_examples_used"],
                 "train_examples_truncated": facts["train_examples_truncated"],
             }
@@ -484,6 +514,8 @@ def materialization_metadata(result: Mapping[str, Any]) -> dict[str, Any]:
         "loss_curve": {"raw_value": metrics["loss_curve"], "type": "json"},
         "train_tokens": {"raw_value": metrics["train_tokens"], "type": "int"},
         "tokens_per_second": {"raw_value": metrics["tokens_per_second"], "type": "float"},
+        "train_seconds": {"raw_value": metrics["train_seconds"], "type": "float"},
+        "train_cpu_seconds": {"raw_value": metrics["train_cpu_seconds"], "type": "float"},
         "wall_seconds": {"raw_value": metrics["wall_seconds"], "type": "float"},
         "peak_memory_bytes": {"raw_value": metrics["peak_memory_bytes"], "type": "int"},
         "device": metrics["device"],

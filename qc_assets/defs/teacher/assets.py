@@ -159,6 +159,7 @@ def report_metadata(report: LabelingReport, labels_in_shard: int) -> dict:
         "cost_usd": round(report.usage.cost_usd, 6),
         "lake_writes": report.lake_writes,
         "seconds": round(report.seconds, 3),
+        "cpu_seconds": round(report.cpu_seconds, 3),
         "outcomes_by_category": dg.MetadataValue.md(_outcomes_table(report)),
     }
 

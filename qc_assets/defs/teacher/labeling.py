@@ -129,20 +129,44 @@ def _delete_keys_sql(table: Table, incoming: str, shard_parameter: str) -> str:
     )
 
 
-def write_outcome_rows(connection: duckdb.DuckDBPyConnection, shard: str, rows: list[dict]) -> int:
+def _plain_insert_sql(table: Table, incoming: str) -> str:
+    columns = ", ".join(f'"{name}"' for name in table.column_names)
+    casts = ", ".join(f'CAST(i."{column.name}" AS {column.sql_type})' for column in table.columns)
+    return f'INSERT INTO "{table.name}" ({columns}) SELECT {casts} FROM {incoming} i'
+
+
+def _key(row: dict) -> tuple[str, str, str, str]:
+    return (row["doc_id"], row["category"], row["teacher"], row["prompt_version"])
+
+
+def write_outcome_rows(
+    connection: duckdb.DuckDBPyConnection,
+    shard: str,
+    rows: list[dict],
+    known: "KnownKeys | None" = None,
+) -> int:
     """Write one batch in one transaction: new labels (present keys skipped), their quarantine rows cleared,
-    new quarantine rows replacing the old ones for their keys. Returns the labels inserted."""
+    new quarantine rows replacing the old ones for their keys. Returns the labels inserted.
+
+    `known` is what the live labelling path knows about the shard's keys while it holds the shard's lock: which keys
+    the lake held when the run started (never asked again, so never in a batch) and which have quarantine rows.
+    With it, a batch of labels whose keys are all new and never quarantined is a plain insert: no anti-join
+    against the shard's labels and no quarantine lookup, whose cost would grow with every batch the shard has.
+    Without it (replaying the journal, where a segment may have committed already), every check is made.
+    """
     labels = [row for row in rows if row["kind"] == "label"]
     quarantined = [row for row in rows if row["kind"] == "quarantine"]
+    plain = known is not None and not any(_key(row) in known.quarantined for row in labels)
 
     def work(connection: duckdb.DuckDBPyConnection) -> int:
         inserted = 0
         if labels:
             connection.register("incoming_labels", pa.Table.from_pylist(labels))
-            before = connection.execute("SELECT count(*) FROM teacher_labels WHERE shard = $1", [shard]).fetchone()[0]
-            connection.execute(_insert_new_sql(TEACHER_LABELS, "incoming_labels", "$1"), [shard])
-            inserted = connection.execute("SELECT count(*) FROM teacher_labels WHERE shard = $1", [shard]).fetchone()[0] - before
-            connection.execute(_delete_keys_sql(TEACHER_QUARANTINE, "incoming_labels", "$1"), [shard])
+            if plain:
+                inserted = connection.execute(_plain_insert_sql(TEACHER_LABELS, "incoming_labels")).fetchone()[0]
+            else:
+                inserted = connection.execute(_insert_new_sql(TEACHER_LABELS, "incoming_labels", "$1"), [shard]).fetchone()[0]
+                connection.execute(_delete_keys_sql(TEACHER_QUARANTINE, "incoming_labels", "$1"), [shard])
             connection.unregister("incoming_labels")
         if quarantined:
             connection.register("incoming_quarantine", pa.Table.from_pylist(quarantined))
@@ -166,7 +190,18 @@ def write_outcome_rows(connection: duckdb.DuckDBPyConnection, shard: str, rows: 
             connection.execute("DROP TABLE quarantine_with_earlier_spend")
         return inserted
 
-    return run_transaction(connection, work, f"write teacher labels of shard {shard}")
+    inserted = run_transaction(connection, work, f"write teacher labels of shard {shard}")
+    if known is not None:
+        known.quarantined.update(_key(row) for row in quarantined)
+    return inserted
+
+
+@dataclass
+class KnownKeys:
+    """Keys of the shard (this teacher) that have a quarantine row, as the run holding the shard's lock knows them:
+    those in the lake when it started, plus those it quarantined itself."""
+
+    quarantined: set[tuple[str, str, str, str]] = field(default_factory=set)
 
 
 def outcome_row(outcome: LabelOutcome, backend: TeacherBackend, run_id: str) -> dict:
@@ -209,6 +244,7 @@ class LabelingReport:
     requests: int = 0
     lake_writes: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU (event loop, SDK, journal, lake writer thread) while labelling
     latencies: list[float] = field(default_factory=list)
     lowest_concurrency: int | None = None
     stopped_because: str | None = None
@@ -234,6 +270,14 @@ def _event_loop_factory():
 def _existing_keys(connection: duckdb.DuckDBPyConnection, shard: str, teacher: str) -> set[tuple[str, str, str]]:
     rows = connection.execute(
         "SELECT doc_id, category, prompt_version FROM teacher_labels WHERE shard = $1 AND teacher = $2", [shard, teacher]
+    ).fetchall()
+    return set(rows)
+
+
+def _quarantined_keys(connection: duckdb.DuckDBPyConnection, shard: str, teacher: str) -> set[tuple[str, str, str, str]]:
+    rows = connection.execute(
+        "SELECT doc_id, category, teacher, prompt_version FROM teacher_quarantine WHERE shard = $1 AND teacher = $2",
+        [shard, teacher],
     ).fetchall()
     return set(rows)
 
@@ -268,6 +312,7 @@ def label_shard(
             journal = Journal(directory)
             _replay_journal(connection, journal, shard, report, log)
             existing = _existing_keys(connection, shard, backend.teacher)
+            known = KnownKeys(_quarantined_keys(connection, shard, backend.teacher))
             versions = {name: backend.prompt_version(category) for name, category in CATEGORIES.items()}
             report.keys_total = len(documents) * len(CATEGORIES)
             report.keys_already_labeled = sum(
@@ -285,16 +330,17 @@ def label_shard(
                         if (doc_id, name, versions[name]) not in existing:
                             yield LabelRequest(doc_id=doc_id, shard=shard, category=category, text=text)
 
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             try:
                 with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
                     runner.run(
                         _collect(requests(), missing, backend, connection, journal, shard, budget, run_id, batch_size,
-                                 flush_seconds, report, log)
+                                 flush_seconds, report, log, known)
                     )
             finally:
                 journal.close()
                 report.seconds = time.perf_counter() - started
+                report.cpu_seconds = time.process_time() - cpu_started
                 report.requests = getattr(backend, "requests", 0)
                 limit = getattr(backend, "limit", None)
                 report.lowest_concurrency = getattr(limit, "lowest", None)
@@ -331,6 +377,7 @@ async def _collect(
     flush_seconds: float,
     report: LabelingReport,
     log: Callable[[str], None],
+    known: KnownKeys,
 ) -> None:
     buffer: list[dict] = []
     writing: asyncio.Task | None = None
@@ -339,7 +386,7 @@ async def _collect(
     done = 0
 
     def write(rows: list[dict], segment: Path | None) -> None:
-        write_outcome_rows(connection, shard, rows)
+        write_outcome_rows(connection, shard, rows, known)
         report.lake_writes += 1
         if segment is not None:
             segment.unlink(missing_ok=True)
