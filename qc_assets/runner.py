@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -157,11 +158,32 @@ def partition_blocks(
     return [PartitionBlock(run[0], run[-1], tuple(run)) for run in _contiguous_runs(ordered, chosen)]
 
 
+def threads_per_run(concurrent_runs: int, cores: int | None = None) -> int:
+    """The CPU threads each of `concurrent_runs` runs at once may use: the cores shared between them.
+
+    Each torch process starts one thread per core, so two runs on two cores ran 4 busy threads and slowed model
+    compute 10-50x. A user's own OMP_NUM_THREADS wins."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (cores or os.cpu_count() or 1) // max(1, concurrent_runs))
+
+
+def _limit_threads(threads: int) -> None:
+    """In a worker process, before a run: torch's threads here, and OMP_NUM_THREADS for the processes the run
+    starts (the training subprocess, a multiprocess executor's steps)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    # torch reads OMP_NUM_THREADS when imported; once it is, only set_num_threads changes its pool.
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def _execute_partition(
-    asset_keys: tuple[dg.AssetKey, ...], partition: str | None, executor: str, range_end: str | None = None
+    asset_keys: tuple[dg.AssetKey, ...], partition: str | None, executor: str, range_end: str | None = None,
+    threads: int = 1,
 ) -> tuple[str | None, bool, list[str]]:
     """Runs in a worker process: one Dagster run of one stage and partition, or of the partition range
-    `partition`..`range_end`."""
+    `partition`..`range_end`, with at most `threads` CPU threads for torch."""
+    _limit_threads(threads)
     repository = ReconstructableRepository.for_module(DEFINITIONS_MODULE, "defs", str(PROJECT_ROOT))
     job = repository.get_definition().get_implicit_job_def_for_assets(list(asset_keys))
     if partition and range_end is not None and range_end != partition:
@@ -258,8 +280,9 @@ def run_stages(
                 blocks = partition_blocks(stage.partitions_def, runnable, instance)
             else:
                 blocks = [PartitionBlock(partition, partition, (partition,)) for partition in runnable]
+            threads = threads_per_run(min(parallel, len(blocks)))
             futures = {
-                block: pool.submit(_execute_partition, stage.asset_keys, block.start, executor, block.end)
+                block: pool.submit(_execute_partition, stage.asset_keys, block.start, executor, block.end, threads)
                 for block in blocks
             }
             for block, future in futures.items():

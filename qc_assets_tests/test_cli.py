@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import dagster as dg
 
 from qc_assets.definitions import build_definitions
-from qc_assets.runner import partition_blocks, plan_stages, select_shards
+from qc_assets.runner import partition_blocks, plan_stages, select_shards, threads_per_run
 from qc_assets.settings import PROJECT_ROOT, load_settings
 from qc_assets_tests.conftest import BIN, document, run_qc, write_jsonl
 
@@ -140,3 +142,26 @@ def test_single_run_stages_go_in_partition_ranges_that_cover_exactly_the_selecte
         uneven = partition_blocks(evaluation, ["c1|a0", "c1|a1", "c2|a1"], instance)
         assert [(block.start, block.end) for block in uneven] == [("c1|a0", "c1|a0"), ("c1|a1", "c2|a1")]
         assert [block.keys for block in partition_blocks(shards, ["a0", "a1", "b1"], instance)] == [("a0", "a1"), ("b1",)]
+
+
+def test_runs_at_once_share_the_cores_and_a_users_omp_num_threads_wins(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [threads_per_run(runs, cores=2) for runs in (1, 2, 3)] == [2, 1, 1]
+    assert threads_per_run(2, cores=16) == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_run(2, cores=16) == 3
+
+
+def test_a_worker_limits_torch_and_the_processes_its_run_starts():
+    # In a fresh interpreter, as a spawned worker: torch imported first, then a run's limit applied.
+    script = (
+        "import os, subprocess, sys, torch\n"
+        "from qc_assets.runner import _limit_threads\n"
+        "_limit_threads(1)\n"
+        "child = subprocess.run([sys.executable, '-c', 'import torch; print(torch.get_num_threads())'],"
+        " capture_output=True, text=True, check=True).stdout.strip()\n"
+        "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], child)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["1", "1", "1"]

@@ -135,3 +135,48 @@ def _analyst_loop_during_a_run(tmp_path, env: dict[str, str]) -> tuple[list[list
         session.join(timeout=120)
     final = {row["shard"]: row for row in json.loads(run_qc(["sql", "--format", "json", "--file", str(query_file)], env).stdout)}
     return answers, failures, final
+
+
+def _first_attach(catalog: str, data_path: str, start_at: float, results) -> None:
+    """In a fresh process: attach the lake at `start_at` and read a table inside a write transaction."""
+    import time
+
+    from qc_assets.lake.resource import run_transaction
+
+    lake = LakeResource(catalog=catalog, data_path=data_path)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    try:
+        with lake.get_connection() as connection:
+            def work(connection):
+                connection.execute("CREATE OR REPLACE TEMP TABLE staged AS SELECT 1 AS x")
+                time.sleep(0.2)
+                return connection.execute('SELECT count(*) FROM "corpus"').fetchone()[0]
+
+            results.put(("ok", run_transaction(connection, work, "read corpus")))
+    except Exception as error:  # reported to the test, which names it
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def test_processes_that_open_a_new_lake_at_the_same_moment_all_succeed(tmp_path):
+    # `qc run --parallel` on a fresh QC_DATA_DIR: its first runs attach a catalog nobody has initialised yet and
+    # create the tables at once. Without the first-use lock about half of such starts failed ("database disk image
+    # is malformed", or a table not found inside a transaction while another process created the tables).
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    for trial in range(3):
+        root = tmp_path / f"lake-{trial}"
+        results = context.Queue()
+        start_at = time.time() + 4
+        processes = [
+            context.Process(target=_first_attach, args=(f"sqlite:{root / 'catalog.sqlite'}", f"{root / 'files'}/", start_at, results))
+            for _ in range(3)
+        ]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert outcomes == [("ok", 0)] * 3, outcomes

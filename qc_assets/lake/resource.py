@@ -14,12 +14,13 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
 import duckdb
 from dagster_duckdb import DuckDBResource
+from filelock import FileLock
 from pydantic import Field
 
 from qc_assets.lake.tables import TABLES, VIEWS, Table
@@ -155,6 +156,20 @@ class LakeResource(DuckDBResource):
         retry_transient(lambda: _run_in_transaction(connection, create_or_evolve), "create lake tables")
         _tables_ready.add(key)
 
+    def _first_use_lock(self):
+        """A lock held while a process first attaches a SQLite catalog and creates the tables.
+
+        Two processes that attach a new catalog at once both initialise DuckLake's metadata in it, and two that
+        create the tables at once can have one of them commit a schema change under the other's running
+        transaction: either way a run fails ("database disk image is malformed", a table not found), which
+        `qc run --parallel` on a fresh QC_DATA_DIR did. Only the first connection of each process takes it.
+        """
+        kind, _, location = self.catalog.partition(":")
+        if self.read_only or kind != "sqlite" or (self.catalog, self.data_path) in _tables_ready:
+            return nullcontext()
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(location + ".init.lock")
+
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         connection = duckdb.connect(
@@ -162,9 +177,10 @@ class LakeResource(DuckDBResource):
             config={"custom_user_agent": "qc_assets", "preserve_insertion_order": False, **self.connection_config},
         )
         try:
-            self._attach(connection)
-            if not self.read_only:
-                self._ensure_tables(connection)
+            with self._first_use_lock():
+                self._attach(connection)
+                if not self.read_only:
+                    self._ensure_tables(connection)
             yield connection
         finally:
             connection.close()
