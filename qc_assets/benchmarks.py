@@ -45,6 +45,8 @@ BENCHMARKS = (
     Benchmark("generation_scoring", "Generation and scoring", ("--quick",)),
     Benchmark("student_training", "Student training", ("--steps", "3", "--methods", "full")),
     Benchmark("scaling", "Whole graph", ("--quick",)),
+    # After scaling: it projects from what scaling measured.
+    Benchmark("projection", "Projection (seed 000's 100M documents)", ()),
 )
 
 

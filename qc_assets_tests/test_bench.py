@@ -58,3 +58,42 @@ def test_a_failed_benchmark_is_a_row_and_the_readme_table_is_replaced_between_it
     readme.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no `qc bench` markers"):
         update_readme(table, readme)
+
+
+def _load_projection():
+    import importlib.util
+
+    from qc_assets.benchmarks import BENCH_DIR
+
+    spec = importlib.util.spec_from_file_location("projection", BENCH_DIR / "projection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_projection_scales_seed_000s_inputs_by_seven_queries_a_document_and_uses_a_measured_gpu_rate():
+    projection = _load_projection()
+    measured = {
+        "documents": 10_000, "lake_bytes": 10_000 * 1_000, "peak_rss_bytes": 2**30,
+        "teacher_labels": {"labels_per_second": 500.0},
+        "overhead_without_teacher_ms_per_document": 2.0,
+        "cpu": {"teacher_labelling_cpu_seconds": 70.0, "overhead_without_teacher_cpu_ms_per_document": 1.5},
+    }
+    scaling = {"sizes": [{**measured, "documents": 1_000}, measured]}
+    result = projection.project(scaling, None, 100_000_000, [1, 8])["projection"]
+    # Seed 000: 100,000 requests in 7 h at 100 at once for $40; 7 requests a document here.
+    assert result["teacher_hours_one_query_per_document"] == 7_000
+    assert result["teacher_usd_one_query_per_document"] == 40_000
+    assert (result["teacher_hours"], result["teacher_usd"]) == (49_000, 280_000)
+    assert result["concurrency_one_client_process_sustains"] == round(500 * 25.2)
+    # Seed 000's student rate: 10,000 documents in 100 s on one GPU.
+    assert result["generation_hours_one_query_per_document_one_gpu"] == pytest.approx(100_000_000 / 100 / 3600, abs=0.1)
+    assert result["generation_hours_by_gpus"]["8"] == pytest.approx(700_000_000 / 100 / 8 / 3600, abs=0.1)
+    assert result["orchestration_overhead_hours"] == pytest.approx(2.0e-3 * 1e8 / 3600, abs=0.1)
+    assert result["lake_gib"] == pytest.approx(1e11 / 2**30, abs=0.1)
+    measured_gpu = {"figures": [{"measure": "generation, vllm backend (Qwen3-1.7B shape, H100)", "unit": "req/s", "value": 400.0}]}
+    faster = projection.project(scaling, measured_gpu, 100_000_000, [1])
+    assert faster["projection"]["generation_hours_one_query_per_document_one_gpu"] == pytest.approx(1e8 / 400 / 3600, abs=0.1)
+    assert faster["inputs"]["generation_requests_per_second_per_gpu"]["source"].startswith("measured here")
+    with pytest.raises(ValueError, match="no measured size"):
+        projection.project({"sizes": []}, None, 1, [1])
