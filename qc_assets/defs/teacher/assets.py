@@ -10,6 +10,7 @@ from pydantic import Field
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, TeacherBackend, TeacherConfigError
+from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
 from qc_assets.defs.teacher.labeling import LabelingReport, ShardBusyError, label_shard
 from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
 from qc_assets.defs.teacher.prices import PriceError, resolve_price
@@ -104,6 +105,9 @@ class TeacherResource(dg.ConfigurableResource):
                 timeout_s=self.timeout_s,
                 max_tokens=self.max_tokens,
                 backoff_s=self.backoff_s,
+                key_budget=KeyBudget(
+                    Path(self.work_dir) / "keys", budget_name(self.base_url, self.api_key), self.concurrency
+                ),
             )
         if self.backend == "replay":
             return ReplayTeacher(

@@ -21,6 +21,7 @@ import openai
 
 from qc_assets.categories import Category, LabelError
 from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest, TeacherConfigError, Usage
+from qc_assets.defs.teacher.key_budget import KeyBudget
 from qc_assets.defs.teacher.prices import Price
 
 MAX_RETRY_AFTER_S = 120.0
@@ -174,8 +175,10 @@ class OpenAITeacher:
         timeout_s: float = 600.0,
         max_tokens: int = 8192,
         backoff_s: float = 1.0,
+        key_budget: KeyBudget | None = None,
     ) -> None:
         self.teacher = model
+        self.key_budget = key_budget
         self.base_url = base_url
         self.price = price
         self.concurrency = concurrency
@@ -197,6 +200,8 @@ class OpenAITeacher:
 
     async def aclose(self) -> None:
         await self._client.close()
+        if self.key_budget is not None:
+            self.key_budget.close()
 
     async def label_all(self, requests: Iterable[LabelRequest], budget: Budget) -> AsyncIterator[LabelOutcome]:
         self.limit = AdaptiveLimit(self.concurrency)
@@ -234,6 +239,8 @@ class OpenAITeacher:
         while outcome.attempts < self.max_attempts:
             retry_after: float | None = None
             await self.limit.acquire()
+            # This run's own limit first, then a slot of the key's budget shared with every other run.
+            slot = await self.key_budget.acquire() if self.key_budget is not None else None
             try:
                 if not budget.may_start():
                     outcome.status = "stopped" if outcome.attempts == 0 else "quarantined"
@@ -259,6 +266,8 @@ class OpenAITeacher:
                 except openai.RateLimitError as error:
                     retry_after = retry_after_seconds(error.response.headers)
                     self.limit.rate_limited(retry_after)
+                    if retry_after and self.key_budget is not None:
+                        self.key_budget.pause(retry_after)
                     self._failed(outcome, "rate_limited", error)
                     continue
                 except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
@@ -292,6 +301,8 @@ class OpenAITeacher:
                     await self.limit.succeeded()
                     return outcome
             finally:
+                if slot is not None:
+                    self.key_budget.release(slot)
                 await self.limit.release()
             await asyncio.sleep(self._backoff(outcome.attempts, retry_after))
         return outcome
