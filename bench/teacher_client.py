@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
 from qc_assets.categories import CATEGORIES  # noqa: E402
 from qc_assets.defs.teacher.backends import Budget, LabelRequest  # noqa: E402
+from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name  # noqa: E402
 from qc_assets.defs.teacher.labeling import _event_loop_factory, label_shard  # noqa: E402
 from qc_assets.defs.teacher.openai_teacher import OpenAITeacher  # noqa: E402
 from qc_assets.defs.teacher.prices import PRICES  # noqa: E402
@@ -42,16 +43,18 @@ def documents(count: int, tag: str) -> list[tuple[str, str]]:
     return [(f"{tag}-{index:06d}", f"{tag}の文書{index}番。{body}") for index in range(count)]
 
 
-def backend_for(base_url: str) -> OpenAITeacher:
+def backend_for(base_url: str, work: Path) -> OpenAITeacher:
+    """As the teacher asset opens it, the key's budget shared between runs included."""
     return OpenAITeacher(
         base_url=base_url, model="bench-teacher", api_key="bench", price=PRICES["deepseek-reasoner-night"],
         concurrency=CONCURRENCY, max_attempts=3, timeout_s=30, backoff_s=0.05,
+        key_budget=KeyBudget(work / "keys", budget_name(base_url, "bench"), CONCURRENCY),
     )
 
 
-def backend_rate(base_url: str, docs: list[tuple[str, str]]) -> tuple[float, int]:
+def backend_rate(base_url: str, docs: list[tuple[str, str]], work: Path) -> tuple[float, int]:
     """Requests per second through the backend alone (no journal, no lake)."""
-    backend = backend_for(base_url)
+    backend = backend_for(base_url, work)
     requests = [LabelRequest(doc_id, "bench", category, text) for doc_id, text in docs for category in CATEGORIES.values()]
 
     async def drive() -> int:
@@ -73,7 +76,7 @@ def full_path_rate(base_url: str, docs: list[tuple[str, str]], work: Path) -> tu
     lake = LakeResource(catalog=f"sqlite:{work / 'catalog.sqlite'}", data_path=f"{work / 'files'}/")
     started = time.perf_counter()
     report = label_shard(
-        "bench", docs, backend_for(base_url), lake, work / "journal", Budget(), "bench", 256, 5.0, lambda _: None
+        "bench", docs, backend_for(base_url, work), lake, work / "journal", Budget(), "bench", 256, 5.0, lambda _: None
     )
     elapsed = time.perf_counter() - started
     return report.count("labeled") / elapsed, report.lake_writes
@@ -108,7 +111,7 @@ def main() -> None:
         work = Path(directory)
         with run_teacher_server(work) as server:
             raw = raw_reference_rate(server, documents(300, "raw"), 1.0 if args.quick else 3.0)
-            backend, _ = backend_rate(server.base_url, documents(zero_docs, "zero"))
+            backend, _ = backend_rate(server.base_url, documents(zero_docs, "zero"), work / "backend0")
             full, writes = full_path_rate(server.base_url, documents(zero_docs, "full"), work / "lake0")
             results["latency_0"] = {
                 "raw_http_client_req_per_s": round(raw, 1),
@@ -121,7 +124,7 @@ def main() -> None:
             }
             server.set_plan({"latency_ms": int(LATENCY_S * 1000)})
             ideal = CONCURRENCY / LATENCY_S
-            backend, _ = backend_rate(server.base_url, documents(slow_docs, "slow"))
+            backend, _ = backend_rate(server.base_url, documents(slow_docs, "slow"), work / "backend200")
             full, _ = full_path_rate(server.base_url, documents(slow_docs, "slowfull"), work / "lake200")
             results["latency_200ms"] = {
                 "ideal_req_per_s": ideal,
