@@ -97,6 +97,7 @@ def run_benchmarks(
         "quick": quick, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "benchmarks": {},
     }
+    earlier = _earlier_entries(results_dir, quick, summary["machine"]) if names else {}
     for benchmark in chosen:
         output = results_dir / f"{benchmark.name}.json"
         output.unlink(missing_ok=True)
@@ -105,18 +106,45 @@ def run_benchmarks(
         started = time.perf_counter()
         # The libraries' progress bars would bury the figures each script prints.
         finished = subprocess.run(command, cwd=PROJECT_ROOT, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
-        entry: dict = {"seconds": round(time.perf_counter() - started, 1), "exit_status": finished.returncode}
+        entry: dict = {
+            "seconds": round(time.perf_counter() - started, 1), "exit_status": finished.returncode,
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         if finished.returncode == 0 and output.exists():
             entry["status"] = "ok"
             entry["results"] = json.loads(output.read_text(encoding="utf-8"))
         else:
             entry["status"] = "failed"
         summary["benchmarks"][benchmark.name] = entry
+    # `--only` updates its benchmarks and keeps the others' last figures from the same machine, so one slow
+    # benchmark can be measured again without the rest.
+    summary["benchmarks"] = {
+        benchmark.name: summary["benchmarks"].get(benchmark.name) or earlier[benchmark.name]
+        for benchmark in BENCHMARKS
+        if benchmark.name in summary["benchmarks"] or benchmark.name in earlier
+    }
     summary["seconds"] = round(sum(entry["seconds"] for entry in summary["benchmarks"].values()), 1)
     write_results(results_dir / "results.json", summary)
     table = render_table(summary)
     (results_dir / "performance.md").write_text(table + "\n", encoding="utf-8")
     return summary
+
+
+def _earlier_entries(results_dir: Path, quick: bool, this_machine: dict) -> dict:
+    path = results_dir / "results.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    if earlier.get("quick") != quick or earlier.get("machine") != this_machine:
+        return {}
+    return {name: entry for name, entry in earlier["benchmarks"].items() if entry.get("status") == "ok"}
+
+
+def is_complete(summary: dict) -> bool:
+    """Every benchmark has figures from a full run: what the README's table shows."""
+    return not summary["quick"] and all(
+        summary["benchmarks"].get(benchmark.name, {}).get("status") == "ok" for benchmark in BENCHMARKS
+    )
 
 
 def _number(value: float | None) -> str:
@@ -127,10 +155,15 @@ def _number(value: float | None) -> str:
     return f"{value:,.3g}"
 
 
+def _dates(summary: dict) -> str:
+    dates = sorted({entry.get("measured_at", summary["started_at"])[:10] for entry in summary["benchmarks"].values()})
+    return " to ".join([dates[0], dates[-1]] if len(dates) > 1 else dates) if dates else summary["started_at"][:10]
+
+
 def render_table(summary: dict) -> str:
     device = summary["machine"]["device"]
     lines = [
-        f"Measured by `qc bench{' --quick' if summary['quick'] else ''}` on {summary['started_at'][:10]}: "
+        f"Measured by `qc bench{' --quick' if summary['quick'] else ''}` on {_dates(summary)}: "
         f"{summary['machine']['cpus']} CPUs, device {device}, Python {summary['machine']['python']}.",
         "",
         "| benchmark | measure | value | reference | ratio | goal |",

@@ -189,11 +189,12 @@ def estimate(documents: int, shard: str | None) -> None:
     help="Where the JSON files go. Default: bench/results/.",
 )
 def bench(quick: bool, only: tuple[str, ...], results_dir: Path | None) -> None:
-    """Run every benchmark in bench/ and write results.json; a full run also rewrites the README's performance table.
+    """Run every benchmark in bench/ and write results.json; when every benchmark has full-run figures (`--only`
+    keeps the others' last ones from this machine), also rewrite the README's performance table.
 
     Every figure is printed next to a reference measured in the same run, as a ratio. Nothing here is a test.
     """
-    from qc_assets.benchmarks import RESULTS_DIR, run_benchmarks, update_readme, render_table
+    from qc_assets.benchmarks import RESULTS_DIR, is_complete, render_table, run_benchmarks, update_readme
 
     try:
         summary = run_benchmarks(quick, only, results_dir or RESULTS_DIR, click.echo)
@@ -202,7 +203,7 @@ def bench(quick: bool, only: tuple[str, ...], results_dir: Path | None) -> None:
     table = render_table(summary)
     click.echo("\n" + table)
     failed = [name for name, entry in summary["benchmarks"].items() if entry["status"] != "ok"]
-    if not quick and not only and not failed and results_dir is None:
+    if is_complete(summary) and results_dir is None:
         update_readme(table)
         click.echo("\nREADME.md's performance table rewritten.")
     click.echo(f"\n{len(summary['benchmarks'])} benchmarks in {summary['seconds']:.0f}s; results in {(results_dir or RESULTS_DIR) / 'results.json'}")

@@ -97,3 +97,35 @@ def test_the_projection_scales_seed_000s_inputs_by_seven_queries_a_document_and_
     assert faster["inputs"]["generation_requests_per_second_per_gpu"]["source"].startswith("measured here")
     with pytest.raises(ValueError, match="no measured size"):
         projection.project({"sizes": []}, None, 1, [1])
+
+
+def _scaling_results(documents: int = 10_000) -> dict:
+    measured = {
+        "documents": documents, "lake_bytes": documents * 1_000, "peak_rss_bytes": 2**30,
+        "teacher_labels": {"labels_per_second": 500.0}, "overhead_without_teacher_ms_per_document": 2.0,
+        "cpu": {"teacher_labelling_cpu_seconds": 70.0, "overhead_without_teacher_cpu_ms_per_document": 1.5},
+    }
+    return {"sizes": [measured], "figures": []}
+
+
+def test_only_measures_one_benchmark_again_and_keeps_the_others_figures_from_the_same_machine(tmp_path):
+    from qc_assets.benchmarks import is_complete, machine, run_benchmarks
+
+    (tmp_path / "scaling.json").write_text(json.dumps(_scaling_results()), encoding="utf-8")
+    kept = {"status": "ok", "seconds": 1.0, "exit_status": 0, "measured_at": "2026-11-20T00:00:00+00:00",
+            "results": {"figures": [{"measure": "kept", "value": 1.0, "unit": "x", "reference": None,
+                                     "reference_value": None, "ratio": None, "goal": None, "goal_met": None}]}}
+    earlier = {"quick": False, "started_at": "2026-11-20T00:00:00+00:00", "machine": machine(),
+               "benchmarks": {b.name: kept for b in BENCHMARKS if b.name != "projection"}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier), encoding="utf-8")
+    summary = run_benchmarks(False, ("projection",), tmp_path, lambda _: None)
+    assert list(summary["benchmarks"]) == [b.name for b in BENCHMARKS]
+    assert summary["benchmarks"]["projection"]["status"] == "ok"
+    assert summary["benchmarks"]["projection"]["results"]["projection"]["teacher_usd"] == 280_000
+    assert summary["benchmarks"]["scaling"] == kept and is_complete(summary)
+    assert "on 2026-11-20 to " in render_table(summary)
+    # Figures from another machine are never mixed in.
+    earlier["machine"] = {**machine(), "cpus": 999}
+    (tmp_path / "results.json").write_text(json.dumps(earlier), encoding="utf-8")
+    alone = run_benchmarks(False, ("projection",), tmp_path, lambda _: None)
+    assert list(alone["benchmarks"]) == ["projection"] and not is_complete(alone)
