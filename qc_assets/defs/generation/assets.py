@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pyarrow as pa
 from pydantic import Field
 
@@ -16,7 +17,7 @@ from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints
 from qc_assets.deploy import GPU_POD
-from qc_assets.lake.resource import LakeResource, replace_partition
+from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
 from qc_assets.settings import Settings
 
@@ -46,14 +47,13 @@ class GenerationResource(dg.ConfigurableResource):
         )
 
 
-def evaluation_documents(lake: LakeResource, shard: str, test_fraction: float) -> list[tuple[str, str]]:
+def evaluation_documents(connection: duckdb.DuckDBPyConnection, shard: str, test_fraction: float) -> list[tuple[str, str]]:
     """The shard's test-split documents, by the same rule as the SFT split."""
-    with lake.get_connection() as connection:
-        return connection.execute(
-            f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1 AND {split_is_test_sql("doc_id", test_fraction)} '
-            "ORDER BY doc_id",
-            [shard],
-        ).fetchall()
+    return connection.execute(
+        f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1 AND {split_is_test_sql("doc_id", test_fraction)} '
+        "ORDER BY doc_id",
+        [shard],
+    ).fetchall()
 
 
 def find_checkpoint(root: Path, checkpoint: str, warn) -> Checkpoint:
@@ -105,71 +105,77 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
         generate_seconds = generate_cpu_seconds = 0.0
         tiny = False
         load_seconds = 0.0
-        for checkpoint, shards in by_checkpoint.items():
-            found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
-            path = found.path
-            tiny = tiny or bool(found.manifest.get("tiny_model"))
-            context.log.info(f"{checkpoint}: generating for the test documents of {len(shards)} shards with {generation.backend}")
-            load_started = time.perf_counter()
-            try:
-                generator = open_generator(
-                    generation.backend, str(path), batch_size=generation.batch_size,
-                    max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-                    base_url=generation.base_url, model_name=checkpoint,
-                )
-            except GeneratorUnavailable as error:
-                raise dg.Failure(description=f"QC_GENERATION_BACKEND={generation.backend}: {error}") from None
-            load_seconds += time.perf_counter() - load_started
-            try:
-                # One shard at a time: the checkpoint is loaded once, and what is held in memory is one shard's
-                # requests and answers, however many shards the run covers.
-                for shard in shards:
-                    documents = evaluation_documents(lake, shard, sft.test_fraction)
-                    requests = [
-                        GenerationRequest(key=(doc_id, name), category=name, text=text)
-                        for doc_id, text in documents
-                        for name in CATEGORIES
-                    ]
-                    del documents
-                    context.log.info(f"{checkpoint}|{shard}: {len(requests)} queries for {len(requests) // len(CATEGORIES)} test documents")
-                    generate_started, generate_cpu_started = time.perf_counter(), time.process_time()
-                    results = generator.generate(requests, log=context.log.info)
-                    generate_seconds += time.perf_counter() - generate_started
-                    generate_cpu_seconds += time.process_time() - generate_cpu_started
-                    del requests
-                    now = datetime.now(timezone.utc)
-                    rows = []
-                    for result in results:
-                        doc_id, name = result.key
-                        rows.append({
-                            "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint,
-                            "query": result.query, "input_tokens": result.input_tokens,
-                            "output_tokens": result.output_tokens, "backend": generation.backend, "created_at": now,
-                        })
-                        totals["input_tokens"] += result.input_tokens
-                        totals["output_tokens"] += result.output_tokens
-                        totals["empty"] += not result.query.strip()
-                        try:
-                            CATEGORIES[name].validate(result.query)
-                            validity[name][0] += 1
-                        except ValueError:
-                            pass
-                        validity[name][1] += 1
-                    table = pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
-                    del rows
+        # One lake connection for the whole run: attaching the lake (loading DuckDB's extensions, reading the
+        # catalog) costs about half a second of CPU, which a connection per read and per write paid twice a shard.
+        with lake.get_connection() as connection:
+            for checkpoint, shards in by_checkpoint.items():
+                found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
+                path = found.path
+                tiny = tiny or bool(found.manifest.get("tiny_model"))
+                context.log.info(f"{checkpoint}: generating for the test documents of {len(shards)} shards with {generation.backend}")
+                load_started = time.perf_counter()
+                try:
+                    generator = open_generator(
+                        generation.backend, str(path), batch_size=generation.batch_size,
+                        max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+                        base_url=generation.base_url, model_name=checkpoint,
+                    )
+                except GeneratorUnavailable as error:
+                    raise dg.Failure(description=f"QC_GENERATION_BACKEND={generation.backend}: {error}") from None
+                load_seconds += time.perf_counter() - load_started
+                try:
+                    # One shard at a time: the checkpoint is loaded once, and what is held in memory is one shard's
+                    # requests and answers, however many shards the run covers.
+                    for shard in shards:
+                        documents = evaluation_documents(connection, shard, sft.test_fraction)
+                        requests = [
+                            GenerationRequest(key=(doc_id, name), category=name, text=text)
+                            for doc_id, text in documents
+                            for name in CATEGORIES
+                        ]
+                        del documents
+                        context.log.info(f"{checkpoint}|{shard}: {len(requests)} queries for {len(requests) // len(CATEGORIES)} test documents")
+                        generate_started, generate_cpu_started = time.perf_counter(), time.process_time()
+                        results = generator.generate(requests, log=context.log.info)
+                        generate_seconds += time.perf_counter() - generate_started
+                        generate_cpu_seconds += time.process_time() - generate_cpu_started
+                        del requests
+                        now = datetime.now(timezone.utc)
+                        rows = []
+                        for result in results:
+                            doc_id, name = result.key
+                            rows.append({
+                                "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint,
+                                "query": result.query, "input_tokens": result.input_tokens,
+                                "output_tokens": result.output_tokens, "backend": generation.backend, "created_at": now,
+                            })
+                            totals["input_tokens"] += result.input_tokens
+                            totals["output_tokens"] += result.output_tokens
+                            totals["empty"] += not result.query.strip()
+                            try:
+                                CATEGORIES[name].validate(result.query)
+                                validity[name][0] += 1
+                            except ValueError:
+                                pass
+                            validity[name][1] += 1
+                        table = pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
+                        del rows
 
-                    def write(connection, table=table, shard=shard):
-                        connection.register("generated_rows", table)
-                        return replace_partition(
-                            connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
-                        )
+                        def write(connection, table=table, shard=shard):
+                            connection.register("generated_rows", table)
+                            count = replace_partition(
+                                connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
+                            )
+                            # The connection outlives this write: it should not hold on to the rows.
+                            connection.unregister("generated_rows")
+                            return count
 
-                    lake.transaction(write, f"write generated queries {checkpoint}|{shard}")
-                    totals["documents"] += len(results) // len(CATEGORIES)
-                    totals["queries"] += len(results)
-                    del results, table
-            finally:
-                generator.close()
+                        run_transaction(connection, write, f"write generated queries {checkpoint}|{shard}")
+                        totals["documents"] += len(results) // len(CATEGORIES)
+                        totals["queries"] += len(results)
+                        del results, table
+                finally:
+                    generator.close()
         elapsed = time.perf_counter() - started
         rates = {name: (valid / total if total else 1.0) for name, (valid, total) in validity.items()}
         yield dg.MaterializeResult(

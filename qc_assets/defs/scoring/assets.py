@@ -16,7 +16,7 @@ from qc_assets.defs.sft.assets import SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.teacher.assets import TeacherResource
 from qc_assets.deploy import GPU_POD
-from qc_assets.lake.resource import LakeResource, replace_partition
+from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES, RERANKER_SCORES, TEACHER_LABELS, TEACHER_SOURCE_PREFIX
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, ensure_tiny_models, sample_texts
 from qc_assets.settings import TINY_STUDENT, Settings
@@ -118,10 +118,13 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
         written = {"student": 0, "teacher": 0}
         out_of_range = 0
         try:
-            for key in context.partition_keys:
-                dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
-                checkpoint, shard = dimensions[CHECKPOINT_DIMENSION], dimensions[SHARD_DIMENSION]
-                with lake.get_connection() as connection:
+            # One lake connection for the whole run: attaching the lake (loading DuckDB's extensions, reading the
+            # catalog) costs about half a second of CPU, which a connection per read and per write paid 2-3 times a
+            # partition.
+            with lake.get_connection() as connection:
+                for key in context.partition_keys:
+                    dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
+                    checkpoint, shard = dimensions[CHECKPOINT_DIMENSION], dimensions[SHARD_DIMENSION]
                     texts = dict(connection.execute(f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1', [shard]).fetchall())
                     student = connection.execute(
                         "SELECT doc_id, category, query FROM generated_queries WHERE checkpoint = $1 AND shard = $2 ORDER BY ALL",
@@ -138,32 +141,35 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                         "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
                         [shard, teacher_source, scorer.name],
                     ).fetchone()[0]
-                if not student:
-                    # A small shard can have no test-split document; then generated_queries wrote nothing either.
-                    context.log.warning(f"{checkpoint}|{shard}: no generated queries to score")
-                    continue
-                index_started = time.perf_counter()
-                index = ShardIndex(list(texts), list(texts.values()))
-                seconds["index"] += time.perf_counter() - index_started
-                batches = [(checkpoint, _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info, seconds))]
-                # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
-                if teacher_items and already != len(teacher_items):
-                    batches.append((teacher_source, _score_rows(scorer, index, texts, teacher_items, shard, teacher_source,
-                                                                context.log.info, seconds)))
-                del index, texts
-                for source, table in batches:
-                    scores = table.column("score").to_pylist()
-                    out_of_range += sum(not (0.0 <= score <= 1.0) for score in scores)
+                    if not student:
+                        # A small shard can have no test-split document; then generated_queries wrote nothing either.
+                        context.log.warning(f"{checkpoint}|{shard}: no generated queries to score")
+                        continue
+                    index_started = time.perf_counter()
+                    index = ShardIndex(list(texts), list(texts.values()))
+                    seconds["index"] += time.perf_counter() - index_started
+                    batches = [(checkpoint, _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info, seconds))]
+                    # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
+                    if teacher_items and already != len(teacher_items):
+                        batches.append((teacher_source, _score_rows(scorer, index, texts, teacher_items, shard, teacher_source,
+                                                                    context.log.info, seconds)))
+                    del index, texts
+                    for source, table in batches:
+                        scores = table.column("score").to_pylist()
+                        out_of_range += sum(not (0.0 <= score <= 1.0) for score in scores)
 
-                    def write(connection, table=table, source=source):
-                        connection.register("scored_rows", table)
-                        return replace_partition(
-                            connection, RERANKER_SCORES, {"shard": shard, "source": source, "scorer": scorer.name}, "scored_rows"
-                        )
+                        def write(connection, table=table, source=source):
+                            connection.register("scored_rows", table)
+                            count = replace_partition(
+                                connection, RERANKER_SCORES, {"shard": shard, "source": source, "scorer": scorer.name}, "scored_rows"
+                            )
+                            # The connection outlives this write: it should not hold on to the rows.
+                            connection.unregister("scored_rows")
+                            return count
 
-                    count = lake.transaction(write, f"write reranker scores {source}|{shard}")
-                    written["teacher" if source == teacher_source else "student"] += count
-                context.log.info(f"{checkpoint}|{shard}: {len(student)} student and {len(teacher_items)} teacher pairs scored")
+                        count = run_transaction(connection, write, f"write reranker scores {source}|{shard}")
+                        written["teacher" if source == teacher_source else "student"] += count
+                    context.log.info(f"{checkpoint}|{shard}: {len(student)} student and {len(teacher_items)} teacher pairs scored")
         finally:
             scorer.close()
         yield dg.MaterializeResult(

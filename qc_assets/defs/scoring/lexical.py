@@ -114,11 +114,18 @@ def _term_keys(cps: np.ndarray, doc: np.ndarray, n_docs: int) -> tuple[np.ndarra
     return keys, key_doc, lengths
 
 
-def _query_keys(query: str) -> np.ndarray:
-    """The query's distinct term keys, sorted."""
-    cps, doc = _normalised_codepoints([query])
-    keys, _, _ = _term_keys(cps, doc, 1)
-    return _sorted_unique(keys)[0]
+def _query_keys(queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every query's distinct term keys, sorted, one query after another, and where each query's keys start (with
+    the end as a last bound). All queries are tokenised in one pass: a pass per query cost more in numpy's per-call
+    overhead than in the work, thousands of queries a shard."""
+    cps, doc = _normalised_codepoints(queries)
+    keys, key_doc, _ = _term_keys(cps, doc, len(queries))
+    order = np.lexsort((keys, key_doc))
+    keys, key_doc = keys[order], key_doc[order]
+    distinct = np.ones(len(keys), dtype=bool)
+    distinct[1:] = (keys[1:] != keys[:-1]) | (key_doc[1:] != key_doc[:-1])
+    keys, key_doc = keys[distinct], key_doc[distinct]
+    return keys, np.searchsorted(key_doc, np.arange(len(queries) + 1))
 
 
 def char_bigrams(text: str) -> list[str]:
@@ -251,16 +258,21 @@ class ShardIndex:
         except KeyError:
             raise KeyError(f"document {doc_id!r} is not in this shard index") from None
 
-    def _terms(self, query: str) -> tuple[np.ndarray, np.ndarray, int]:
-        """(dense rows, sparse term numbers) of the query's distinct bigrams present in the shard, and the count
-        of its distinct bigrams, present or not."""
-        keys = _query_keys(query)
+    def _terms(self, queries: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """For each query: (dense rows, sparse term numbers) of its distinct bigrams present in the shard, and the
+        count of its distinct bigrams, present or not."""
+        keys, bounds = _query_keys(queries)
         position = np.searchsorted(self._vocab, keys)
         found = position < len(self._vocab)
         found[found] = self._vocab[position[found]] == keys[found]
-        terms = position[found]
-        rows = self._dense_row[terms]
-        return rows[rows >= 0], terms[rows < 0], len(keys)
+        absent = -2  # neither a dense row (>= 0) nor sparse (-1)
+        rows = np.full(len(keys), absent, dtype=np.int64)
+        rows[found] = self._dense_row[position[found]]
+        terms = []
+        for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            query_rows, query_positions = rows[start:end], position[start:end]
+            terms.append((query_rows[query_rows >= 0], query_positions[query_rows == -1], end - start))
+        return terms
 
     def _postings(self, terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(terms) == 0:
@@ -282,13 +294,13 @@ class ShardIndex:
 
     def bm25_scores(self, query: str) -> np.ndarray:
         """BM25 score of every document of the shard for the query (float64, in doc_ids order)."""
-        dense_rows, sparse_terms, _ = self._terms(query)
+        dense_rows, sparse_terms, _ = self._terms([query])[0]
         return self._scores(dense_rows, *self._postings(sparse_terms))
 
     def overlap(self, query: str, doc_id: str) -> float:
         """Share of the query's distinct bigrams that occur in the document (0 for a query with none)."""
         row = self._row_of(doc_id)
-        dense_rows, sparse_terms, distinct = self._terms(query)
+        dense_rows, sparse_terms, distinct = self._terms([query])[0]
         if distinct == 0:
             return 0.0
         hits = int(np.count_nonzero(self._dense[dense_rows, row] > 0))
@@ -317,8 +329,7 @@ def lexical_checks(index: ShardIndex, items: Sequence[tuple[str, str]]) -> list[
     for position, (query, _) in enumerate(items):
         by_query.setdefault(query, []).append(position)
     results: list[tuple[float, int] | None] = [None] * len(items)
-    for query, positions in by_query.items():
-        dense_rows, sparse_terms, distinct = index._terms(query)
+    for positions, (dense_rows, sparse_terms, distinct) in zip(by_query.values(), index._terms(list(by_query))):
         sparse_docs, sparse_weights = index._postings(sparse_terms)
         scores = index._scores(dense_rows, sparse_docs, sparse_weights)
         for position in positions:
