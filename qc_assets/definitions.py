@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import dagster as dg
 
 from qc_assets.defs.corpus.assets import CorpusResource, build_corpus_asset
+from qc_assets.defs.corpus.sources import Shard
 from qc_assets.defs.generation.assets import (
     CHECKPOINT_DIMENSION,
     SHARD_DIMENSION,
@@ -28,9 +30,11 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
-def build_definitions(settings: Settings) -> dg.Definitions:
+def build_definitions(settings: Settings, shards: list[Shard] | None = None) -> dg.Definitions:
+    """The graph for `settings`, partitioned by `shards` (default: the corpus source's shards as listed now)."""
     corpus_source = CorpusResource.from_settings(settings)
-    shards = corpus_source.open().shards()
+    if shards is None:
+        shards = corpus_source.open().shards()
     shard_partitions = dg.StaticPartitionsDefinition([shard.key for shard in shards])
     teacher_labels = build_teacher_asset(shard_partitions)
     teacher_job = dg.define_asset_job("teacher_labels_job", selection=[teacher_labels])
@@ -75,7 +79,18 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
 
 
+# Dagster reconstructs the code location five times in every run (job, execution plan, step); the graph is a
+# function of the settings, the data directory they resolve to (a relative QC_DATA_DIR follows the working
+# directory) and the shard listing alone, so a process builds it once for each.
+_built: dict[tuple[Settings, Path, tuple[Shard, ...]], dg.Definitions] = {}
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
-    return build_definitions(load_settings())
+    settings = load_settings()
+    shards = tuple(CorpusResource.from_settings(settings).open().shards())
+    key = (settings, settings.data_root, shards)
+    if key not in _built:
+        _built[key] = build_definitions(settings, list(shards))
+    return _built[key]
 

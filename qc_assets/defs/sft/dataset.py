@@ -79,14 +79,25 @@ def _split_sql(test_fraction: float) -> str:
     return f"CASE WHEN {split_is_test_sql('l.doc_id', test_fraction)} THEN 'test' ELSE 'train' END"
 
 
-def content_version(batches, test_fraction: float) -> str:
-    """A hash of the rows' keys and answers (not the documents), in row order; `batches` hold doc_id, system,
-    assistant, teacher and prompt_version."""
+# Each row's part of the version: doc_id, system, assistant, teacher and prompt_version, separated by \x1f and ended
+# by \x1e. Only the query can be NULL; it counts as the text None, as it always has, so versions stay what they were.
+_VERSION_RECORD_SQL = (
+    "l.doc_id || chr(31) || l.category || chr(31) || coalesce(l.query, 'None') || chr(31) || l.teacher || chr(31) "
+    "|| l.prompt_version || chr(30)"
+)
+
+
+def content_version(records, test_fraction: float) -> str:
+    """A hash of the rows' keys and answers (not the documents), in row order; `records` are Arrow batches whose
+    one string column holds each row's _VERSION_RECORD_SQL."""
     digest = hashlib.sha256(f"{test_fraction!r}\0".encode())
-    for batch in batches:
-        columns = [batch.column(name).to_pylist() for name in ("doc_id", "system", "assistant", "teacher", "prompt_version")]
-        for doc_id, system, assistant, teacher, version in zip(*columns):
-            digest.update(f"{doc_id}\x1f{system}\x1f{assistant}\x1f{teacher}\x1f{version}\x1e".encode())
+    for batch in records:
+        # The records of a batch lie back to back in its values buffer: hashed there, without a Python string each.
+        values = batch.column(0).cast(pa.string())
+        if len(values):
+            _, offset_buffer, value_buffer = values.buffers()
+            offsets = pa.Array.from_buffers(pa.int32(), len(values) + 1, [None, offset_buffer], offset=values.offset)
+            digest.update(value_buffer[offsets[0].as_py():offsets[-1].as_py()])
     return digest.hexdigest()[:12]
 
 
@@ -248,11 +259,8 @@ def export_from_lake(
         rows = sum(size.rows for size in sizes.values())
         if rows == 0:
             return SftExport("", root, counts, mean_chars, created=False, rows=0)
-        keys = connection.execute(
-            _rows_sql("l.doc_id, l.category AS system, l.query AS assistant, l.teacher, l.prompt_version", test_fraction),
-            [teacher],
-        ).to_arrow_reader(50_000)
-        version = content_version(keys, test_fraction)
+        records = connection.execute(_rows_sql(_VERSION_RECORD_SQL, test_fraction), [teacher]).to_arrow_reader(50_000)
+        version = content_version(records, test_fraction)
         directory = root / version
         if (directory / "README.md").exists():
             _point_at(root, version)
