@@ -29,7 +29,7 @@ chromium:
 		|| echo "WARNING: Debian's chromium could not be installed: the browser test of the UI will be SKIPPED"
 
 test: $(INSTALLED) chromium
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 ui: $(INSTALLED)
 	$(EMBEDDED) $(BIN)/qc ui

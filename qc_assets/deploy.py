@@ -26,6 +26,11 @@ GPU_POD = {
     )
 }
 
+# The Dagster pool of the steps that use a GPU (training, local generation, scoring): its limit, QC_GPU_SLOTS,
+# is how many such steps may run at once across every run of the instance, so a backfill, the sensor and a manual
+# run never load two models onto one GPU.
+GPU_POOL = "gpu"
+
 
 @dg.definitions
 def defs() -> dg.Definitions:

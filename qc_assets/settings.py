@@ -114,6 +114,11 @@ class Settings(BaseModel):
     student_max_length: int = Field(default=2048, ge=32, description="Tokens per example; longer ones are cut.")
     student_lora_r: int = Field(default=16, ge=1, description="LoRA rank (QC_STUDENT_METHOD=lora).")
 
+    gpu_slots: int = Field(
+        default=1, ge=1, le=64,
+        description="Steps that use the GPU (training, local generation, scoring) at once across all runs: the "
+        "limit of Dagster's `gpu` pool. One per GPU.",
+    )
     generation_backend: Literal["transformers", "vllm", "openai"] = Field(
         default="transformers",
         description="`transformers` (batched generate; the CPU default), `vllm` (in-process, GPUs), "

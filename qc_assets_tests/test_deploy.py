@@ -146,10 +146,13 @@ def test_instance_config_passes_dagster_and_each_class_schema(tmp_path, monkeypa
 def test_gpu_stages_and_only_they_request_a_gpu(deploy_repository):
     tags = {key.to_user_string(): assets.op.tags for key, assets in deploy_repository.assets_defs_by_key.items()}
     assert set(tags) == GPU_ASSETS | CPU_ASSETS, "a new asset: add it to GPU_ASSETS or CPU_ASSETS"
+    pools = {key.to_user_string(): assets.op.pool for key, assets in deploy_repository.assets_defs_by_key.items()}
     for asset in GPU_ASSETS:
         assert gpus(tags[asset]) == "1", f"{asset} asks for no GPU: {tags[asset]}"
+        assert pools[asset] == "gpu", f"{asset} is not limited by the gpu pool"
     for asset in CPU_ASSETS:
         assert gpus(tags[asset]) is None, f"{asset} is CPU work but asks for a GPU"
+        assert pools[asset] is None, f"{asset} is CPU work but waits for the gpu pool"
 
 
 @pytest.mark.parametrize(("backend", "kind", "gpu"), [("vllm", "vllm", "1"), ("transformers", "huggingface", "1"), ("openai", "openai", None)])
@@ -160,6 +163,7 @@ def test_generation_shows_its_engine_and_asks_for_a_gpu_unless_a_served_model_do
     generation = build_definitions(settings).resolve_assets_def("generated_queries")
     assert kind in generation.specs_by_key[dg.AssetKey("generated_queries")].kinds
     assert gpus(generation.op.tags) == gpu
+    assert generation.op.pool == ("gpu" if gpu else None)
 
 
 def test_deploy_location_runs_every_job_with_the_k8s_executor(deploy_repository):

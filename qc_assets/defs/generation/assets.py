@@ -16,7 +16,7 @@ from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnava
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints
-from qc_assets.deploy import GPU_POD
+from qc_assets.deploy import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
 from qc_assets.settings import Settings
@@ -81,6 +81,7 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
         group_name="generation",
         # A served model (`openai` backend) does its own GPU work: the step that calls it needs none.
         op_tags={} if backend == "openai" else GPU_POD,
+        pool=None if backend == "openai" else GPU_POOL,
         kinds={BACKEND_KINDS[backend], "duckdb"},
         description=GENERATED_QUERIES.description
         + " A run of many partitions loads each checkpoint once and generates for all its shards in large batches.",

@@ -15,7 +15,7 @@ from qc_assets.defs.scoring.scorers import open_scorer
 from qc_assets.defs.sft.assets import SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.teacher.assets import TeacherResource
-from qc_assets.deploy import GPU_POD
+from qc_assets.deploy import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES, RERANKER_SCORES, TEACHER_LABELS, TEACHER_SOURCE_PREFIX
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, ensure_tiny_models, sample_texts
@@ -92,6 +92,7 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name="scoring",
         op_tags=GPU_POD,
+        pool=GPU_POOL,
         kinds={"pytorch", "duckdb"},
         description=RERANKER_SCORES.description
         + " The teacher's labels of the same test documents are scored by the same scorer once per shard.",

@@ -12,7 +12,7 @@ from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import current_version
 from qc_assets.defs.student.sensors import register_checkpoint_partitions
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints, model_slug, new_checkpoint_id
-from qc_assets.deploy import GPU_POD
+from qc_assets.deploy import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import CHECKPOINTS
 from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
@@ -134,6 +134,7 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
         deps=[SFT_DATASET],
         group_name="student",
         op_tags=GPU_POD,
+        pool=GPU_POOL,
         kinds={"pytorch", "huggingface"},
         description="A student fine-tuned on the current SFT dataset with TRL's SFTTrainer (assistant-only loss), "
         "in a subprocess through Dagster Pipes; published to QC_DATA_DIR/checkpoints/<model>/<id>/ with a manifest.",
