@@ -90,7 +90,13 @@ def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[
 
     from qc_assets.defs.student.sensors import register_checkpoint_partitions
 
+    from qc_assets.recovery import recover_abandoned_runs
+
     with dg.DagsterInstance.get() as instance:
+        recovered = recover_abandoned_runs(instance, Path(home))
+        if recovered:
+            click.echo(f"{len(recovered)} runs of a qc run that was killed marked failed, their GPU slots freed: "
+                       f"{', '.join(recovered)}")
         # Checkpoints copied into the store by hand are evaluated too, as the sensor would have them.
         register_checkpoint_partitions(instance, settings.data_root / "checkpoints", lambda message: click.echo(message, err=True))
         for stage in stages:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from pathlib import Path
 
 import dagster as dg
 from filelock import FileLock
@@ -25,6 +26,8 @@ from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from qc_assets.defs.generation.assets import SHARD_DIMENSION
+from qc_assets.deploy import GPU_POOL
+from qc_assets.recovery import LAUNCHED_BY_TAG, WORKER_TAG, worker_token
 from qc_assets.settings import PROJECT_ROOT, Settings
 
 DEFINITIONS_MODULE = "qc_assets.definitions"
@@ -34,7 +37,8 @@ def prepare_dagster_home(settings: Settings) -> str:
     """Point DAGSTER_HOME at QC_DATA_DIR/dagster with the project's dagster.yaml, so runs persist for the UI.
 
     The first process to open a fresh home creates its SQLite storages; two doing so at once collide
-    ("table already exists"), so creation happens once, under a file lock.
+    ("table already exists"), so creation happens once, under a file lock. The `gpu` pool's limit is set to
+    QC_GPU_SLOTS here, for `qc run` and the UI alike.
     """
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
@@ -46,8 +50,11 @@ def prepare_dagster_home(settings: Settings) -> str:
             not instance_config.exists() or instance_config.read_bytes() != project_config.read_bytes()
         ):
             shutil.copyfile(project_config, instance_config)
-        with dg.DagsterInstance.get():
-            pass
+        with dg.DagsterInstance.get() as instance:
+            storage = instance.event_log_storage
+            pool = storage.get_concurrency_info(GPU_POOL)
+            if pool.slot_count != settings.gpu_slots or pool.using_default_limit:
+                storage.set_concurrency_slots(GPU_POOL, settings.gpu_slots)
     return str(home)
 
 
@@ -196,7 +203,7 @@ def _execute_partition(
         repository.get_reconstructable_job(job.name),
         instance=_worker_instance(),
         asset_selection=list(asset_keys),
-        tags={**tags, "qc/launched_by": "qc run"},
+        tags={**tags, LAUNCHED_BY_TAG: "qc run", WORKER_TAG: worker_token(Path(os.environ["DAGSTER_HOME"]))},
         run_config={
             "execution": {"config": {executor: {}}},
             "loggers": {"console": {"config": {"log_level": "INFO"}}},
