@@ -69,7 +69,7 @@ def free_loopback_port() -> int:
 
 
 class DagsterUI:
-    """`qc ui --host 127.0.0.1 --port <free port>` in its own session, its output in `log_path`."""
+    """`qc ui --port <free port>` (the default host) in its own session, its output in `log_path`."""
 
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
         self.port = port or free_loopback_port()
@@ -93,7 +93,7 @@ class DagsterUI:
         try:
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(
-                    [str(BIN / "qc"), "ui", "--host", "127.0.0.1", "--port", str(self.port)],
+                    [str(BIN / "qc"), "ui", "--port", str(self.port)],
                     env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
@@ -215,6 +215,32 @@ class DagsterUI:
             except (OSError, IndexError, ValueError):  # gone, a kernel thread, or not ours to read
                 continue
         return found
+
+    def listening_addresses(self) -> set[tuple[str, int]]:
+        """(address, port) of every TCP socket listening in one of the UI's processes (webserver, daemon, code
+        server), from /proc: the sockets the processes hold, matched to the kernel's table of listeners."""
+        inodes = set()
+        for pid in self.processes():
+            try:
+                for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+                    target = os.readlink(descriptor)
+                    if target.startswith("socket:["):
+                        inodes.add(target[len("socket:["):-1])
+            except OSError:
+                continue
+        listening = set()
+        for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                address, port = local.split(":")
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                raw = b"".join(raw[index:index + 4][::-1] for index in range(0, len(raw), 4))
+                listening.add((socket.inet_ntop(family, raw), int(port, 16)))
+        return listening
 
     def stop(self, grace: float = 30) -> list[int]:
         """Ctrl-C to the whole group, as a terminal would; SIGKILL for whatever is left after `grace` seconds.

@@ -71,6 +71,10 @@ def test_the_ui_shows_every_asset_and_a_corpus_partition_materialized_from_it(en
         try:
             ui.start()
             ui.wait_until_loaded(timeout=180)
+            # Started without --host: the webserver, daemon and code server listen on loopback only.
+            listening = ui.listening_addresses()
+            assert ("127.0.0.1", ui.port) in listening, listening
+            assert {address for address, _ in listening} <= {"127.0.0.1", "::1"}, listening
             context = browser.new_context(viewport=VIEWPORT, base_url=ui.url)
             context.add_init_script(DISMISS_COMMUNITY_DIALOG)
             context.set_default_timeout(30_000)
