@@ -180,3 +180,25 @@ def test_processes_that_open_a_new_lake_at_the_same_moment_all_succeed(tmp_path)
         for process in processes:
             process.join(timeout=60)
         assert outcomes == [("ok", 0)] * 3, outcomes
+
+
+def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_path, environment):
+    from qc_assets.categories import CATEGORIES
+    from qc_assets_tests.conftest import document
+    from qc_assets_tests.test_teacher import chat_requests, write_corpus
+
+    source = write_corpus(tmp_path / "corpus", [document(i, "同時") for i in range(8)])
+    with run_teacher_server(tmp_path, {"latency_ms": 100, "rules": []}) as server:
+        env = openai_environment(environment, source, server, QC_TEACHER_CONCURRENCY="4")
+        assert run_qc(["run", "--select", "corpus"], env).returncode == 0
+        clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
+        command = [str(BIN / "qc"), "run", "--select", "teacher_labels"]
+        runs = [subprocess.Popen(command, env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+        outputs = [run.communicate(timeout=300)[0] for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], outputs
+        assert any("in another run; waiting for it" in output for output in outputs), outputs
+        keys = [(entry["category"], entry["text_key"]) for entry in chat_requests(server)]
+        assert len(keys) == len(set(keys)) == 8 * len(CATEGORIES)
+    settings = load_settings(env)
+    assert lake_rows(settings, "SELECT count(*), count(DISTINCT (doc_id, category)) FROM teacher_labels") == [(56, 56)]

@@ -11,7 +11,7 @@ from pydantic import Field
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, TeacherBackend, TeacherConfigError
 from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
-from qc_assets.defs.teacher.labeling import LabelingReport, ShardBusyError, label_shard
+from qc_assets.defs.teacher.labeling import LabelingReport, label_shard
 from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
 from qc_assets.defs.teacher.prices import PriceError, resolve_price
 from qc_assets.defs.teacher.replay_teacher import (
@@ -214,7 +214,7 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                 shard, documents, backend, lake, teacher.journal_root, budget, context.run.run_id,
                 teacher.batch_size, teacher.flush_seconds, context.log.info,
             )
-        except (TeacherConfigError, ReplayError, ShardBusyError) as error:
+        except (TeacherConfigError, ReplayError) as error:
             raise dg.Failure(description=f"shard {shard}: {error}") from None
         with lake.get_connection() as connection:
             labels_in_shard = connection.execute(

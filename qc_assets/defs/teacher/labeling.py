@@ -34,10 +34,6 @@ KEY_COLUMNS = ("doc_id", "category", "teacher", "prompt_version")
 PROGRESS_EVERY_S = 10.0
 
 
-class ShardBusyError(RuntimeError):
-    """Another process is labelling the same shard with the same teacher; two would pay twice."""
-
-
 def path_component(name: str) -> str:
     """A file name for a shard or teacher that cannot escape its directory, unique per name."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "x"
@@ -298,13 +294,16 @@ def label_shard(
     report = LabelingReport(shard=shard, teacher=backend.teacher)
     directory = journal_root / path_component(backend.teacher) / path_component(shard)
     directory.mkdir(parents=True, exist_ok=True)
+    # Two runs labelling one shard would pay twice for its keys, so the second waits for the first and then asks
+    # only for what is still missing (usually nothing). The lock is the kernel's: a killed holder frees it.
     lock = FileLock(str(directory / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ShardBusyError(
-            f"shard {shard} is being labelled by teacher {backend.teacher} in another run (lock {lock.lock_file})"
-        ) from None
+    while True:
+        try:
+            lock.acquire(timeout=PROGRESS_EVERY_S)
+            break
+        except Timeout:
+            log(f"shard {shard} is being labelled by teacher {backend.teacher} in another run; waiting for it "
+                f"(lock {lock.lock_file})")
     try:
         with lake.get_connection() as connection:
             # Batches are small; one DuckDB thread writes them without taking a core from the event loop.
