@@ -297,13 +297,15 @@ def label_shard(
     # Two runs labelling one shard would pay twice for its keys, so the second waits for the first and then asks
     # only for what is still missing (usually nothing). The lock is the kernel's: a killed holder frees it.
     lock = FileLock(str(directory / ".lock"))
+    wait = 0.0
     while True:
         try:
-            lock.acquire(timeout=PROGRESS_EVERY_S)
+            lock.acquire(timeout=wait)
             break
         except Timeout:
             log(f"shard {shard} is being labelled by teacher {backend.teacher} in another run; waiting for it "
                 f"(lock {lock.lock_file})")
+            wait = PROGRESS_EVERY_S
     try:
         with lake.get_connection() as connection:
             # Batches are small; one DuckDB thread writes them without taking a core from the event loop.
