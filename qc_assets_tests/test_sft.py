@@ -115,3 +115,45 @@ def test_a_split_without_documents_is_an_empty_split_that_loads(settings_for, tm
     directory = current_version(settings.data_root / "sft")
     empty = pq.read_table(directory / "parquet" / "test.parquet")
     assert empty.num_rows == 0 and empty.column_names == pq.read_table(directory / "parquet" / "train.parquet").column_names
+
+
+def test_export_goes_shard_by_shard_pairs_each_label_with_its_own_shards_document_and_splits_files_by_size(
+    tmp_path, monkeypatch
+):
+    import datasets
+    import pyarrow as pa
+
+    from qc_assets.defs.sft import dataset
+    from qc_assets.lake.resource import LakeResource
+
+    lake = LakeResource(catalog=f"sqlite:{tmp_path / 'catalog.sqlite'}", data_path=f"{tmp_path / 'files'}/")
+    versions = {name: category.prompt_version for name, category in CATEGORIES.items()}
+    documents = [(f"d{shard}-{index}", f"s{shard}", f"本文 {shard}-{index}") for shard in (2, 0, 1) for index in range(3)]
+    labels = [(doc_id, shard, name, f"{name} {doc_id}") for doc_id, shard, _ in documents for name in ("title", "query")]
+    # A label whose document is in another shard, and one whose document is gone: neither has a row.
+    labels += [("d0-0", "s1", "title", "wrong shard"), ("gone", "s0", "title", "no document")]
+    with lake.get_connection() as connection:
+        connection.register("docs", pa.table(list(zip(*documents)), names=["doc_id", "shard", "text"]))
+        connection.execute("INSERT INTO corpus (doc_id, shard, text, n_chars, source, source_row, text_hash, ingested_at) "
+                           "SELECT doc_id, shard, text, length(text), 'x', 0, 0, now() FROM docs")
+        connection.register("labels", pa.table(list(zip(*labels)), names=["doc_id", "shard", "category", "query"]))
+        connection.execute("INSERT INTO teacher_labels (doc_id, shard, category, query, teacher, prompt_version, created_at) "
+                           f"SELECT l.doc_id, l.shard, l.category, l.query, 't', v.v, now() FROM labels l JOIN "
+                           f"(VALUES {', '.join(f'({name!r}, {version!r})' for name, version in versions.items())}) v(c, v) "
+                           "ON v.c = l.category")
+        monkeypatch.setattr(dataset, "MAX_SHARD_BYTES", 1)
+        export = dataset.export_from_lake(connection, tmp_path / "sft", "t", versions, 0.5)
+    text_of = {doc_id: text for doc_id, _, text in documents}
+    expected = sorted(
+        ({"system": name, "user": text_of[doc_id], "assistant": query, "doc_id": doc_id, "shard": shard, "teacher": "t",
+          "prompt_version": versions[name]} for doc_id, shard, name, query in labels[:-2]),
+        key=lambda row: (row["shard"], row["doc_id"], row["system"]),
+    )
+    loaded = datasets.load_from_disk(str(export.hf_dir))
+    assert loaded["train"].to_list() + loaded["test"].to_list() != []
+    for split in dataset.SPLITS:
+        wanted = [row for row in expected if dataset.is_test_document(row["doc_id"], 0.5) == (split == "test")]
+        assert loaded[split].to_list() == wanted
+        # A byte per file: every row its own arrow file, in order, as save_to_disk would shard it.
+        assert len(list((export.hf_dir / split).glob("data-*.arrow"))) == max(1, len(wanted))
+    assert export.rows == len(expected) and sum(export.counts["train"].values()) + sum(export.counts["test"].values()) == 18

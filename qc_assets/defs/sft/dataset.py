@@ -3,7 +3,8 @@
 Rows are `{"system": category, "user": text, "assistant": query}` (never the teacher's reasoning). A document's
 split is a function of its id alone (md5, the same in DuckDB and Python), so it never changes when shards are
 added and a document never lands in both splits. Each distinct content gets its own version directory, written
-aside and renamed into place; `current.json` points at the newest.
+aside and renamed into place; `current.json` points at the newest. The export goes shard by shard, so its memory
+is one shard's, however large the corpus.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qc_assets.categories import CATEGORIES
 
@@ -58,42 +60,34 @@ COLUMNS = ("system", "user", "assistant", "doc_id", "shard", "teacher", "prompt_
 # datasets' default `max_shard_size` for save_to_disk: an arrow file per this many bytes of a split.
 MAX_SHARD_BYTES = 500 * 2**20
 BATCH_ROWS = 4096
-# DuckDB's memory while it joins and sorts every label with its document: beyond it, it spills to the staging
-# directory, so a corpus of any size is exported in bounded memory.
-EXPORT_MEMORY_LIMIT = "512MB"
 
-
-def _rows_sql(select: str, test_fraction: float, where: str = "", order: bool = True) -> str:
-    """The configured teacher's labels of the wanted prompt versions, joined with their documents ($1: teacher)."""
-    return f"""
-        SELECT {select}
-        FROM teacher_labels l
-        JOIN wanted_versions w USING (category, prompt_version)
-        JOIN corpus c ON c.doc_id = l.doc_id
-        WHERE l.teacher = $1 {where}
-        {"ORDER BY l.doc_id, l.category" if order else ""}
-    """
+# One corpus shard's labels by the configured teacher in the wanted prompt versions, in row order ($1: teacher,
+# $2: shard). Small: keys and answers, never the documents. `record` is the row's part of the content version:
+# doc_id, system, assistant, teacher and prompt_version separated by \x1f and ended by \x1e (a NULL query counts as
+# the text None).
+_SHARD_LABELS_SQL = """
+    SELECT l.category AS system, l.query AS assistant, l.doc_id, l.shard, l.teacher, l.prompt_version,
+           l.doc_id || chr(31) || l.category || chr(31) || coalesce(l.query, 'None') || chr(31) || l.teacher
+               || chr(31) || l.prompt_version || chr(30) AS record,
+           {split} AS split
+    FROM teacher_labels l
+    JOIN wanted_versions w USING (category, prompt_version)
+    WHERE l.teacher = $1 AND l.shard = $2
+    ORDER BY l.doc_id, l.category
+"""
 
 
 def _split_sql(test_fraction: float) -> str:
     return f"CASE WHEN {split_is_test_sql('l.doc_id', test_fraction)} THEN 'test' ELSE 'train' END"
 
 
-# Each row's part of the version: doc_id, system, assistant, teacher and prompt_version, separated by \x1f and ended
-# by \x1e. Only the query can be NULL; it counts as the text None, as it always has, so versions stay what they were.
-_VERSION_RECORD_SQL = (
-    "l.doc_id || chr(31) || l.category || chr(31) || coalesce(l.query, 'None') || chr(31) || l.teacher || chr(31) "
-    "|| l.prompt_version || chr(30)"
-)
-
-
 def content_version(records, test_fraction: float) -> str:
-    """A hash of the rows' keys and answers (not the documents), in row order; `records` are Arrow batches whose
-    one string column holds each row's _VERSION_RECORD_SQL."""
+    """A hash of the rows' keys and answers (not the documents), in row order; `records` are Arrow arrays of each
+    row's `record` (see _SHARD_LABELS_SQL)."""
     digest = hashlib.sha256(f"{test_fraction!r}\0".encode())
-    for batch in records:
-        # The records of a batch lie back to back in its values buffer: hashed there, without a Python string each.
-        values = batch.column(0).cast(pa.string())
+    for values in records:
+        # The records lie back to back in the array's values buffer: hashed there, without a Python string each.
+        values = values.cast(pa.string())
         if len(values):
             _, offset_buffer, value_buffer = values.buffers()
             offsets = pa.Array.from_buffers(pa.int32(), len(values) + 1, [None, offset_buffer], offset=values.offset)
@@ -101,107 +95,124 @@ def content_version(records, test_fraction: float) -> str:
     return digest.hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class _SplitSize:
-    rows: int
-    nbytes: int
+def _shard_rows(connection: duckdb.DuckDBPyConnection, teacher: str, shard: str, test_fraction: float,
+                documents: str) -> tuple[pa.Table, pa.Table]:
+    """One shard's labels that have their document in the shard, and for each its row of `documents` (a select
+    list over the shard's corpus rows, doc_id first). A label is paired with the document text it was made from:
+    the one in its own shard."""
+    labels = connection.execute(_SHARD_LABELS_SQL.format(split=_split_sql(test_fraction)), [teacher, shard]).arrow()
+    labels = labels.read_all() if isinstance(labels, pa.RecordBatchReader) else labels
+    corpus = connection.execute(f"SELECT {documents} FROM corpus WHERE shard = $1", [shard]).arrow()
+    corpus = corpus.read_all() if isinstance(corpus, pa.RecordBatchReader) else corpus
+    position = pc.index_in(labels["doc_id"], value_set=corpus["doc_id"])
+    has_document = pc.is_valid(position)
+    return labels.filter(has_document), corpus.take(position.filter(has_document))
 
 
-def _summarize(connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float):
-    """Rows per split and category, mean characters of user and assistant, and each split's size in bytes."""
-    rows = connection.execute(
-        _rows_sql(
-            f"""{_split_sql(test_fraction)} AS split, l.category AS system, count(*) AS n,
-                sum(length(c.text)) AS user_chars, sum(length(l.query)) AS assistant_chars,
-                sum(strlen(c.text) + strlen(l.query) + strlen(l.category) + strlen(l.doc_id) + strlen(l.shard)
-                    + strlen(l.teacher) + strlen(l.prompt_version)) AS nbytes""",
-            test_fraction, order=False,
-        ) + " GROUP BY ALL",
-        [teacher],
-    ).fetchall()
-    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
-    sizes = {split: _SplitSize(0, 0) for split in SPLITS}
-    chars = {"user": 0, "assistant": 0}
-    for split, system, n, user_chars, assistant_chars, nbytes in rows:
-        counts[split][system] = n
+@dataclass
+class _Summary:
+    counts: dict[str, dict[str, int]]
+    rows: dict[str, int]
+    nbytes: dict[str, int]
+    chars: dict[str, int]
+    version: str = ""
+
+
+def _summarize(connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float, shards: list[str]) -> _Summary:
+    """Rows per split and category, characters of user and assistant, each split's size in bytes and the content
+    version, shard by shard: the documents' lengths are read, never their text held."""
+    summary = _Summary({split: {} for split in SPLITS}, dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0),
+                       {"user": 0, "assistant": 0})
+    records = []
+    for shard in shards:
+        labels, documents = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, n_chars, strlen(text) AS nbytes")
+        records.append(labels["record"].combine_chunks())
+        label_bytes = pc.fill_null(pc.binary_length(labels["assistant"]), 0)
+        for name in ("system", "doc_id", "shard", "teacher", "prompt_version"):
+            label_bytes = pc.add(label_bytes, pc.binary_length(labels[name]))
         # Arrow strings also take a 4-byte offset per value.
-        sizes[split] = _SplitSize(sizes[split].rows + n, sizes[split].nbytes + int(nbytes) + 4 * len(COLUMNS) * n)
-        chars["user"] += int(user_chars)
-        chars["assistant"] += int(assistant_chars)
-    total = sum(size.rows for size in sizes.values())
-    mean_chars = {column: (chars[column] / total if total else 0.0) for column in chars}
-    return counts, sizes, mean_chars
+        row_bytes = pc.add(pc.add(label_bytes, documents["nbytes"]), 4 * len(COLUMNS))
+        for split in SPLITS:
+            in_split = pc.equal(labels["split"], split)
+            systems = labels["system"].filter(in_split)
+            for system, n in zip(*pc.value_counts(systems).flatten()):
+                summary.counts[split][system.as_py()] = summary.counts[split].get(system.as_py(), 0) + n.as_py()
+            summary.rows[split] += len(systems)
+            summary.nbytes[split] += pc.sum(row_bytes.filter(in_split)).as_py() or 0
+        summary.chars["user"] += pc.sum(documents["n_chars"]).as_py() or 0
+        summary.chars["assistant"] += pc.sum(pc.utf8_length(labels["assistant"])).as_py() or 0
+    summary.counts = {split: dict(sorted(counts.items())) for split, counts in summary.counts.items()}
+    summary.version = content_version(records, test_fraction)
+    return summary
 
 
-def _write_split(
-    connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float, split: str, size: _SplitSize,
-    hf_dir: Path, parquet_path: Path, fingerprint: str,
-) -> None:
-    """Stream one split, in order, into parquet and into `save_to_disk`'s layout (contiguous arrow shards of at most
-    about MAX_SHARD_BYTES, state.json, dataset_info.json), as `Dataset.save_to_disk` would write it."""
-    import datasets
-    import pyarrow.parquet as pq
-    from datasets.arrow_writer import ArrowWriter
-    from datasets.utils.py_utils import asdict
+class _SplitWriter:
+    """One split into parquet and into `save_to_disk`'s layout (contiguous arrow files of at most about
+    MAX_SHARD_BYTES, state.json, dataset_info.json), as `Dataset.save_to_disk` would write it, batch by batch."""
 
-    features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
-    # An empty split still gets one (empty) arrow file: `load_from_disk` cannot load a split without any.
-    shards = max(1, min(size.rows, int(size.nbytes / MAX_SHARD_BYTES) + 1))
-    # Dataset.shard(contiguous=True)'s boundaries.
-    ends, start = [], 0
-    for index in range(shards):
-        start += size.rows // shards + (1 if index < size.rows % shards else 0)
-        ends.append(start)
-    names = [f"data-{index:05d}-of-{shards:05d}.arrow" for index in range(shards)]
-    hf_dir.mkdir(parents=True)
-    reader = connection.execute(
-        _rows_sql(", ".join(f'{expression} AS "{name}"' for name, expression in _COLUMN_SQL.items()), test_fraction,
-                  where=f"AND {_split_sql(test_fraction)} = '{split}'"),
-        [teacher],
-    ).to_arrow_reader(BATCH_ROWS)
-    schema = pa.schema([(name, pa.string()) for name in COLUMNS])
-    shard, written, writer = 0, 0, None
-    with pq.ParquetWriter(parquet_path, schema) as parquet:
-        try:
-            for batch in reader:
-                batch = pa.Table.from_batches([batch]).cast(schema)
-                parquet.write_table(batch)
-                while len(batch):
-                    if writer is None:
-                        writer = ArrowWriter(features=features, path=str(hf_dir / names[shard]), embed_local_files=True)
-                    take = min(len(batch), ends[shard] - written)
-                    writer.write_table(batch.slice(0, take))
-                    batch, written = batch.slice(take), written + take
-                    if written == ends[shard]:
-                        writer.finalize()
-                        writer.close()
-                        writer, shard = None, shard + 1
-            if size.rows == 0:
-                writer = ArrowWriter(features=features, path=str(hf_dir / names[0]), embed_local_files=True)
-                writer.finalize()
-        finally:
-            if writer is not None:
-                writer.close()
-    if written != size.rows:
-        raise RuntimeError(f"SFT split {split}: {written} rows written where {size.rows} were counted (the lake changed?)")
-    state = {
-        "_data_files": [{"filename": name} for name in names],
-        "_fingerprint": fingerprint,
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": None,
-    }
-    (hf_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-    info = asdict(datasets.DatasetInfo(features=features))
-    (hf_dir / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2), encoding="utf-8")
+    def __init__(self, hf_dir: Path, parquet_path: Path, rows: int, nbytes: int, fingerprint: str) -> None:
+        import datasets
+        import pyarrow.parquet as pq
 
+        self.features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
+        self.schema = pa.schema([(name, pa.string()) for name in COLUMNS])
+        self.hf_dir, self.rows, self.fingerprint = hf_dir, rows, fingerprint
+        # An empty split still gets one (empty) arrow file: `load_from_disk` cannot load a split without any.
+        files = max(1, min(rows, int(nbytes / MAX_SHARD_BYTES) + 1))
+        # Dataset.shard(contiguous=True)'s boundaries.
+        self.ends, end = [], 0
+        for index in range(files):
+            end += rows // files + (1 if index < rows % files else 0)
+            self.ends.append(end)
+        self.names = [f"data-{index:05d}-of-{files:05d}.arrow" for index in range(files)]
+        hf_dir.mkdir(parents=True)
+        self.parquet = pq.ParquetWriter(parquet_path, self.schema)
+        self.file, self.written, self.writer = 0, 0, None
 
-_COLUMN_SQL = {
-    "system": "l.category", "user": "c.text", "assistant": "l.query", "doc_id": "l.doc_id", "shard": "l.shard",
-    "teacher": "l.teacher", "prompt_version": "l.prompt_version",
-}
+    def write(self, table: pa.Table) -> None:
+        from datasets.arrow_writer import ArrowWriter
+
+        table = table.select(list(COLUMNS)).cast(self.schema)
+        self.parquet.write_table(table)
+        while len(table):
+            if self.writer is None:
+                self.writer = ArrowWriter(features=self.features, path=str(self.hf_dir / self.names[self.file]),
+                                          embed_local_files=True)
+            take = min(len(table), self.ends[self.file] - self.written)
+            self.writer.write_table(table.slice(0, take))
+            table, self.written = table.slice(take), self.written + take
+            if self.written == self.ends[self.file]:
+                self.writer.finalize()
+                self.writer.close()
+                self.writer, self.file = None, self.file + 1
+
+    def finish(self, split: str) -> None:
+        import datasets
+        from datasets.arrow_writer import ArrowWriter
+        from datasets.utils.py_utils import asdict
+
+        self.parquet.close()
+        if self.rows == 0:
+            self.writer = ArrowWriter(features=self.features, path=str(self.hf_dir / self.names[0]), embed_local_files=True)
+            self.writer.finalize()
+        if self.writer is not None:
+            self.writer.close()
+        if self.written != self.rows:
+            raise RuntimeError(f"SFT split {split}: {self.written} rows written where {self.rows} were counted")
+        state = {
+            "_data_files": [{"filename": name} for name in self.names],
+            "_fingerprint": self.fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        (self.hf_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        info = asdict(datasets.DatasetInfo(features=self.features))
+        (self.hf_dir / "dataset_info.json").write_text(
+            json.dumps({key: info[key] for key in sorted(info)}, indent=2), encoding="utf-8"
+        )
 
 
 def _card(version: str, rows: dict[str, dict[str, int]], teacher: str, prompt_versions: dict[str, str],
@@ -243,9 +254,9 @@ def export_from_lake(
 ) -> SftExport:
     """The teacher's valid labels with their documents as the dataset version they make, written when new.
 
-    Streamed from DuckDB, never held whole: the version comes from the rows' keys and answers, the counts from an
-    aggregate, and the rows go in batches into parquet and arrow files, while DuckDB joins and sorts within
-    EXPORT_MEMORY_LIMIT (spilling beyond it). Memory stays flat however large the corpus.
+    Shard by shard, never the whole dataset at once: a first pass over the shards' labels and their documents'
+    lengths gives the counts, sizes and version; a second joins each shard's labels with its documents' text and
+    writes them, in order (shard, doc_id, category), into parquet and arrow files. Memory holds one shard.
     """
     wanted = pa.table({
         "category": pa.array(list(prompt_versions), pa.string()),
@@ -255,12 +266,15 @@ def export_from_lake(
     # One snapshot of the lake for every query below, so counts, version and rows agree.
     connection.execute("BEGIN TRANSACTION")
     try:
-        counts, sizes, mean_chars = _summarize(connection, teacher, test_fraction)
-        rows = sum(size.rows for size in sizes.values())
+        shards = [shard for (shard,) in connection.execute(
+            "SELECT DISTINCT shard FROM teacher_labels WHERE teacher = $1 ORDER BY shard", [teacher]
+        ).fetchall()]
+        summary = _summarize(connection, teacher, test_fraction, shards)
+        counts, rows = summary.counts, sum(summary.rows.values())
+        mean_chars = {column: (chars / rows if rows else 0.0) for column, chars in summary.chars.items()}
         if rows == 0:
             return SftExport("", root, counts, mean_chars, created=False, rows=0)
-        records = connection.execute(_rows_sql(_VERSION_RECORD_SQL, test_fraction), [teacher]).to_arrow_reader(50_000)
-        version = content_version(records, test_fraction)
+        version = summary.version
         directory = root / version
         if (directory / "README.md").exists():
             _point_at(root, version)
@@ -269,16 +283,24 @@ def export_from_lake(
         if staging.exists():
             shutil.rmtree(staging)
         (staging / "parquet").mkdir(parents=True)
-        spill = staging / ".spill"
-        connection.execute(f"SET memory_limit = '{EXPORT_MEMORY_LIMIT}'")
-        connection.execute(f"SET temp_directory = {_literal(str(spill))}")
-        for split in SPLITS:
-            _write_split(
-                connection, teacher, test_fraction, split, sizes[split], staging / "hf" / split,
-                staging / "parquet" / f"{split}.parquet", hashlib.sha256(f"{version}:{split}".encode()).hexdigest()[:16],
+        writers = {
+            split: _SplitWriter(
+                staging / "hf" / split, staging / "parquet" / f"{split}.parquet", summary.rows[split],
+                summary.nbytes[split], hashlib.sha256(f"{version}:{split}".encode()).hexdigest()[:16],
             )
+            for split in SPLITS
+        }
+        for shard in shards:
+            labels, documents = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, text AS user")
+            labels = labels.append_column("user", documents["user"])
+            for split, writer in writers.items():
+                part = labels.filter(pc.equal(labels["split"], split))
+                for batch in part.to_batches(BATCH_ROWS):
+                    writer.write(pa.Table.from_batches([batch]))
+            del labels, documents
+        for split, writer in writers.items():
+            writer.finish(split)
         (staging / "hf" / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
-        shutil.rmtree(spill, ignore_errors=True)
         (staging / "README.md").write_text(
             _card(version, counts, teacher, prompt_versions, test_fraction, mean_chars), encoding="utf-8"
         )
@@ -288,10 +310,6 @@ def export_from_lake(
     finally:
         connection.execute("ROLLBACK")
         connection.unregister("wanted_versions")
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _point_at(root: Path, version: str) -> None:
