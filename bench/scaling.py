@@ -181,6 +181,7 @@ def instance_figures(dagster_home: Path) -> dict:
         compute_cpu: dict[str, float] = defaultdict(float)
         step_processes: list[tuple[str, int | None, float, float]] = []
         metadata: dict[str, list[dict]] = defaultdict(list)
+        counted: set[tuple[str, str]] = set()
         for record in records:
             run = record.dagster_run
             keys = sorted(key.to_user_string() for key in (run.asset_selection or ()))
@@ -214,6 +215,10 @@ def instance_figures(dagster_home: Path) -> dict:
                 values = {key: value.value for key, value in materialization.metadata.items()
                           if isinstance(value.value, (int, float, str, bool))}
                 metadata[asset].append(values)
+                # A partition-range run records its run-wide compute on every partition's materialization.
+                if (run.run_id, asset) in counted:
+                    continue
+                counted.add((run.run_id, asset))
                 for key in COMPUTE_KEYS.get(asset, ()):
                     if isinstance(values.get(key), (int, float)):
                         compute[asset] += float(values[key])

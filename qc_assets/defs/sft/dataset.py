@@ -96,17 +96,17 @@ def content_version(records, test_fraction: float) -> str:
 
 
 def _shard_rows(connection: duckdb.DuckDBPyConnection, teacher: str, shard: str, test_fraction: float,
-                documents: str) -> tuple[pa.Table, pa.Table]:
-    """One shard's labels that have their document in the shard, and for each its row of `documents` (a select
-    list over the shard's corpus rows, doc_id first). A label is paired with the document text it was made from:
-    the one in its own shard."""
+                documents: str) -> tuple[pa.Table, pa.Table, pa.Array]:
+    """One shard's labels that have their document in the shard, the shard's corpus rows (a select list, doc_id
+    first), and for each label the position of its document among them. A label is paired with the document text
+    it was made from: the one in its own shard."""
     labels = connection.execute(_SHARD_LABELS_SQL.format(split=_split_sql(test_fraction)), [teacher, shard]).arrow()
     labels = labels.read_all() if isinstance(labels, pa.RecordBatchReader) else labels
     corpus = connection.execute(f"SELECT {documents} FROM corpus WHERE shard = $1", [shard]).arrow()
     corpus = corpus.read_all() if isinstance(corpus, pa.RecordBatchReader) else corpus
     position = pc.index_in(labels["doc_id"], value_set=corpus["doc_id"])
     has_document = pc.is_valid(position)
-    return labels.filter(has_document), corpus.take(position.filter(has_document))
+    return labels.filter(has_document), corpus, position.filter(has_document)
 
 
 @dataclass
@@ -125,7 +125,10 @@ def _summarize(connection: duckdb.DuckDBPyConnection, teacher: str, test_fractio
                        {"user": 0, "assistant": 0})
     records = []
     for shard in shards:
-        labels, documents = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, n_chars, strlen(text) AS nbytes")
+        labels, corpus, position = _shard_rows(
+            connection, teacher, shard, test_fraction, "doc_id, n_chars, strlen(text) AS nbytes"
+        )
+        documents = corpus.take(position)
         records.append(labels["record"].combine_chunks())
         label_bytes = pc.fill_null(pc.binary_length(labels["assistant"]), 0)
         for name in ("system", "doc_id", "shard", "teacher", "prompt_version"):
@@ -291,13 +294,16 @@ def export_from_lake(
             for split in SPLITS
         }
         for shard in shards:
-            labels, documents = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, text AS user")
-            labels = labels.append_column("user", documents["user"])
+            labels, corpus, position = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, text")
             for split, writer in writers.items():
-                part = labels.filter(pc.equal(labels["split"], split))
-                for batch in part.to_batches(BATCH_ROWS):
-                    writer.write(pa.Table.from_batches([batch]))
-            del labels, documents
+                in_split = pc.equal(labels["split"], split)
+                part, part_position = labels.filter(in_split), position.filter(in_split)
+                # A document's text goes into each of its rows, one per category: joined a batch at a time, so
+                # memory holds the shard's texts once.
+                for start in range(0, len(part), BATCH_ROWS):
+                    texts = corpus["text"].take(part_position.slice(start, BATCH_ROWS))
+                    writer.write(part.slice(start, BATCH_ROWS).append_column("user", texts))
+            del labels, corpus, position
         for split, writer in writers.items():
             writer.finish(split)
         (staging / "hf" / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
