@@ -69,7 +69,9 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
     client_cpu_per_request = measured["cpu"]["teacher_labelling_cpu_seconds"] / (measured["documents"] * per_document)
     # A request waits R1_SECONDS_PER_REQUEST; to keep `concurrency` requests in flight the client must start
     # concurrency / latency requests a second, which one process sustains while that stays under its capacity.
-    client_capacity = labels["labels_per_second"]
+    # One labelling process's rate: labels over the time its request loops ran (runs of shards go in parallel).
+    loop_seconds = labels.get("request_loop_seconds_sum")
+    client_capacity = measured["documents"] * per_document / loop_seconds if loop_seconds else labels["labels_per_second"]
     concurrency_one_process_sustains = client_capacity * R1_SECONDS_PER_REQUEST
     teacher_hours = requests * R1_SECONDS_PER_REQUEST / SEED_R1_CONCURRENCY / 3600
     teacher_usd = requests * R1_USD_PER_REQUEST
@@ -86,7 +88,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
         "r1_usd_per_request": {"value": R1_USD_PER_REQUEST, "source": "seed 000 ($40 for 100,000, night discount)"},
         "r1_concurrency": {"value": SEED_R1_CONCURRENCY, "source": "seed 000"},
         "generation_requests_per_second_per_gpu": {"value": rate, "source": rate_source},
-        "teacher_client_labels_per_second": {"value": client_capacity, "source": f"measured here, {measured['documents']:,} documents, latency 0"},
+        "teacher_client_labels_per_second": {"value": round(client_capacity, 1), "source": f"measured here, one process, {measured['documents']:,} documents, latency 0"},
         "teacher_client_cpu_ms_per_request": {"value": round(client_cpu_per_request * 1000, 3), "source": "measured here"},
         "overhead_ms_per_document": {"value": measured["overhead_without_teacher_ms_per_document"], "source": "measured here (wall − model compute − labelling)"},
         "lake_bytes_per_document": {"value": round(measured["lake_bytes"] / measured["documents"]), "source": "measured here"},
