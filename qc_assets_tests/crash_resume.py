@@ -1,7 +1,6 @@
 """The whole graph SIGKILLed at points in every stage and resumed with `qc run`, against an uninterrupted run.
 
-Used by `test_reliability.py` (one kill per stage) and by `bench/reliability.py` (several per stage, for the
-README's figures). Each kill takes down `qc run`'s whole process group (the runs' worker processes and the training
+Used by `test_reliability.py`, one kill per stage; `crash_and_resume` takes any list of kill points. Each kill takes down `qc run`'s whole process group (the runs' worker processes and the training
 subprocess with it), as a crash of the machine would, right after a marker of the stage shows in the run's output
 (or, for labelling, after the teacher server has answered a number of requests). Then `qc run` starts again.
 
