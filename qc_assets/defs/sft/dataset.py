@@ -81,18 +81,23 @@ def _split_sql(test_fraction: float) -> str:
     return f"CASE WHEN {split_is_test_sql('l.doc_id', test_fraction)} THEN 'test' ELSE 'train' END"
 
 
-def content_version(records, test_fraction: float) -> str:
-    """A hash of the rows' keys and answers (not the documents), in row order; `records` are Arrow arrays of each
-    row's `record` (see _SHARD_LABELS_SQL)."""
-    digest = hashlib.sha256(f"{test_fraction!r}\0".encode())
-    for values in records:
+class ContentVersion:
+    """A hash of the rows' keys and answers (not the documents), in row order, fed shard by shard with Arrow arrays
+    of each row's `record` (see _SHARD_LABELS_SQL)."""
+
+    def __init__(self, test_fraction: float) -> None:
+        self._digest = hashlib.sha256(f"{test_fraction!r}\0".encode())
+
+    def add(self, records: pa.Array) -> None:
         # The records lie back to back in the array's values buffer: hashed there, without a Python string each.
-        values = values.cast(pa.string())
-        if len(values):
-            _, offset_buffer, value_buffer = values.buffers()
-            offsets = pa.Array.from_buffers(pa.int32(), len(values) + 1, [None, offset_buffer], offset=values.offset)
-            digest.update(value_buffer[offsets[0].as_py():offsets[-1].as_py()])
-    return digest.hexdigest()[:12]
+        records = records.cast(pa.string())
+        if len(records):
+            _, offset_buffer, value_buffer = records.buffers()
+            offsets = pa.Array.from_buffers(pa.int32(), len(records) + 1, [None, offset_buffer], offset=records.offset)
+            self._digest.update(value_buffer[offsets[0].as_py():offsets[-1].as_py()])
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:12]
 
 
 def _shard_rows(connection: duckdb.DuckDBPyConnection, teacher: str, shard: str, test_fraction: float,
@@ -100,10 +105,10 @@ def _shard_rows(connection: duckdb.DuckDBPyConnection, teacher: str, shard: str,
     """One shard's labels that have their document in the shard, the shard's corpus rows (a select list, doc_id
     first), and for each label the position of its document among them. A label is paired with the document text
     it was made from: the one in its own shard."""
-    labels = connection.execute(_SHARD_LABELS_SQL.format(split=_split_sql(test_fraction)), [teacher, shard]).arrow()
-    labels = labels.read_all() if isinstance(labels, pa.RecordBatchReader) else labels
-    corpus = connection.execute(f"SELECT {documents} FROM corpus WHERE shard = $1", [shard]).arrow()
-    corpus = corpus.read_all() if isinstance(corpus, pa.RecordBatchReader) else corpus
+    labels = connection.execute(
+        _SHARD_LABELS_SQL.format(split=_split_sql(test_fraction)), [teacher, shard]
+    ).to_arrow_table()
+    corpus = connection.execute(f"SELECT {documents} FROM corpus WHERE shard = $1", [shard]).to_arrow_table()
     position = pc.index_in(labels["doc_id"], value_set=corpus["doc_id"])
     has_document = pc.is_valid(position)
     return labels.filter(has_document), corpus, position.filter(has_document)
@@ -123,13 +128,13 @@ def _summarize(connection: duckdb.DuckDBPyConnection, teacher: str, test_fractio
     version, shard by shard: the documents' lengths are read, never their text held."""
     summary = _Summary({split: {} for split in SPLITS}, dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0),
                        {"user": 0, "assistant": 0})
-    records = []
+    version = ContentVersion(test_fraction)
     for shard in shards:
         labels, corpus, position = _shard_rows(
             connection, teacher, shard, test_fraction, "doc_id, n_chars, strlen(text) AS nbytes"
         )
         documents = corpus.take(position)
-        records.append(labels["record"].combine_chunks())
+        version.add(labels["record"].combine_chunks())
         label_bytes = pc.fill_null(pc.binary_length(labels["assistant"]), 0)
         for name in ("system", "doc_id", "shard", "teacher", "prompt_version"):
             label_bytes = pc.add(label_bytes, pc.binary_length(labels[name]))
@@ -145,7 +150,7 @@ def _summarize(connection: duckdb.DuckDBPyConnection, teacher: str, test_fractio
         summary.chars["user"] += pc.sum(documents["n_chars"]).as_py() or 0
         summary.chars["assistant"] += pc.sum(pc.utf8_length(labels["assistant"])).as_py() or 0
     summary.counts = {split: dict(sorted(counts.items())) for split, counts in summary.counts.items()}
-    summary.version = content_version(records, test_fraction)
+    summary.version = version.hexdigest()
     return summary
 
 
