@@ -89,7 +89,6 @@ def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[
             click.echo(f"           {error}", err=outcome.status != "success")
 
     from qc_assets.defs.student.sensors import register_checkpoint_partitions
-
     from qc_assets.recovery import recover_abandoned_runs
 
     with dg.DagsterInstance.get() as instance:

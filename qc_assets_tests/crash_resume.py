@@ -25,6 +25,7 @@ from qc_assets.defs.student.store import list_checkpoints
 from qc_assets.lake.resource import LakeResource
 from qc_assets.settings import load_settings
 from qc_assets_tests.conftest import BIN, document, write_jsonl
+from qc_assets_tests.test_teacher import chat_requests
 
 PLANTED_KEY = "sk-planted-3f9a1c77e0b24d55-never-print"
 PLANTED_HUB_TOKEN = "hf_plantedTOKEN8c1d2e3f4a5b6c7d"
@@ -102,10 +103,6 @@ def graph_environment(data_dir: Path, corpus: Path, server) -> dict[str, str]:
     }
 
 
-def _chat_requests(server) -> list[dict]:
-    return [entry for entry in server.requests() if entry.get("category")]
-
-
 def _start(env: dict[str, str], output: list[str]) -> tuple[subprocess.Popen, threading.Thread]:
     clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
     process = subprocess.Popen(
@@ -125,12 +122,12 @@ def _start(env: dict[str, str], output: list[str]) -> tuple[subprocess.Popen, th
 def run_until_killed(env: dict[str, str], server, point: KillPoint, timeout_s: float = 300) -> tuple[KillOutcome, str]:
     output: list[str] = []
     started = time.monotonic()
-    baseline = len(_chat_requests(server))
+    baseline = len(chat_requests(server))
     process, reader = _start(env, output)
     killed = False
     while time.monotonic() - started < timeout_s:
         if point.requests is not None:
-            reached = len(_chat_requests(server)) - baseline >= point.requests
+            reached = len(chat_requests(server)) - baseline >= point.requests
         else:
             reached = sum(point.marker in line for line in list(output)) >= point.occurrence
         if reached:
@@ -208,7 +205,7 @@ def compare(expected: dict[str, list], actual: dict[str, list]) -> list[str]:
 
 
 def keys_paid_twice(server) -> int:
-    delivered = Counter((entry["category"], entry["text_key"]) for entry in _chat_requests(server) if entry["delivered"]
+    delivered = Counter((entry["category"], entry["text_key"]) for entry in chat_requests(server) if entry["delivered"]
                         and entry.get("status") == 200)
     return sum(count - 1 for count in delivered.values())
 
