@@ -556,6 +556,9 @@ class _Connection(asyncio.Protocol):
             time.time(),
         )
         outcome = self.handler.prepare(request, self.loop.time())
+        if outcome.log is not None:
+            # Which connection asked: tells apart two clients that ask for the same key.
+            outcome.log["client_port"] = self.transport.get_extra_info("peername")[1]
         if not self.queue and self.worker is None and outcome.due <= self.loop.time():
             self._emit(outcome)
         else:

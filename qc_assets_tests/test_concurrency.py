@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
 from qc_assets.lake.resource import LakeResource
@@ -37,19 +38,19 @@ def test_writers_and_an_open_reader_never_lock_each_other_out(tmp_path, environm
     )
     try:
         dagster_home = prepare_dagster_home(settings)
-        for wave in (range(0, 3), range(3, 6), range(0, 3)):
-            writers = [
-                subprocess.Popen(
-                    [str(BIN / "dagster"), "asset", "materialize", "-m", "qc_assets.definitions",
-                     "--select", "corpus", "--partition", f"shard-{index}"],
-                    env={**clean_env, **env, "DAGSTER_HOME": dagster_home},
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                )
-                for index in wave
-            ]
-            for writer in writers:
-                output, _ = writer.communicate(timeout=300)
-                assert writer.returncode == 0, output[-3000:]
+        writers = [
+            subprocess.Popen(
+                [str(BIN / "dagster"), "asset", "materialize", "-m", "qc_assets.definitions",
+                 "--select", "corpus", "--partition", f"shard-{index}"],
+                env={**clean_env, **env, "DAGSTER_HOME": dagster_home},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for index in range(3)
+        ]
+        for writer in writers:
+            output, _ = writer.communicate(timeout=300)
+            assert writer.returncode == 0, output[-3000:]
+        # Three new shards and three replaced ones, three runs at a time.
         parallel_runs = run_qc(["run", "--select", "corpus", "--parallel", "3", "--executor", "multiprocess"], env)
         assert parallel_runs.returncode == 0, parallel_runs.stdout[-3000:] + parallel_runs.stderr[-3000:]
     finally:
@@ -183,22 +184,47 @@ def test_processes_that_open_a_new_lake_at_the_same_moment_all_succeed(tmp_path)
 
 
 def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_path, environment):
+    from filelock import FileLock
+
     from qc_assets.categories import CATEGORIES
+    from qc_assets.defs.teacher.labeling import path_component
     from qc_assets_tests.conftest import document
-    from qc_assets_tests.test_teacher import chat_requests, write_corpus
+    from qc_assets_tests.test_teacher import SHARD, chat_requests, write_corpus
 
     source = write_corpus(tmp_path / "corpus", [document(i, "同時") for i in range(8)])
     with run_teacher_server(tmp_path, {"latency_ms": 100, "rules": []}) as server:
         env = openai_environment(environment, source, server, QC_TEACHER_CONCURRENCY="4")
+        settings = load_settings(env)
         assert run_qc(["run", "--select", "corpus"], env).returncode == 0
         clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
-        command = [str(BIN / "qc"), "run", "--select", "teacher_labels"]
-        runs = [subprocess.Popen(command, env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for _ in range(2)]
-        outputs = [run.communicate(timeout=300)[0] for run in runs]
-        assert [run.returncode for run in runs] == [0, 0], outputs
-        assert any("in another run; waiting for it" in output for output in outputs), outputs
-        keys = [(entry["category"], entry["text_key"]) for entry in chat_requests(server)]
-        assert len(keys) == len(set(keys)) == 8 * len(CATEGORIES)
-    settings = load_settings(env)
+        # Both runs find the shard taken and wait; released, they race for it. Without this, on a busy machine one
+        # run can finish before the other has started, and nothing is tested.
+        lock_path = settings.teacher_dir / "journal" / path_component("test-teacher") / path_component(SHARD) / ".lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(lock_path):
+            runs = [
+                subprocess.Popen([str(BIN / "qc"), "run", "--select", "teacher_labels"], env={**clean, **env},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)
+            ]
+            outputs = [[] for _ in runs]
+            readers = [threading.Thread(target=lambda run=run, lines=lines: lines.extend(run.stdout), daemon=True)
+                       for run, lines in zip(runs, outputs)]
+            for reader in readers:
+                reader.start()
+            deadline = time.monotonic() + 240
+            while not all(any("in another run; waiting for it" in line for line in lines) for lines in outputs):
+                assert time.monotonic() < deadline and all(run.poll() is None for run in runs), outputs
+                time.sleep(0.1)
+        for run, reader in zip(runs, readers):
+            run.wait(timeout=300)
+            reader.join(timeout=30)
+        texts = ["".join(lines) for lines in outputs]
+        assert [run.returncode for run in runs] == [0, 0], texts
+        entries = chat_requests(server)
+        keys = [(entry["category"], entry["text_key"]) for entry in entries]
+        assert len(keys) == len(set(keys)) == 8 * len(CATEGORIES), [
+            {name: entry.get(name) for name in ("category", "text_key", "client_port", "status", "delivered", "t")}
+            for entry in entries
+        ]
     assert lake_rows(settings, "SELECT count(*), count(DISTINCT (doc_id, category)) FROM teacher_labels") == [(56, 56)]

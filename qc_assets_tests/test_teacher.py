@@ -37,7 +37,8 @@ def openai_environment(environment, source: Path, server, **extra: str) -> dict[
         "QC_TEACHER_MODEL": "test-teacher",
         "QC_TEACHER_CONCURRENCY": "8",
         "QC_TEACHER_MAX_ATTEMPTS": "4",
-        "QC_TEACHER_TIMEOUT_S": "1",
+        # Long enough that a busy machine's stall is never taken for a slow teacher; fault tests set their own.
+        "QC_TEACHER_TIMEOUT_S": "20",
         "QC_TEACHER_BACKOFF_S": "0.05",
         "QC_TEACHER_BATCH_SIZE": "10",
         "QC_TEACHER_PRICE": "input=1,output=2,cached=0.5",
@@ -197,7 +198,7 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
     text_of = {f"{SHARD}-{i:03d}": text for i, text in enumerate(texts)}
     every_key = {(doc, category) for doc in text_of for category in CATEGORIES}
     with run_teacher_server(tmp_path, FAULT_PLAN) as server:
-        settings = load_settings(openai_environment(environment, source, server))
+        settings = load_settings(openai_environment(environment, source, server, QC_TEACHER_TIMEOUT_S="1"))
         with dg.instance_for_test() as instance:
             result = materialize(settings, SHARD, instance)
             assert result.success

@@ -12,7 +12,6 @@ from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, TeacherBackend, TeacherConfigError
 from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
 from qc_assets.defs.teacher.labeling import LabelingReport, label_shard
-from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
 from qc_assets.defs.teacher.prices import PriceError, resolve_price
 from qc_assets.defs.teacher.replay_teacher import (
     REPLAY_PROMPT_VERSION,
@@ -94,6 +93,10 @@ class TeacherResource(dg.ConfigurableResource):
     def open_backend(self) -> TeacherBackend:
         """The configured backend; raises ValueError naming the setting when the configuration cannot work."""
         if self.backend == "openai":
+            # The openai package takes seconds to import; every process that loads the graph but labels nothing
+            # (the UI, other stages' steps, `qc sql`) would pay for it.
+            from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
+
             model = self.model or DEFAULT_OPENAI_MODEL
             return OpenAITeacher(
                 base_url=self.base_url,
