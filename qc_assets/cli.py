@@ -41,6 +41,15 @@ def _lake(settings: Settings, read_only: bool):
     return LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_only=read_only)
 
 
+def _recover_abandoned_runs(instance) -> None:
+    from qc_assets.recovery import recover_abandoned_runs
+
+    recovered = recover_abandoned_runs(instance)
+    if recovered:
+        click.echo(f"{len(recovered)} runs whose process was killed marked failed, their GPU slots freed: "
+                   f"{', '.join(recovered)}")
+
+
 @click.group()
 def main() -> None:
     """qc_assets: Japanese query-generation data, students and scores as a Dagster asset graph."""
@@ -89,13 +98,8 @@ def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[
             click.echo(f"           {error}", err=outcome.status != "success")
 
     from qc_assets.defs.student.sensors import register_checkpoint_partitions
-    from qc_assets.recovery import recover_abandoned_runs
-
     with dg.DagsterInstance.get() as instance:
-        recovered = recover_abandoned_runs(instance, Path(home))
-        if recovered:
-            click.echo(f"{len(recovered)} runs of a qc run that was killed marked failed, their GPU slots freed: "
-                       f"{', '.join(recovered)}")
+        _recover_abandoned_runs(instance)
         # Checkpoints copied into the store by hand are evaluated too, as the sensor would have them.
         register_checkpoint_partitions(instance, settings.data_root / "checkpoints", lambda message: click.echo(message, err=True))
         for stage in stages:
@@ -248,6 +252,11 @@ def ui(port: int, host: str) -> None:
     from qc_assets.runner import prepare_dagster_home
 
     prepare_dagster_home(settings)
+    import dagster as dg
+
+    # The daemon's sensor would find them within a minute; at start-up a backfill waiting on them goes on at once.
+    with dg.DagsterInstance.get() as instance:
+        _recover_abandoned_runs(instance)
     command = [
         sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
         "-h", host, "-p", str(port),

@@ -22,6 +22,7 @@ from qc_assets.defs.student.assets import StudentResource, build_student_asset
 from qc_assets.defs.student.sensors import CHECKPOINT_PARTITIONS, build_checkpoint_sensor
 from qc_assets.defs.teacher.assets import TeacherResource, build_discount_schedule, build_teacher_asset
 from qc_assets.lake.resource import LakeResource
+from qc_assets.recovery import abandoned_runs_sensor
 from qc_assets.settings import Settings, load_settings
 
 # The beta APIs used here (multi-dimension partition mappings, backfill policies) are deliberate, with Dagster
@@ -64,6 +65,7 @@ def build_definitions(settings: Settings, shards: list[Shard] | None = None) -> 
             dg.AutomationConditionSensorDefinition(
                 "evaluation_report_automation", target=[eval_summary], default_status=dg.DefaultSensorStatus.RUNNING
             ),
+            abandoned_runs_sensor,
         ],
         resources={
             "lake": LakeResource(catalog=settings.catalog, data_path=settings.data_path),

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from pathlib import Path
 
 import dagster as dg
 from filelock import FileLock
@@ -27,10 +26,11 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from qc_assets.defs.generation.assets import SHARD_DIMENSION
 from qc_assets.deploy import GPU_POOL
-from qc_assets.recovery import LAUNCHED_BY_TAG, WORKER_TAG, worker_token
 from qc_assets.settings import PROJECT_ROOT, Settings
 
 DEFINITIONS_MODULE = "qc_assets.definitions"
+# Tells `qc run`'s runs from the UI's in the runs list (and for bench/scaling.py).
+LAUNCHED_BY_TAG = "qc/launched_by"
 
 
 def prepare_dagster_home(settings: Settings) -> str:
@@ -203,7 +203,7 @@ def _execute_partition(
         repository.get_reconstructable_job(job.name),
         instance=_worker_instance(),
         asset_selection=list(asset_keys),
-        tags={**tags, LAUNCHED_BY_TAG: "qc run", WORKER_TAG: worker_token(Path(os.environ["DAGSTER_HOME"]))},
+        tags={**tags, LAUNCHED_BY_TAG: "qc run"},
         run_config={
             "execution": {"config": {executor: {}}},
             "loggers": {"console": {"config": {"log_level": "INFO"}}},

@@ -46,6 +46,40 @@ query Run($runId: ID!) {
 }
 """
 
+LAUNCH_RESULT = """
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+"""
+LAUNCH_MUTATION = "mutation Launch($params: ExecutionParams!) { launchRun(executionParams: $params) {" + LAUNCH_RESULT + "} }"
+REEXECUTE_MUTATION = (
+    "mutation Reexecute($parentRunId: String!) { launchRunReexecution(reexecutionParams: "
+    "{parentRunId: $parentRunId, strategy: FROM_FAILURE}) {" + LAUNCH_RESULT + "} }"
+)
+
+BACKFILL_MUTATION = """
+mutation Backfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+  }
+}
+"""
+BACKFILL_QUERY = """
+query Backfill($backfillId: String!) {
+  partitionBackfillOrError(backfillId: $backfillId) {
+    __typename
+    ... on PartitionBackfill { status }
+    ... on PythonError { message }
+  }
+}
+"""
+UNFINISHED_BACKFILL_STATUSES = {"REQUESTED", "CANCELING", "FAILING"}
+
 RUN_ERRORS_QUERY = """
 query RunErrors($runId: ID!) {
   logsForRun(runId: $runId) {
@@ -172,6 +206,47 @@ class DagsterUI:
         if result["__typename"] != "Run":
             raise RuntimeError(f"run {run_id}: {result}")
         return result
+
+    def launch(self, asset: str, partition: str) -> str:
+        """Materialize one partition of an asset, as its Materialize button does; returns the run id."""
+        params = {
+            "selector": {"repositoryLocationName": "qc_assets", "repositoryName": "__repository__",
+                         "pipelineName": "__ASSET_JOB", "assetSelection": [{"path": [asset]}]},
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
+            "mode": "default",
+        }
+        return self._launched(self.graphql(LAUNCH_MUTATION, {"params": params})["launchRun"])
+
+    def reexecute_from_failure(self, run_id: str) -> str:
+        """The run page's "Re-execute from failure"; returns the new run's id."""
+        return self._launched(self.graphql(REEXECUTE_MUTATION, {"parentRunId": run_id})["launchRunReexecution"])
+
+    def backfill(self, asset: str, partitions: list[str]) -> str:
+        """The asset's partitions launched as a backfill, as its "Materialize selected" dialog does; its id."""
+        result = self.graphql(BACKFILL_MUTATION, {"params": {
+            "partitionNames": partitions, "assetSelection": [{"path": [asset]}], "fromFailure": False,
+        }})["launchPartitionBackfill"]
+        if result["__typename"] != "LaunchBackfillSuccess":
+            raise RuntimeError(f"the backfill was refused: {result}")
+        return result["backfillId"]
+
+    def wait_for_backfill(self, backfill_id: str, timeout: float = 300) -> str:
+        """The backfill's status once the daemon has finished with it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(f"backfill {backfill_id}")
+            status = self.graphql(BACKFILL_QUERY, {"backfillId": backfill_id})["partitionBackfillOrError"]["status"]
+            if status not in UNFINISHED_BACKFILL_STATUSES:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"backfill {backfill_id} still {status} after {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(1)
+
+    @staticmethod
+    def _launched(result: dict) -> str:
+        if result["__typename"] != "LaunchRunSuccess":
+            raise RuntimeError(f"the launch was refused: {result}")
+        return result["run"]["runId"]
 
     def run_errors(self, run_id: str) -> list[str]:
         logs = self.graphql(RUN_ERRORS_QUERY, {"runId": run_id})["logsForRun"]
