@@ -28,8 +28,9 @@ chromium:
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; } \
 		|| echo "WARNING: Debian's chromium could not be installed: the browser test of the UI will be SKIPPED"
 
+# Two test processes: most tests wait on servers, subprocesses and sleeps, so two share the two cores well.
 test: $(INSTALLED) chromium
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest -n 2 --dist worksteal --durations=15
 
 ui: $(INSTALLED)
 	$(EMBEDDED) $(BIN)/qc ui

@@ -2,8 +2,9 @@
 
 Each script measures its subject next to a reference in the same process and writes a JSON file whose `figures`
 list holds rows made by `figure()`. This module runs the scripts one after the other (they share the machine,
-so running them together would skew each other), gathers the files into `results.json`, and renders the rows
-as the markdown table that sits between the README's two `qc bench` markers.
+so running them together would skew each other; `--quick`, a smoke run whose figures mean nothing, runs two at
+a time), gathers the files into `results.json`, and renders the rows as the markdown table that sits between the
+README's two `qc bench` markers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +36,8 @@ class Benchmark:
     title: str
     quick_args: tuple[str, ...]
     full_args: tuple[str, ...] = ()
+    # Benchmarks whose results this one reads.
+    needs: tuple[str, ...] = ()
 
     @property
     def script(self) -> Path:
@@ -49,7 +53,7 @@ BENCHMARKS = (
     # hour on 2 cores; model compute is taken out of the overhead figures either way.
     Benchmark("scaling", "Whole graph", ("--quick",), ("--light-models",)),
     # After scaling: it projects from what scaling measured.
-    Benchmark("projection", "Projection (seed 000's 100M documents)", ()),
+    Benchmark("projection", "Projection (seed 000's 100M documents)", (), needs=("scaling",)),
 )
 
 
@@ -101,15 +105,24 @@ def run_benchmarks(
         "benchmarks": {},
     }
     earlier = _earlier_entries(results_dir, quick, summary["machine"]) if names else {}
-    for benchmark in chosen:
+
+    def run(benchmark: Benchmark, needed: list[Future]) -> None:
+        for future in needed:
+            future.result()
         output = results_dir / f"{benchmark.name}.json"
         output.unlink(missing_ok=True)
-        arguments = benchmark.quick_args if quick else benchmark.full_args
-        command = [sys.executable, str(benchmark.script), *arguments, "--json", str(output)]
-        echo(f"\n== {benchmark.title}: {' '.join(command[1:])}")
+        command = [sys.executable, str(benchmark.script), *(benchmark.quick_args if quick else benchmark.full_args),
+                   "--json", str(output)]
+        heading = f"\n== {benchmark.title}: {' '.join(command[1:])}"
+        if not quick:
+            echo(heading)
         started = time.perf_counter()
-        # The libraries' progress bars would bury the figures each script prints.
-        finished = subprocess.run(command, cwd=PROJECT_ROOT, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
+        # The libraries' progress bars would bury the figures each script prints. Side by side, each script's
+        # output is shown whole when it ends rather than interleaved.
+        finished = subprocess.run(command, cwd=PROJECT_ROOT, check=False, env={**os.environ, "TQDM_DISABLE": "1"},
+                                  capture_output=quick, text=True)
+        if quick:
+            echo(heading + "\n" + finished.stdout + finished.stderr)
         entry: dict = {
             "seconds": round(time.perf_counter() - started, 1), "exit_status": finished.returncode,
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -120,6 +133,15 @@ def run_benchmarks(
         else:
             entry["status"] = "failed"
         summary["benchmarks"][benchmark.name] = entry
+
+    # A benchmark waits for those it needs; submitted in order, each has a worker by the time a later one waits.
+    with ThreadPoolExecutor(max_workers=2 if quick else 1) as pool:
+        futures: dict[str, Future] = {}
+        for benchmark in chosen:
+            needed = [futures[name] for name in benchmark.needs if name in futures]
+            futures[benchmark.name] = pool.submit(run, benchmark, needed)
+        for future in futures.values():
+            future.result()
     # `--only` updates its benchmarks and keeps the others' last figures from the same machine, so one slow
     # benchmark can be measured again without the rest.
     summary["benchmarks"] = {

@@ -8,6 +8,7 @@ is paid for once, but for those in flight at the crash, and every label is in th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -44,10 +45,15 @@ def wait_for(condition, what: str, timeout: float = 180) -> None:
         time.sleep(0.1)
 
 
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def the_process(ui: DagsterUI, kind: str) -> int:
-    names = UI_PROCESS[kind]
-    found = [pid for pid in ui.processes()
-             if any(name in Path(f"/proc/{pid}/cmdline").read_bytes() for name in names)]
+    found = [pid for pid in ui.processes() if any(name in command_line(pid) for name in UI_PROCESS[kind])]
     assert len(found) == 1, (kind, found)
     return found[0]
 
@@ -99,7 +105,8 @@ def test_a_ui_run_outlives_its_webserver_and_daemon_and_a_crashed_one_is_failed_
             ui.wait_until_loaded()
             crashed = launch_and_wait_for_requests(ui, server, "shard-2")
             for pid in ui.processes():
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             ui.process.wait(timeout=30)
         finally:
             ui.stop()
