@@ -64,7 +64,7 @@ def corpus_backfill_runs_at_once(ui: DagsterUI, data_dir: Path) -> None:
     assert ui.wait_for_backfill(backfill) == "COMPLETED_SUCCESS", ui.log_tail()
     with dg.DagsterInstance.from_config(str(data_dir / "dagster")) as instance:
         records = instance.get_run_records(dg.RunsFilter(tags={"dagster/backfill": backfill}))
-    assert sorted(record.dagster_run.status for record in records) == [dg.DagsterRunStatus.SUCCESS] * len(SHARDS)
+    assert [record.dagster_run.status for record in records] == [dg.DagsterRunStatus.SUCCESS] * len(SHARDS)
     spans = sorted((record.start_time, record.end_time) for record in records)
     assert any(later_start < earlier_end for (_, earlier_end), (later_start, _) in zip(spans, spans[1:])), spans
 
@@ -94,7 +94,8 @@ def test_a_ui_run_outlives_its_webserver_and_daemon_and_a_crashed_one_is_failed_
                     corpus_backfill_runs_at_once(ui, data_dir)
                 run_id = launch_and_wait_for_requests(ui, server, shard)
                 os.kill(the_process(ui, victim), signal.SIGKILL)
-                assert ui.process.wait(timeout=60) != 0, "dagster dev went on without its " + victim
+                ui.process.wait(timeout=60)
+                assert "shut down unexpectedly" in ui.log_path.read_text(), ui.log_tail()
                 wait_for(lambda: stored_run(data_dir, run_id).is_finished, f"the run after the {victim} was killed")
                 assert stored_run(data_dir, run_id).status == dg.DagsterRunStatus.SUCCESS, ui.log_tail()
             finally:
