@@ -272,14 +272,15 @@ def fill_compute_fallbacks(figures: dict, log: str) -> None:
         compute["reranker_scores"] = sum(float(seconds) for seconds in re.findall(r"pairs scored in ([0-9.]+)s", log))
 
 
-def measure(size: int, shard_docs: int, mean_chars: int, parallel: int, work: Path, models: Path, base_env: dict,
-            code: Path) -> dict:
+def measure(size: int, shard_docs: int, mean_chars: int, parallel: int, work: Path, models: Path | None,
+            base_env: dict, code: Path) -> dict:
     directory = work / f"size-{size}"
     if directory.exists():
         shutil.rmtree(directory)
     corpus_dir, data_dir = directory / "corpus", directory / "data"
     shards = write_corpus(corpus_dir, size, shard_docs, mean_chars)
-    shutil.copytree(models, data_dir / "models")
+    if models is not None:
+        shutil.copytree(models, data_dir / "models")
     with run_teacher_server(directory, {"latency_ms": 0, "rules": []}) as server:
         env = {
             **base_env,
@@ -466,7 +467,9 @@ def main() -> None:
     parser.add_argument("--shard-docs", type=int, default=10_000, help="documents per shard")
     parser.add_argument("--mean-chars", type=int, default=1000, help="mean characters per document")
     parser.add_argument("--parallel", type=int, default=2, help="qc run --parallel")
-    parser.add_argument("--quick", action="store_true", help="one size of 300 documents and 3 training steps, a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one size of 100 documents, light models, 3 training steps, the tiny models "
+                        "built by the run itself")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temporary dir)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scaling.json", help="Where the results go.")
     parser.add_argument(
@@ -482,13 +485,13 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="run `qc` on the qc_assets package of this checkout (e.g. an earlier commit, for before/after)")
     args = parser.parse_args()
-    sizes = [300] if args.quick else [int(size) for size in args.sizes.split(",")]
+    sizes = [100] if args.quick else [int(size) for size in args.sizes.split(",")]
     base_env = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
     base_env.update({
         "QC_STUDENT_BASE_MODELS": "tiny", "QC_SCORER_MODEL": "tiny",
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     })
-    if args.light_models:
+    if args.light_models or args.quick:
         base_env.update(LIGHT_MODELS)
     if args.threads:
         base_env["OMP_NUM_THREADS"] = base_env["MKL_NUM_THREADS"] = str(args.threads)
@@ -502,7 +505,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     try:
-        models = build_tiny_models(work / "models", base_env)
+        # Built once and copied into each size's data directory, so that no size's time includes building them.
+        models = None if args.quick else build_tiny_models(work / "models", base_env)
         for size in sizes:
             print(f"== {size:,} documents ({-(-size // args.shard_docs)} shards of up to {args.shard_docs:,})", flush=True)
             result = measure(size, args.shard_docs, args.mean_chars, args.parallel, work, models, base_env, code)
@@ -520,7 +524,7 @@ def main() -> None:
             print(f"    {label:<42} {ratio:.3f}x")
     payload = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "code": str(code), "light_models": LIGHT_MODELS if args.light_models else None, "threads": args.threads, "shard_documents": args.shard_docs, "mean_chars": args.mean_chars, "parallel": args.parallel,
+        "code": str(code), "light_models": LIGHT_MODELS if args.light_models or args.quick else None, "threads": args.threads, "shard_documents": args.shard_docs, "mean_chars": args.mean_chars, "parallel": args.parallel,
         "sizes": results, "comparisons": pairs, "figures": rows,
     }
     write_results(args.json, payload)
