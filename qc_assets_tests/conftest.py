@@ -21,6 +21,26 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
+def _expected_seconds(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("long")
+    return marker.args[0] if marker else 0.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long tests first, shared between the two halves of the list: `make test` (pytest -n 2 --dist worksteal) hands
+    each of its two processes one half to start with, so each starts with its share of the long tests, which then
+    overlap the short ones instead of ending the suite. Shares are balanced longest first."""
+    long_tests = sorted((item for item in items if _expected_seconds(item)), key=_expected_seconds, reverse=True)
+    if not long_tests:
+        return
+    short_tests = [item for item in items if not _expected_seconds(item)]
+    shares: tuple[list[pytest.Item], list[pytest.Item]] = ([], [])
+    for item in long_tests:
+        min(shares, key=lambda share: sum(map(_expected_seconds, share))).append(item)
+    first_half_short = max(0, len(items) // 2 - len(shares[0]))
+    items[:] = shares[0] + short_tests[:first_half_short] + shares[1] + short_tests[first_half_short:]
+
+
 def write_jsonl(path: Path, records: list[dict | str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:

@@ -18,6 +18,8 @@ from typing import Self
 from qc_assets_tests.conftest import BIN
 
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
+# How each child of `dagster dev` shows in its command line.
+UI_PROCESS_NAMES = {"webserver": (b"dagster-webserver", b"dagster_webserver"), "daemon": (b"dagster._daemon", b"dagster-daemon")}
 
 WORKSPACE_QUERY = """
 {
@@ -94,6 +96,13 @@ query RunErrors($runId: ID!) {
   }
 }
 """
+
+
+def _command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
 
 
 def free_loopback_port() -> int:
@@ -207,11 +216,11 @@ class DagsterUI:
             raise RuntimeError(f"run {run_id}: {result}")
         return result
 
-    def launch(self, asset: str, partition: str) -> str:
-        """Materialize one partition of an asset, as its Materialize button does; returns the run id."""
+    def launch(self, assets: list[str], partition: str) -> str:
+        """Materialize one partition of the assets, as the Materialize button does; returns the run id."""
         params = {
             "selector": {"repositoryLocationName": "qc_assets", "repositoryName": "__repository__",
-                         "pipelineName": "__ASSET_JOB", "assetSelection": [{"path": [asset]}]},
+                         "pipelineName": "__ASSET_JOB", "assetSelection": [{"path": [asset]} for asset in assets]},
             "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
             "mode": "default",
         }
@@ -221,10 +230,12 @@ class DagsterUI:
         """The run page's "Re-execute from failure"; returns the new run's id."""
         return self._launched(self.graphql(REEXECUTE_MUTATION, {"parentRunId": run_id})["launchRunReexecution"])
 
-    def backfill(self, asset: str, partitions: list[str]) -> str:
-        """The asset's partitions launched as a backfill, as its "Materialize selected" dialog does; its id."""
+    def backfill(self, assets: list[str], partitions: list[str] | None = None) -> str:
+        """The assets' partitions launched as a backfill, as the "Materialize selected" dialog does (every partition
+        of every asset, in dependency order, when `partitions` is None); its id."""
+        chosen = {"allPartitions": True} if partitions is None else {"partitionNames": partitions}
         result = self.graphql(BACKFILL_MUTATION, {"params": {
-            "partitionNames": partitions, "assetSelection": [{"path": [asset]}], "fromFailure": False,
+            **chosen, "assetSelection": [{"path": [asset]} for asset in assets], "fromFailure": False,
         }})["launchPartitionBackfill"]
         if result["__typename"] != "LaunchBackfillSuccess":
             raise RuntimeError(f"the backfill was refused: {result}")
@@ -290,6 +301,20 @@ class DagsterUI:
             except (OSError, IndexError, ValueError):  # gone, a kernel thread, or not ours to read
                 continue
         return found
+
+    def process_of(self, kind: str) -> int:
+        """The one process of `kind` ("webserver" or "daemon") that this `qc ui` started."""
+        names = UI_PROCESS_NAMES[kind]
+        found = [pid for pid in self.processes() if any(name in _command_line(pid) for name in names)]
+        if len(found) != 1:
+            raise RuntimeError(f"expected one {kind} process of `qc ui`, found {found}")
+        return found[0]
+
+    def kill(self, kind: str) -> bool:
+        """SIGKILL the webserver or the daemon, as the OOM killer would; True once `qc ui` has noticed and shut down."""
+        os.kill(self.process_of(kind), signal.SIGKILL)
+        self.process.wait(timeout=60)
+        return "shut down unexpectedly" in self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def listening_addresses(self) -> set[tuple[str, int]]:
         """(address, port) of every TCP socket listening in one of the UI's processes (webserver, daemon, code

@@ -10,10 +10,13 @@ import sys
 import threading
 import time
 
+import pytest
+
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
 from qc_assets.lake.resource import LakeResource
 from qc_assets.runner import prepare_dagster_home
 from qc_assets.settings import SAMPLE_CORPUS, load_settings
+from qc_assets_tests.analyst import analyst_session, inconsistencies
 from qc_assets_tests.conftest import BIN, lake_rows, run_qc
 from qc_assets_tests.teacher_server import run_teacher_server
 from qc_assets_tests.test_teacher import openai_environment
@@ -22,6 +25,7 @@ SHARDS = 6
 ROWS = 2_000
 
 
+@pytest.mark.long(70)
 def test_writers_and_an_open_reader_never_lock_each_other_out(tmp_path, environment, settings_for):
     source = tmp_path / "corpus"
     for index in range(SHARDS):
@@ -65,16 +69,7 @@ def test_writers_and_an_open_reader_never_lock_each_other_out(tmp_path, environm
     ]
 
 
-ANALYST_QUERY = """
-SELECT c.shard, c.documents, c.distinct_ids, coalesce(l.labels, 0)::BIGINT AS labels, coalesce(l.quarantined, 0)::BIGINT AS quarantined,
-       (SELECT count(*) FROM teacher_labels t WHERE t.shard = c.shard
-          AND NOT EXISTS (SELECT 1 FROM corpus d WHERE d.doc_id = t.doc_id)) AS labels_without_document
-FROM (SELECT shard, count(*) AS documents, count(DISTINCT doc_id) AS distinct_ids FROM corpus GROUP BY shard) c
-LEFT JOIN (SELECT shard, sum(labels) AS labels, sum(quarantined) AS quarantined FROM label_costs GROUP BY shard) l
-  USING (shard)
-"""
-
-
+@pytest.mark.long(60)
 def test_qc_sql_in_a_loop_reads_consistent_counts_while_runs_write(tmp_path, environment):
     """An analyst re-running `qc sql` (a new process each time) while `qc run` writes corpus and label partitions."""
     source = tmp_path / "corpus"
@@ -88,54 +83,18 @@ def test_qc_sql_in_a_loop_reads_consistent_counts_while_runs_write(tmp_path, env
             environment, source, server, QC_TEACHER_CONCURRENCY="4", QC_TEACHER_BATCH_SIZE="8",
             QC_TEACHER_FLUSH_SECONDS="0.05", QC_TEACHER_TIMEOUT_S="10",
         )
-        answers, failures, final = _analyst_loop_during_a_run(tmp_path, env)
-    assert failures == []
-    assert len(answers) >= 5
+        with analyst_session(tmp_path, env) as analyst:
+            writes = run_qc(["run", "--select", "key:corpus or key:teacher_labels", "--parallel", "2"], env)
+            assert writes.returncode == 0, writes.stdout[-3000:]
+        final = analyst.final_by_shard()
+    assert analyst.failures == []
+    assert len(analyst.answers) >= 5
 
     assert len(final) == 2 and sum(row["labels"] for row in final.values()) == 7 * sum(row["documents"] for row in final.values())
-    labels_seen: dict[str, int] = {}
-    for answer in answers:
-        for row in answer:
-            shard = row["shard"]
-            # A corpus partition is replaced in one transaction: never half there, never doubled.
-            assert row["documents"] == row["distinct_ids"] == final[shard]["documents"], row
-            assert row["labels"] + row["quarantined"] <= 7 * row["documents"], row
-            assert row["labels_without_document"] == 0, row
-            assert row["labels"] >= labels_seen.get(shard, 0), f"labels of {shard} went back: {row}"
-            labels_seen[shard] = row["labels"]
-    assert any(0 < row["labels"] < final[row["shard"]]["labels"] for answer in answers for row in answer), (
+    assert inconsistencies(analyst.answers, final) == []
+    assert any(0 < row["labels"] < final[row["shard"]]["labels"] for answer in analyst.answers for row in answer), (
         "no query caught a shard half-labelled: the test did not overlap the writes"
     )
-
-
-def _analyst_loop_during_a_run(tmp_path, env: dict[str, str]) -> tuple[list[list[dict]], list[str], dict[str, dict]]:
-    settings = load_settings(env)
-    with LakeResource(catalog=settings.catalog, data_path=settings.data_path).get_connection():
-        pass
-    (query_file := tmp_path / "analyst.sql").write_text(ANALYST_QUERY, encoding="utf-8")
-    answers: list[list[dict]] = []
-    failures: list[str] = []
-    writing = threading.Event()
-    writing.set()
-
-    def analyst() -> None:
-        while writing.is_set():
-            answer = run_qc(["sql", "--format", "json", "--file", str(query_file)], env)
-            if answer.returncode != 0:
-                failures.append(answer.stderr[-2000:])
-            else:
-                answers.append(json.loads(answer.stdout))
-
-    session = threading.Thread(target=analyst)
-    session.start()
-    try:
-        writes = run_qc(["run", "--select", "key:corpus or key:teacher_labels", "--parallel", "2"], env)
-        assert writes.returncode == 0, writes.stdout[-3000:]
-    finally:
-        writing.clear()
-        session.join(timeout=120)
-    final = {row["shard"]: row for row in json.loads(run_qc(["sql", "--format", "json", "--file", str(query_file)], env).stdout)}
-    return answers, failures, final
 
 
 def _first_attach(catalog: str, data_path: str, start_at: float, results) -> None:
@@ -159,6 +118,7 @@ def _first_attach(catalog: str, data_path: str, start_at: float, results) -> Non
         results.put(("error", f"{type(error).__name__}: {error}"))
 
 
+@pytest.mark.long(40)
 def test_processes_that_open_a_new_lake_at_the_same_moment_all_succeed(tmp_path):
     # `qc run --parallel` on a fresh QC_DATA_DIR: its first runs attach a catalog nobody has initialised yet and
     # create the tables at once. Without the first-use lock about half of such starts failed ("database disk image
@@ -183,6 +143,7 @@ def test_processes_that_open_a_new_lake_at_the_same_moment_all_succeed(tmp_path)
         assert outcomes == [("ok", 0)] * 3, outcomes
 
 
+@pytest.mark.long(60)
 def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_path, environment):
     from filelock import FileLock
 

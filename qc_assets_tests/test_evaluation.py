@@ -94,7 +94,7 @@ def fake_checkpoint(root, slug: str, version: str, minute: int, complete: bool =
     return checkpoint, publish(staging, manifest)
 
 
-def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_every_shard(settings_for, tmp_path):
+def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run_over_every_shard(settings_for, tmp_path):
     settings = settings_for(SAMPLE_CORPUS)
     repository = build_definitions(settings).get_repository_def()
     sensor = repository.get_sensor_def("new_checkpoints")
@@ -107,6 +107,11 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_every_s
             result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=repository))
             return result
 
+        def requested(run: dg.RunRequest) -> list[str]:
+            """The partitions of the run's range: one checkpoint, every shard."""
+            partitions = repository.assets_defs_by_key[dg.AssetKey("generated_queries")].partitions_def
+            return sorted(partitions.get_partition_keys_in_range(run.partition_key_range, dynamic_partitions_store=instance))
+
         assert isinstance(tick(None), dg.SkipReason)
         first, staging = fake_checkpoint(root, "tiny", "aaaaaaaa", 1, complete=False)
         assert isinstance(tick(None), dg.SkipReason)  # half-written: invisible until its manifest lands
@@ -115,15 +120,17 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_every_s
         result = tick(None)
         (request,) = result.dynamic_partitions_requests
         assert list(request.partition_keys) == [first]
-        assert sorted(run.partition_key.keys_by_dimension["shard"] for run in result.run_requests) == shards
-        assert {run.partition_key.keys_by_dimension["checkpoint"] for run in result.run_requests} == {first}
         cursor = result.cursor
         instance.add_dynamic_partitions("checkpoint", [first])
+        (run,) = result.run_requests
+        assert requested(run) == [f"{first}|{shard}" for shard in shards]
 
         assert isinstance(tick(cursor), dg.SkipReason)  # each checkpoint triggers once
         second, _ = fake_checkpoint(root, "tiny", "bbbbbbbb", 2)
         result = tick(cursor)
-        assert {run.partition_key.keys_by_dimension["checkpoint"] for run in result.run_requests} == {second}
+        instance.add_dynamic_partitions("checkpoint", [second])
+        (run,) = result.run_requests
+        assert requested(run) == [f"{second}|{shard}" for shard in shards]
         assert list(result.dynamic_partitions_requests[0].partition_keys) == [second]
         cursor = result.cursor
         assert set(json.loads(cursor)) == {first, second}

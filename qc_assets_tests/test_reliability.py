@@ -8,6 +8,7 @@ import pytest
 from qc_assets_tests.crash_resume import KILL_POINTS, crash_and_resume
 
 
+@pytest.mark.long(260)
 @pytest.mark.timeout(900)
 def test_the_graph_killed_in_every_stage_resumes_to_the_uninterrupted_lake_and_never_shows_a_secret(tmp_path):
     report = crash_and_resume(tmp_path)

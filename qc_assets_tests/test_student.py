@@ -6,14 +6,21 @@ import json
 import shutil
 
 import dagster as dg
+import pytest
 
 from qc_assets.defs.student.store import MANIFEST, list_checkpoints
 from qc_assets.settings import SAMPLE_CORPUS
-from qc_assets_tests.conftest import lake_rows, materialization_metadata, materialize, materialize_asset
+from qc_assets_tests.conftest import (
+    lake_rows,
+    materialization_metadata,
+    materialize,
+    materialize_asset,
+)
 
 FEW_STEPS = {"ops": {"student_checkpoints": {"config": {"max_steps": 4}}}}
 
 
+@pytest.mark.long(60)
 def test_the_tiny_student_trains_through_pipes_registers_once_and_sees_checkpoints_dropped_in_by_hand(
     settings_for, monkeypatch
 ):

@@ -41,6 +41,7 @@ def skip_loudly(capsys, reason: str) -> None:
     pytest.skip(message)
 
 
+@pytest.mark.long(45)
 @pytest.mark.timeout(420)
 def test_the_ui_shows_every_asset_and_a_corpus_partition_materialized_from_it(environment, capsys):
     chromium = shutil.which("chromium")

@@ -4,6 +4,10 @@ import json
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from qc_assets.defs.student.store import list_checkpoints
 
@@ -28,7 +32,7 @@ def build_checkpoint_sensor(
         default_status=dg.DefaultSensorStatus.RUNNING,
         asset_selection=targets,
         description="Watches the checkpoint store; each new complete checkpoint (manifest present) becomes a "
-        "`checkpoint` partition and gets its queries generated and scored for every shard, once.",
+        "`checkpoint` partition and gets its queries generated and scored for every shard, once, in one run.",
     )
     def new_checkpoints(context: dg.SensorEvaluationContext):
         seen = set(json.loads(context.cursor)) if context.cursor else set()
@@ -41,13 +45,19 @@ def build_checkpoint_sensor(
         context.log.info(f"new checkpoints: {', '.join(new)}")
         return dg.SensorResult(
             dynamic_partitions_requests=[checkpoint_partitions.build_add_request(to_add)] if to_add else [],
+            # One run per checkpoint, over all its shards (a partition range, as a backfill with a single-run policy
+            # would launch it): the checkpoint is loaded once, not once a shard.
             run_requests=[
                 dg.RunRequest(
-                    run_key=f"{checkpoint}|{shard}",
-                    partition_key=dg.MultiPartitionKey({CHECKPOINT_PARTITIONS: checkpoint, "shard": shard}),
+                    run_key=checkpoint,
+                    tags={
+                        ASSET_PARTITION_RANGE_START_TAG: str(
+                            dg.MultiPartitionKey({CHECKPOINT_PARTITIONS: checkpoint, "shard": shard_keys[0]})),
+                        ASSET_PARTITION_RANGE_END_TAG: str(
+                            dg.MultiPartitionKey({CHECKPOINT_PARTITIONS: checkpoint, "shard": shard_keys[-1]})),
+                    },
                 )
                 for checkpoint in new
-                for shard in shard_keys
             ],
             cursor=json.dumps(sorted(seen | set(new))),
         )
