@@ -302,13 +302,18 @@ class DagsterUI:
                 continue
         return found
 
-    def process_of(self, kind: str) -> int:
-        """The one process of `kind` ("webserver" or "daemon") that this `qc ui` started."""
+    def process_of(self, kind: str, timeout: float = 120) -> int:
+        """The one process of `kind` ("webserver" or "daemon") that this `qc ui` started, once it has."""
         names = UI_PROCESS_NAMES[kind]
-        found = [pid for pid in self.processes() if any(name in _command_line(pid) for name in names)]
-        if len(found) != 1:
-            raise RuntimeError(f"expected one {kind} process of `qc ui`, found {found}")
-        return found[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(f"its {kind} to start")
+            found = [pid for pid in self.processes() if any(name in _command_line(pid) for name in names)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1 or time.monotonic() > deadline:
+                raise RuntimeError(f"expected one {kind} process of `qc ui`, found {found}:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def kill(self, kind: str) -> bool:
         """SIGKILL the webserver or the daemon, as the OOM killer would; True once `qc ui` has noticed and shut down."""

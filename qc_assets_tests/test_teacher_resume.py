@@ -94,3 +94,34 @@ def test_estimate_labels_a_pilot_projects_the_corpus_and_the_full_run_does_not_p
         assert full.returncode == 0, full.stdout + full.stderr
         keys = [(entry["category"], entry["text_key"]) for entry in chat_requests(server)]
         assert len(keys) == len(set(keys)) == 6 * len(CATEGORIES)
+
+
+def test_a_slow_consumer_never_leaves_more_answers_unrecorded_than_requests_in_flight(tmp_path):
+    """A SIGKILL loses the answers paid for but not yet journaled. The backend hands each answer to `record` (the
+    journal) before its request slot is reused, so however slowly the labeller takes outcomes (a lake write, a
+    busy machine), those answers are never more than the requests in flight."""
+    import asyncio
+
+    from qc_assets.defs.teacher.backends import Budget, LabelRequest
+    from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
+    from qc_assets.defs.teacher.prices import Price
+
+    concurrency = 3
+    requests = [LabelRequest(f"d{index}", SHARD, CATEGORIES["title"], document(index)) for index in range(24)]
+    recorded: list = []
+    worst = 0
+    with run_teacher_server(tmp_path, {"latency_ms": 0, "rules": []}) as server:
+        teacher = OpenAITeacher(server.base_url, "slow-consumer", "k", Price("free", 0.0, 0.0), concurrency=concurrency)
+
+        async def label() -> None:
+            nonlocal worst
+            try:
+                async for _ in teacher.label_all(requests, Budget(), recorded.append):
+                    await asyncio.sleep(0.05)  # a consumer much slower than the teacher
+                    worst = max(worst, len(chat_requests(server)) - len(recorded))
+            finally:
+                await teacher.aclose()
+
+        asyncio.run(label())
+    assert len(recorded) == len(requests)
+    assert worst <= concurrency

@@ -7,7 +7,7 @@ what happens to the results: the labelling loop journals, writes and counts them
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal, Protocol
@@ -92,8 +92,13 @@ class TeacherBackend(Protocol):
 
     def prompt_version(self, category: Category) -> str: ...
 
-    def label_all(self, requests: Iterable[LabelRequest], budget: Budget) -> AsyncIterator[LabelOutcome]:
-        """Yield one outcome per request, in any order, as they complete; start nothing once the budget says no."""
+    def label_all(
+        self, requests: Iterable[LabelRequest], budget: Budget, record: Callable[[LabelOutcome], None] | None = None
+    ) -> AsyncIterator[LabelOutcome]:
+        """Yield one outcome per request, in any order, as they complete; start nothing once the budget says no.
+
+        `record` gets each final outcome first, before the request's slot is given to another request: answers
+        paid for but not yet recorded are never more than the requests in flight, whatever the consumer's pace."""
         ...
 
     async def aclose(self) -> None: ...

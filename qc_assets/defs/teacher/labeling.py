@@ -401,19 +401,22 @@ async def _collect(
         writing = asyncio.create_task(asyncio.to_thread(write, rows, journal.start_segment()))
         last_write = time.perf_counter()
 
+    def record(outcome: LabelOutcome) -> None:
+        # Called by the backend as each answer arrives, before its request slot goes to another request.
+        if outcome.status in ("labeled", "quarantined"):
+            row = outcome_row(outcome, backend, run_id)
+            journal.append(row)
+            buffer.append(row)
+
     journal.start_segment()
     try:
-        async for outcome in backend.label_all(requests, budget):
+        async for outcome in backend.label_all(requests, budget, record):
             done += 1
             report.by_category[outcome.request.category.name][outcome.status] += 1
             report.retries.update(outcome.retries)
             report.usage.add(outcome.usage)
             if outcome.latency_s is not None:
                 report.latencies.append(outcome.latency_s)
-            if outcome.status in ("labeled", "quarantined"):
-                row = outcome_row(outcome, backend, run_id)
-                journal.append(row)
-                buffer.append(row)
             now = time.perf_counter()
             if buffer and (writing is None or writing.done()) and (
                 len(buffer) >= batch_size or now - last_write >= flush_seconds

@@ -14,7 +14,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import httpx2
 import openai
@@ -203,7 +203,9 @@ class OpenAITeacher:
         if self.key_budget is not None:
             self.key_budget.close()
 
-    async def label_all(self, requests: Iterable[LabelRequest], budget: Budget) -> AsyncIterator[LabelOutcome]:
+    async def label_all(
+        self, requests: Iterable[LabelRequest], budget: Budget, record: Callable[[LabelOutcome], None] | None = None
+    ) -> AsyncIterator[LabelOutcome]:
         self.limit = AdaptiveLimit(self.concurrency)
         pending: set[asyncio.Task] = set()
         finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
@@ -217,7 +219,7 @@ class OpenAITeacher:
                     if request is None:
                         exhausted = True
                         break
-                    task = asyncio.create_task(self._label(request, budget))
+                    task = asyncio.create_task(self._label(request, budget, record))
                     task.add_done_callback(finished.put_nowait)
                     pending.add(task)
                 if not pending:
@@ -231,7 +233,9 @@ class OpenAITeacher:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _label(self, request: LabelRequest, budget: Budget) -> LabelOutcome:
+    async def _label(
+        self, request: LabelRequest, budget: Budget, record: Callable[[LabelOutcome], None] | None
+    ) -> LabelOutcome:
         category = request.category
         messages = [{"role": "user", "content": category.prompt(request.text)}]
         outcome = LabelOutcome(request=request, status="quarantined", retries=Counter())
@@ -241,12 +245,14 @@ class OpenAITeacher:
             await self.limit.acquire()
             # This run's own limit first, then a slot of the key's budget shared with every other run.
             slot = await self.key_budget.acquire() if self.key_budget is not None else None
+            final = aborted = False
             try:
                 if not budget.may_start():
                     outcome.status = "stopped" if outcome.attempts == 0 else "quarantined"
                     outcome.error = f"{budget.stopped_because} after {outcome.attempts} attempts" + (
                         f"; last error: {outcome.error}" if outcome.error else ""
                     )
+                    final = True
                     return outcome
                 outcome.attempts += 1
                 self.requests += 1
@@ -279,6 +285,7 @@ class OpenAITeacher:
                 except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
                     # The request itself is wrong for this document (too long, say): retrying cannot help.
                     self._failed(outcome, f"http_{error.status_code}", error)
+                    final = True
                     return outcome
                 except openai.APIStatusError as error:
                     retry_after = retry_after_seconds(error.response.headers)
@@ -299,8 +306,16 @@ class OpenAITeacher:
                 if self._accept(outcome, completion, category):
                     outcome.latency_s = time.perf_counter() - started
                     await self.limit.succeeded()
+                    final = True
                     return outcome
+            except BaseException:  # a refused key or a cancellation: nothing to record
+                aborted = True
+                raise
             finally:
+                # Recorded while this request's slots are held, so that no other request is sent, and paid for,
+                # while this answer is still unrecorded: a SIGKILL loses at most the requests in flight.
+                if record is not None and not aborted and (final or outcome.attempts >= self.max_attempts):
+                    record(outcome)
                 if slot is not None:
                     self.key_budget.release(slot)
                 await self.limit.release()

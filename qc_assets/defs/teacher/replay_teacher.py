@@ -8,7 +8,7 @@ breaks a cap is quarantined like a bad API answer.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +164,9 @@ class ReplayTeacher:
             found.setdefault((match, category), []).append((query, reasoning))
         return found
 
-    async def label_all(self, requests: Iterable[LabelRequest], budget: Budget) -> AsyncIterator[LabelOutcome]:
+    async def label_all(
+        self, requests: Iterable[LabelRequest], budget: Budget, record: Callable[[LabelOutcome], None] | None = None
+    ) -> AsyncIterator[LabelOutcome]:
         requests = list(requests)
         if not requests:
             return
@@ -184,4 +186,6 @@ class ReplayTeacher:
                     continue
                 outcome.status, outcome.reasoning, outcome.error = "labeled", reasoning, None
                 break
+            if record is not None:
+                record(outcome)
             yield outcome
