@@ -234,7 +234,7 @@ def find_secrets(paths: list[Path], texts: list[str], secrets: tuple[str, ...]) 
 
 
 def crash_and_resume(work: Path, points: tuple[KillPoint, ...] = KILL_POINTS) -> Report:
-    """An uninterrupted run, then a killed-and-resumed one on the same corpus, and what differs."""
+    """An uninterrupted run and a killed-and-resumed one on the same corpus, side by side, and what differs."""
     from qc_assets_tests.teacher_server import run_teacher_server
 
     corpus = write_multi_shard_corpus(work / "corpus")
@@ -242,28 +242,37 @@ def crash_and_resume(work: Path, points: tuple[KillPoint, ...] = KILL_POINTS) ->
     plan = {"latency_ms": 20, "rules": []}
     for name in ("reference", "crashed"):
         (work / name).mkdir(parents=True, exist_ok=True)
-    with run_teacher_server(work / "reference", plan, api_key=PLANTED_KEY) as server:
-        exit_status, output = run_to_end(graph_environment(work / "reference" / "data", corpus, server))
-        if exit_status != 0:
-            raise RuntimeError(f"the uninterrupted run failed ({exit_status}):\n{output[-4000:]}")
-        report.outputs.append(output)
-    expected = lake_state(work / "reference" / "data")
-    with run_teacher_server(work / "crashed", plan, api_key=PLANTED_KEY) as server:
-        env = graph_environment(work / "crashed" / "data", corpus, server)
-        for point in points:
-            outcome, output = run_until_killed(env, server, point)
-            report.kills.append(outcome)
+    # The uninterrupted run goes in a thread, on its own teacher server and data directory: the two share only the
+    # corpus, and the kills below never touch its process group.
+    reference: dict = {}
+
+    def run_reference() -> None:
+        with run_teacher_server(work / "reference", plan, api_key=PLANTED_KEY) as server:
+            reference["exit"], reference["output"] = run_to_end(graph_environment(work / "reference" / "data", corpus, server))
+
+    uninterrupted = threading.Thread(target=run_reference)
+    uninterrupted.start()
+    try:
+        with run_teacher_server(work / "crashed", plan, api_key=PLANTED_KEY) as server:
+            env = graph_environment(work / "crashed" / "data", corpus, server)
+            for point in points:
+                outcome, output = run_until_killed(env, server, point)
+                report.kills.append(outcome)
+                report.outputs.append(output)
+            report.final_exit, output = run_to_end(env)
             report.outputs.append(output)
-        report.final_exit, output = run_to_end(env)
-        report.outputs.append(output)
-        report.keys_paid_twice = keys_paid_twice(server)
+            report.keys_paid_twice = keys_paid_twice(server)
+    finally:
+        uninterrupted.join()
+    if reference.get("exit") != 0:
+        raise RuntimeError(f"the uninterrupted run failed ({reference.get('exit')}):\n{reference.get('output', '')[-4000:]}")
+    report.outputs.insert(0, reference["output"])
     labelling_kills = sum(kill.killed for kill in report.kills if kill.point.stage == "teacher_labels")
     report.in_flight_bound = labelling_kills * TEACHER_CONCURRENCY
     actual = lake_state(work / "crashed" / "data")
-    report.differences = compare(expected, actual)
+    report.differences = compare(lake_state(work / "reference" / "data"), actual)
     report.rows = {name: len(rows) for name, rows in actual.items()}
     report.secret_leaks = find_secrets(
         [work / "reference" / "data", work / "crashed" / "data"], report.outputs, (PLANTED_KEY, PLANTED_HUB_TOKEN)
     )
     return report
-

@@ -189,3 +189,42 @@ def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_
             for entry in entries
         ]
     assert lake_rows(settings, "SELECT count(*), count(DISTINCT (doc_id, category)) FROM teacher_labels") == [(56, 56)]
+
+
+def _timed_write(catalog: str, data_path: str, start_at: float, results) -> None:
+    """In a fresh process: a lake transaction that takes half a second; when it held the lake, to the test."""
+    import time
+
+    from qc_assets.lake.resource import run_transaction
+
+    with LakeResource(catalog=catalog, data_path=data_path).get_connection() as connection:
+        while time.time() < start_at:
+            time.sleep(0.001)
+
+        def work(connection):
+            began = time.time()
+            connection.execute("CREATE OR REPLACE TEMP TABLE staged AS SELECT 1 AS x")
+            time.sleep(0.5)
+            return began, time.time()
+
+        results.put(run_transaction(connection, work, "timed write"))
+
+
+def test_writers_of_one_sqlite_catalog_commit_one_at_a_time(tmp_path):
+    # DuckLake lost a commit made beside another (see `_write_lock`): writers of a SQLite catalog take turns.
+    import multiprocessing
+
+    root = tmp_path / "lake"
+    catalog, data_path = f"sqlite:{root / 'catalog.sqlite'}", f"{root / 'files'}/"
+    with LakeResource(catalog=catalog, data_path=data_path).get_connection():
+        pass
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + 4
+    processes = [context.Process(target=_timed_write, args=(catalog, data_path, start_at, results)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    spans = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert all(later_start >= earlier_end for (_, earlier_end), (later_start, _) in zip(spans, spans[1:])), spans

@@ -86,18 +86,36 @@ def _prepare_sqlite_catalog(path: Path) -> None:
             catalog.execute("PRAGMA journal_mode=WAL")
 
 
+# The write lock of each connection attached to a SQLite catalog (by id; dropped when the connection closes): one
+# FileLock per catalog, shared by its connections, so that a thread already holding it may take it again.
+_write_locks: dict[int, FileLock] = {}
+_catalog_write_locks: dict[str, FileLock] = {}
+
+
+def _write_lock(connection: duckdb.DuckDBPyConnection):
+    """One writer at a time on a SQLite catalog, across processes and threads.
+
+    DuckLake lets writers commit concurrently and resolves their conflicts itself, but under concurrent commits to
+    one table it lost a commit here: a labelling run's 12 labels were written to a parquet file that the catalog never
+    registered, with no error, while another shard's run committed beside it (bench/reliability.py, the UI
+    scenario). Serialized, no commit ever meets another. Readers take no lock. A PostgreSQL catalog serves several
+    machines, where a file lock cannot reach: its writers still commit concurrently."""
+    return _write_locks.get(id(connection)) or nullcontext()
+
+
 def _run_in_transaction(connection: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-    connection.execute("BEGIN")
-    try:
-        result = work(connection)
-        connection.execute("COMMIT")
-        return result
-    except BaseException:
+    with _write_lock(connection):
+        connection.execute("BEGIN")
         try:
-            connection.execute("ROLLBACK")
-        except duckdb.Error:
-            pass  # a failed COMMIT has already ended the transaction
-        raise
+            result = work(connection)
+            connection.execute("COMMIT")
+            return result
+        except BaseException:
+            try:
+                connection.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # a failed COMMIT has already ended the transaction
+            raise
 
 
 class LakeResource(DuckDBResource):
@@ -115,6 +133,9 @@ class LakeResource(DuckDBResource):
             _load_extension(connection, "sqlite_scanner")
             if not self.read_only:
                 _prepare_sqlite_catalog(Path(location))
+                # filelock's default lock is per thread (reentrant within one), so a run's writer thread and its
+                # main thread exclude each other as two processes do.
+                _write_locks[id(connection)] = _catalog_write_locks.setdefault(location, FileLock(location + ".write.lock"))
             elif not Path(location).exists():
                 raise FileNotFoundError(f"no lake at {location}: nothing has been materialized yet (QC_DATA_DIR)")
         elif kind == "postgres":
@@ -183,6 +204,7 @@ class LakeResource(DuckDBResource):
                     self._ensure_tables(connection)
             yield connection
         finally:
+            _write_locks.pop(id(connection), None)
             connection.close()
 
     def transaction(self, work: Callable[[duckdb.DuckDBPyConnection], T], what: str) -> T:
