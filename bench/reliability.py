@@ -17,7 +17,7 @@ worker is killed), the analyst's failed or inconsistent answers, and what is wro
     python bench/reliability.py [--only cli|ui] [--json bench/results/reliability.json] [--keep DIR]
 
 These are the scenarios of qc_assets_tests/test_reliability.py and test_ui_whole_graph.py with more kills; together
-they take about twenty minutes on 2 cores.
+they take about 11 minutes on 2 cores.
 """
 
 from __future__ import annotations

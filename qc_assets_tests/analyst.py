@@ -43,28 +43,29 @@ class AnalystSession:
 
 
 @contextlib.contextmanager
-def analyst_session(work: Path, env: dict[str, str]) -> Iterator[AnalystSession]:
-    """Query the lake in a loop, in a thread, until the block ends."""
+def analyst_session(work: Path, env: dict[str, str], pause_s: float = 0.0) -> Iterator[AnalystSession]:
+    """Query the lake in a loop, in a thread, until the block ends, waiting `pause_s` between queries (each is a new
+    process: back to back, they take a core)."""
     settings = load_settings(env)
     with LakeResource(catalog=settings.catalog, data_path=settings.data_path).get_connection():
         pass
     (query_file := work / "analyst.sql").write_text(ANALYST_QUERY, encoding="utf-8")
     session = AnalystSession(env, query_file)
-    writing = threading.Event()
-    writing.set()
+    stop = threading.Event()
 
     def loop() -> None:
-        while writing.is_set():
+        while not stop.is_set():
             answer = session.ask()
             if answer is not None:
                 session.answers.append(answer)
+            stop.wait(pause_s)
 
     thread = threading.Thread(target=loop)
     thread.start()
     try:
         yield session
     finally:
-        writing.clear()
+        stop.set()
         thread.join(timeout=120)
 
 

@@ -49,6 +49,8 @@ TEACHER_CONCURRENCY = 2
 SLOW_TEACHER_MS = 8000
 UPSTREAM = ["corpus", "teacher_labels", "sft_dataset", "student_checkpoints"]
 LABELLING_RUN = {"corpus", "teacher_labels"}
+# Between the analyst's queries: the session runs for minutes, and back-to-back `qc sql` processes would take a core.
+ANALYST_PAUSE_S = 2.0
 # The graph's stages in order; the sensor's runs materialize generated_queries and reranker_scores together.
 STAGES = (*UPSTREAM, "generated_queries", "eval_summary")
 IN_PROGRESS = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -217,7 +219,7 @@ def run_whole_graph_from_the_ui(work: Path, points: tuple[UIKill, ...] = UI_KILL
             session.ui.wait_until_loaded()
             # Opened once `qc ui` has created the instance's storages: two processes creating them collide.
             session.instance = dg.DagsterInstance.from_config(str(data_dir / "dagster"))
-            with analyst_session(work, env) as analyst:
+            with analyst_session(work, env, pause_s=ANALYST_PAUSE_S) as analyst:
                 session.run(timeout_s)
                 final = analyst.final_by_shard()
         finally:
