@@ -36,7 +36,7 @@ from qc_assets.lake.resource import LakeResource
 from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
 from qc_assets.settings import load_settings
 from qc_assets_tests.analyst import analyst_session, inconsistencies
-from qc_assets_tests.crash_resume import write_multi_shard_corpus
+from qc_assets_tests.crash_resume import graph_environment, write_multi_shard_corpus
 from qc_assets_tests.dagster_ui import DagsterUI
 from qc_assets_tests.teacher_server import run_teacher_server
 from qc_assets_tests.test_teacher import chat_requests
@@ -117,21 +117,13 @@ class UISessionReport:
 
 
 def ui_environment(data_dir: Path, corpus: Path, server) -> dict[str, str]:
+    """The `qc run` kill test's environment, with a free teacher at two requests in flight."""
     return {
-        "QC_DATA_DIR": str(data_dir),
-        "QC_CORPUS_SOURCE": str(corpus),
-        "QC_TEACHER_BACKEND": "openai",
-        "QC_TEACHER_BASE_URL": server.base_url,
+        **graph_environment(data_dir, corpus, server),
         "QC_TEACHER_MODEL": "ui-teacher",
         "QC_TEACHER_PRICE": "free",
         "QC_TEACHER_CONCURRENCY": str(TEACHER_CONCURRENCY),
         "QC_TEACHER_BATCH_SIZE": "2",
-        "QC_STUDENT_BASE_MODELS": "tiny",
-        "QC_SCORER_MODEL": "tiny",
-        "QC_SFT_TEST_FRACTION": "0.3",
-        "QC_GENERATION_MAX_NEW_TOKENS": "8",
-        "QC_STUDENT_MAX_STEPS": "6",
-        "OMP_NUM_THREADS": "1",
     }
 
 
