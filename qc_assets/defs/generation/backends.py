@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
+from qc_assets.chat_format import GENERATION_TEMPLATE_KWARGS, encode_rendered, messages_for, render_prompt
+
 BACKENDS: tuple[str, ...] = ("transformers", "vllm", "openai")
-# Must equal qc_assets.defs.student.train.GENERATION_TEMPLATE_KWARGS (a test checks it); not imported from there
-# because that module imports trl, peft and datasets at import time.
-GENERATION_TEMPLATE_KWARGS: dict[str, Any] = {"enable_thinking": False}
 PROGRESS_INTERVAL_S = 5.0
 IM_END = "<|im_end|>"
 
@@ -86,18 +85,6 @@ class QueryGenerator(Protocol):
 # Prompt and answer, shared by all backends
 
 
-def messages_for(category: str, text: str) -> list[dict[str, str]]:
-    """The SFT conversation without its answer: system = category, user = document."""
-    return [{"role": "system", "content": category}, {"role": "user", "content": text}]
-
-
-def render_prompt(tokenizer, category: str, text: str) -> str:
-    """The generation prompt, exactly as the training script renders it for its consistency check."""
-    return tokenizer.apply_chat_template(
-        messages_for(category, text), add_generation_prompt=True, tokenize=False, **GENERATION_TEMPLATE_KWARGS
-    )
-
-
 _LEADING_THINK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 
 
@@ -121,8 +108,7 @@ class PromptBuilder:
         self.max_input_tokens = max_input_tokens
 
     def encode(self, prompt: str) -> list[int]:
-        # The template already wrote any BOS/special tokens: adding them again would double them.
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return encode_rendered(self.tokenizer, prompt)
 
     def build(self, category: str, text: str) -> tuple[str, list[int], str]:
         """(prompt, prompt token ids, the document as it went into the prompt)."""
