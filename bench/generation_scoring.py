@@ -38,6 +38,7 @@ asserts a timing.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -265,11 +266,17 @@ def force_fixed_length(generator, max_new_tokens: int) -> str | None:
     if generator.name == "vllm":
         import vllm
 
-        old = generator.sampling_params
-        generator.sampling_params = vllm.SamplingParams(
-            temperature=old.temperature, max_tokens=old.max_tokens, min_tokens=max_new_tokens,
-            stop_token_ids=old.stop_token_ids, skip_special_tokens=old.skip_special_tokens,
-        )
+        plain = generator.sampling_params
+
+        @functools.cache
+        def fixed_length(category: str):
+            old = plain(category)
+            return vllm.SamplingParams(
+                temperature=old.temperature, max_tokens=old.max_tokens, min_tokens=max_new_tokens,
+                stop_token_ids=old.stop_token_ids, detokenize=old.detokenize,
+            )
+
+        generator.sampling_params = fixed_length
         return None
     return f"no fixed-length knob for backend {generator.name}"
 

@@ -44,7 +44,7 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         assert metadata["dagster/row_count"] == len(test_docs) * len(CATEGORIES)
         assert metadata["input_tokens"] > 0 and metadata["documents_per_second"] > 0
         checks = {result.check_name: result for result in generated.get_asset_check_evaluations()}
-        assert set(checks) == {"no_empty_queries", "category_validity"}
+        assert set(checks) == {"empty_queries", "category_validity"}
 
         scored = materialize_asset(settings, "reranker_scores", instance, partition=partition)
         assert scored.success

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import importlib.util
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -194,13 +194,13 @@ def test_postprocess_keeps_the_first_line_of_the_answer():
     assert postprocess("  日本の四季とは?\n二行目") == "日本の四季とは?"
     assert postprocess("<think>\n\n</think>\n\n日本の四季") == "日本の四季"
     assert postprocess("<think>考え中</think>\n\n\n  質問  \n") == "質問"
+    assert postprocess("切れた答え\ufffd\ufffd") == "切れた答え"
     assert postprocess("<think>\n切れた") == "切れた"
     assert postprocess("\n\n") == postprocess(None) == ""
 
 
-def test_vllm_is_unavailable_without_the_gpu_extra(student):
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here")
+def test_vllm_is_unavailable_without_the_gpu_extra(student, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what an install without vLLM gives: import vllm fails
     with pytest.raises(GeneratorUnavailable, match=r"pip install -e '\.\[gpu\]' on a CUDA machine"):
         open_generator("vllm", str(student))
     with pytest.raises(ValueError, match="unknown generation backend"):

@@ -2,7 +2,8 @@
 
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import duckdb
 import pyarrow as pa
 from pydantic import Field
 
-from qc_assets.categories import CATEGORIES
-from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnavailable, open_generator
+from qc_assets.categories import CATEGORIES, Category
+from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnavailable, TokenCaps, open_generator
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints
@@ -28,11 +29,12 @@ SHARD_DIMENSION = "shard"
 class GenerationResource(dg.ConfigurableResource):
     """How checkpoints write queries (QC_GENERATION_*)."""
 
-    backend: str = Field(default="transformers", description="QC_GENERATION_BACKEND: transformers, vllm or openai.")
-    base_url: str | None = Field(default=None, description="QC_GENERATION_BASE_URL (openai backend).")
-    batch_size: int = Field(default=64, description="QC_GENERATION_BATCH_SIZE")
-    max_new_tokens: int = Field(default=64, description="QC_GENERATION_MAX_NEW_TOKENS")
-    temperature: float = Field(default=0.0, description="QC_GENERATION_TEMPERATURE")
+    backend: str = Field(description="QC_GENERATION_BACKEND: transformers, vllm or openai.")
+    base_url: str | None = Field(description="QC_GENERATION_BASE_URL (openai backend).")
+    batch_size: int = Field(description="QC_GENERATION_BATCH_SIZE")
+    max_new_tokens: int | None = Field(description="QC_GENERATION_MAX_NEW_TOKENS; None: per category.")
+    temperature: float = Field(description="QC_GENERATION_TEMPERATURE")
+    max_empty_rate: float = Field(description="QC_GENERATION_MAX_EMPTY_RATE")
     checkpoints_root: str = Field(description="The checkpoint store, QC_DATA_DIR/checkpoints.")
 
     @classmethod
@@ -43,8 +45,22 @@ class GenerationResource(dg.ConfigurableResource):
             batch_size=settings.generation_batch_size,
             max_new_tokens=settings.generation_max_new_tokens,
             temperature=settings.generation_temperature,
+            max_empty_rate=settings.generation_max_empty_rate,
             checkpoints_root=str(settings.data_root / "checkpoints"),
         )
+
+    def token_caps(self) -> TokenCaps:
+        if self.max_new_tokens is not None:
+            return TokenCaps(self.max_new_tokens)
+        by_category = {name: answer_token_cap(category) for name, category in CATEGORIES.items()}
+        return TokenCaps(max(by_category.values()), by_category)
+
+
+def answer_token_cap(category: Category) -> int:
+    """Room for the longest valid answer and its end-of-turn token. A Japanese character is one token or less in
+    the students' vocabularies, but a byte-level tokenizer can spend two on a rare one; an answer cut at the cap is
+    invalid anyway, so the cap only bounds what a rambling student costs."""
+    return 2 * category.max_chars + 8
 
 
 def evaluation_documents(connection: duckdb.DuckDBPyConnection, shard: str, test_fraction: float) -> list[tuple[str, str]]:
@@ -67,6 +83,163 @@ def find_checkpoint(root: Path, checkpoint: str, warn) -> Checkpoint:
 BACKEND_KINDS = {"transformers": "huggingface", "vllm": "vllm", "openai": "openai"}
 
 
+@dataclass
+class GenerationTally:
+    """What a run generated, counted per (checkpoint, category): the metadata and both checks read it."""
+
+    queries: Counter = field(default_factory=Counter)
+    empty: Counter = field(default_factory=Counter)
+    valid: Counter = field(default_factory=Counter)
+    documents: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    generate_seconds: float = 0.0
+    generate_cpu_seconds: float = 0.0
+    load_seconds: float = 0.0
+    tiny: bool = False
+
+    def add(self, checkpoint: str, category: str, query: str, input_tokens: int, output_tokens: int) -> None:
+        key = (checkpoint, category)
+        self.queries[key] += 1
+        self.empty[key] += not query.strip()
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        try:
+            CATEGORIES[category].validate(query)
+            self.valid[key] += 1
+        except ValueError:
+            pass
+
+    def empty_rates(self) -> dict[tuple[str, str], float]:
+        return {key: self.empty[key] / count for key, count in self.queries.items()}
+
+    def validity_by_category(self) -> dict[str, float]:
+        rates = {}
+        for name in CATEGORIES:
+            total = sum(count for (_, category), count in self.queries.items() if category == name)
+            valid = sum(count for (_, category), count in self.valid.items() if category == name)
+            rates[name] = valid / total if total else 1.0
+        return rates
+
+    def empty_table(self) -> str:
+        lines = ["| checkpoint | category | queries | empty | rate |", "|---|---|---|---|---|"]
+        for (checkpoint, category), count in sorted(self.queries.items()):
+            empty = self.empty[(checkpoint, category)]
+            lines.append(f"| {checkpoint} | {category} | {count} | {empty} | {empty / count:.3f} |")
+        return "\n".join(lines)
+
+    def per_second(self, amount: int) -> float:
+        return round(amount / self.generate_seconds, 2) if self.generate_seconds else 0.0
+
+
+def _rows(results, shard: str, checkpoint: str, backend: str, tally: GenerationTally) -> pa.Table:
+    now = datetime.now(timezone.utc)
+    rows = []
+    for result in results:
+        doc_id, name = result.key
+        rows.append({
+            "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint, "query": result.query,
+            "input_tokens": result.input_tokens, "output_tokens": result.output_tokens, "backend": backend,
+            "created_at": now,
+        })
+        tally.add(checkpoint, name, result.query, result.input_tokens, result.output_tokens)
+    return pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
+
+
+def _write_partition(connection, table: pa.Table, checkpoint: str, shard: str) -> None:
+    def write(connection):
+        connection.register("generated_rows", table)
+        count = replace_partition(connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows")
+        # The connection outlives this write: it should not hold on to the rows.
+        connection.unregister("generated_rows")
+        return count
+
+    run_transaction(connection, write, f"write generated queries {checkpoint}|{shard}")
+
+
+def _generate_shard(context, generator, connection, checkpoint: str, shard: str, test_fraction: float,
+                    tally: GenerationTally) -> None:
+    documents = evaluation_documents(connection, shard, test_fraction)
+    requests = [
+        GenerationRequest(key=(doc_id, name), category=name, text=text)
+        for doc_id, text in documents
+        for name in CATEGORIES
+    ]
+    context.log.info(f"{checkpoint}|{shard}: {len(requests)} queries for {len(documents)} test documents")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    results = generator.generate(requests, log=context.log.info)
+    tally.generate_seconds += time.perf_counter() - started
+    tally.generate_cpu_seconds += time.process_time() - cpu_started
+    _write_partition(connection, _rows(results, shard, checkpoint, generator.name, tally), checkpoint, shard)
+    tally.documents += len(documents)
+
+
+def _open(generation: GenerationResource, found: Checkpoint, tally: GenerationTally):
+    started = time.perf_counter()
+    try:
+        generator = open_generator(
+            generation.backend, str(found.path), batch_size=generation.batch_size,
+            max_new_tokens=generation.token_caps(), temperature=generation.temperature,
+            base_url=generation.base_url, model_name=found.checkpoint,
+        )
+    except GeneratorUnavailable as error:
+        raise dg.Failure(description=f"QC_GENERATION_BACKEND={generation.backend}: {error}") from None
+    tally.load_seconds += time.perf_counter() - started
+    return generator
+
+
+def _shards_by_checkpoint(context, partitions_def) -> dict[str, list[str]]:
+    by_checkpoint: dict[str, list[str]] = defaultdict(list)
+    for key in context.partition_keys:
+        dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
+        by_checkpoint[dimensions[CHECKPOINT_DIMENSION]].append(dimensions[SHARD_DIMENSION])
+    return by_checkpoint
+
+
+def _results(tally: GenerationTally, generation: GenerationResource, checkpoints: int, partitions: int, seconds: float):
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(tally.queries.values()),
+            "checkpoints": checkpoints,
+            "partitions": partitions,
+            "documents": tally.documents,
+            "input_tokens": tally.input_tokens,
+            "output_tokens": tally.output_tokens,
+            "input_tokens_per_second": tally.per_second(tally.input_tokens),
+            "output_tokens_per_second": tally.per_second(tally.output_tokens),
+            "documents_per_second": tally.per_second(tally.documents),
+            "empty_queries": sum(tally.empty.values()),
+            "empty_by_checkpoint_and_category": dg.MetadataValue.md(tally.empty_table()),
+            "backend": generation.backend,
+            # Model compute: time inside the generator (prompts, generate, decoding), and loading checkpoints.
+            "generate_seconds": round(tally.generate_seconds, 3),
+            "generate_cpu_seconds": round(tally.generate_cpu_seconds, 3),
+            "model_load_seconds": round(tally.load_seconds, 3),
+            "seconds": round(seconds, 2),
+        }
+    )
+    rates = tally.empty_rates()
+    worst = max(rates, key=rates.get) if rates else None
+    # A tiny random-weight student often answers with nothing at all; that is expected of it, so for tiny
+    # checkpoints the blocking check only warns.
+    yield dg.AssetCheckResult(
+        check_name="empty_queries",
+        passed=worst is None or rates[worst] <= generation.max_empty_rate,
+        severity=dg.AssetCheckSeverity.WARN if tally.tiny else dg.AssetCheckSeverity.ERROR,
+        description=f"highest empty rate {rates[worst]:.3f} ({worst[0]}, {worst[1]}); the limit is "
+        f"QC_GENERATION_MAX_EMPTY_RATE={generation.max_empty_rate:g}" if worst else "nothing generated",
+        metadata={"empty_queries": sum(tally.empty.values()), "highest_empty_rate": rates[worst] if worst else 0.0,
+                  "max_empty_rate": generation.max_empty_rate, "tiny_model": tally.tiny},
+    )
+    validity = tally.validity_by_category()
+    yield dg.AssetCheckResult(
+        check_name="category_validity",
+        passed=min(validity.values()) >= 0.5,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={f"valid_{name}": round(rate, 3) for name, rate in validity.items()},
+    )
+
+
 def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=GENERATED_QUERIES.name,
@@ -87,8 +260,9 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
         + " A run of many partitions loads each checkpoint once and generates for all its shards in large batches.",
         metadata={"dagster/column_schema": GENERATED_QUERIES.dagster_schema(), "dagster/table_name": f"lake.{GENERATED_QUERIES.name}"},
         check_specs=[
-            dg.AssetCheckSpec("no_empty_queries", asset=GENERATED_QUERIES.name, blocking=True,
-                              description="Every generated query has text."),
+            dg.AssetCheckSpec("empty_queries", asset=GENERATED_QUERIES.name, blocking=True,
+                              description="Share of empty queries per checkpoint and category is at most "
+                              "QC_GENERATION_MAX_EMPTY_RATE."),
             dg.AssetCheckSpec("category_validity", asset=GENERATED_QUERIES.name,
                               description="Share of queries that pass their category's validator (warns below 50%)."),
         ],
@@ -96,122 +270,25 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
     def generated_queries(
         context: dg.AssetExecutionContext, generation: GenerationResource, sft: SftResource, lake: LakeResource
     ):
-        by_checkpoint: dict[str, list[str]] = defaultdict(list)
-        for key in context.partition_keys:
-            dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
-            by_checkpoint[dimensions[CHECKPOINT_DIMENSION]].append(dimensions[SHARD_DIMENSION])
-        totals = {"documents": 0, "queries": 0, "input_tokens": 0, "output_tokens": 0, "empty": 0}
-        validity: dict[str, list[int]] = {name: [0, 0] for name in CATEGORIES}
+        by_checkpoint = _shards_by_checkpoint(context, partitions_def)
+        tally = GenerationTally()
         started = time.perf_counter()
-        generate_seconds = generate_cpu_seconds = 0.0
-        tiny = False
-        load_seconds = 0.0
         # One lake connection for the whole run: attaching the lake (loading DuckDB's extensions, reading the
         # catalog) costs about half a second of CPU, which a connection per read and per write paid twice a shard.
         with lake.get_connection() as connection:
             for checkpoint, shards in by_checkpoint.items():
                 found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
-                path = found.path
-                tiny = tiny or bool(found.manifest.get("tiny_model"))
+                tally.tiny = tally.tiny or bool(found.manifest.get("tiny_model"))
                 context.log.info(f"{checkpoint}: generating for the test documents of {len(shards)} shards with {generation.backend}")
-                load_started = time.perf_counter()
-                try:
-                    generator = open_generator(
-                        generation.backend, str(path), batch_size=generation.batch_size,
-                        max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-                        base_url=generation.base_url, model_name=checkpoint,
-                    )
-                except GeneratorUnavailable as error:
-                    raise dg.Failure(description=f"QC_GENERATION_BACKEND={generation.backend}: {error}") from None
-                load_seconds += time.perf_counter() - load_started
+                generator = _open(generation, found, tally)
                 try:
                     # One shard at a time: the checkpoint is loaded once, and what is held in memory is one shard's
                     # requests and answers, however many shards the run covers.
                     for shard in shards:
-                        documents = evaluation_documents(connection, shard, sft.test_fraction)
-                        requests = [
-                            GenerationRequest(key=(doc_id, name), category=name, text=text)
-                            for doc_id, text in documents
-                            for name in CATEGORIES
-                        ]
-                        del documents
-                        context.log.info(f"{checkpoint}|{shard}: {len(requests)} queries for {len(requests) // len(CATEGORIES)} test documents")
-                        generate_started, generate_cpu_started = time.perf_counter(), time.process_time()
-                        results = generator.generate(requests, log=context.log.info)
-                        generate_seconds += time.perf_counter() - generate_started
-                        generate_cpu_seconds += time.process_time() - generate_cpu_started
-                        del requests
-                        now = datetime.now(timezone.utc)
-                        rows = []
-                        for result in results:
-                            doc_id, name = result.key
-                            rows.append({
-                                "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint,
-                                "query": result.query, "input_tokens": result.input_tokens,
-                                "output_tokens": result.output_tokens, "backend": generation.backend, "created_at": now,
-                            })
-                            totals["input_tokens"] += result.input_tokens
-                            totals["output_tokens"] += result.output_tokens
-                            totals["empty"] += not result.query.strip()
-                            try:
-                                CATEGORIES[name].validate(result.query)
-                                validity[name][0] += 1
-                            except ValueError:
-                                pass
-                            validity[name][1] += 1
-                        table = pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
-                        del rows
-
-                        def write(connection, table=table, shard=shard):
-                            connection.register("generated_rows", table)
-                            count = replace_partition(
-                                connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
-                            )
-                            # The connection outlives this write: it should not hold on to the rows.
-                            connection.unregister("generated_rows")
-                            return count
-
-                        run_transaction(connection, write, f"write generated queries {checkpoint}|{shard}")
-                        totals["documents"] += len(results) // len(CATEGORIES)
-                        totals["queries"] += len(results)
-                        del results, table
+                        _generate_shard(context, generator, connection, checkpoint, shard, sft.test_fraction, tally)
                 finally:
                     generator.close()
-        elapsed = time.perf_counter() - started
-        rates = {name: (valid / total if total else 1.0) for name, (valid, total) in validity.items()}
-        yield dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": totals["queries"],
-                "checkpoints": len(by_checkpoint),
-                "partitions": len(context.partition_keys),
-                "documents": totals["documents"],
-                "input_tokens": totals["input_tokens"],
-                "output_tokens": totals["output_tokens"],
-                "input_tokens_per_second": round(totals["input_tokens"] / generate_seconds, 1) if generate_seconds else 0.0,
-                "output_tokens_per_second": round(totals["output_tokens"] / generate_seconds, 1) if generate_seconds else 0.0,
-                "documents_per_second": round(totals["documents"] / generate_seconds, 2) if generate_seconds else 0.0,
-                "backend": generation.backend,
-                # Model compute: time inside the generator (prompts, generate, decoding), and loading checkpoints.
-                "generate_seconds": round(generate_seconds, 3),
-                "generate_cpu_seconds": round(generate_cpu_seconds, 3),
-                "model_load_seconds": round(load_seconds, 3),
-                "seconds": round(elapsed, 2),
-            }
-        )
-        # A tiny random-weight student often answers with nothing at all; that is expected of it, so for tiny
-        # checkpoints the blocking check only warns.
-        yield dg.AssetCheckResult(
-            check_name="no_empty_queries",
-            passed=totals["empty"] == 0,
-            severity=dg.AssetCheckSeverity.WARN if tiny else dg.AssetCheckSeverity.ERROR,
-            metadata={"empty_queries": totals["empty"], "tiny_model": tiny},
-        )
-        yield dg.AssetCheckResult(
-            check_name="category_validity",
-            passed=min(rates.values()) >= 0.5,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={f"valid_{name}": round(rate, 3) for name, rate in rates.items()},
-        )
+        yield from _results(tally, generation, len(by_checkpoint), len(context.partition_keys), time.perf_counter() - started)
 
     return generated_queries
 

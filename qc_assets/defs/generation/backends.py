@@ -29,8 +29,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -70,6 +70,28 @@ class GeneratedQuery:
     output_tokens: int
 
 
+@dataclass(frozen=True)
+class TokenCaps:
+    """Most new tokens per answer, by category name; `default` for any category not named."""
+
+    default: int
+    by_category: Mapping[str, int] = field(default_factory=dict)
+
+    def __call__(self, category: str) -> int:
+        return self.by_category.get(category, self.default)
+
+    @property
+    def longest(self) -> int:
+        return max([self.default, *self.by_category.values()])
+
+    @classmethod
+    def of(cls, caps: int | TokenCaps) -> TokenCaps:
+        caps = caps if isinstance(caps, TokenCaps) else cls(caps)
+        if min([caps.default, *caps.by_category.values()]) < 1:
+            raise ValueError(f"every max_new_tokens must be at least 1, got {caps}")
+        return caps
+
+
 @runtime_checkable
 class QueryGenerator(Protocol):
     name: str
@@ -89,8 +111,9 @@ _LEADING_THINK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 
 
 def postprocess(text: str | None) -> str:
-    """Stripped, without a leading think block, first non-empty line only ("" when there is none)."""
-    text = (text or "").strip()
+    """Stripped, without a leading think block, first non-empty line only ("" when there is none). An answer cut at
+    its token cap can end inside a character's bytes, which decode as U+FFFD: not text, so they go."""
+    text = (text or "").strip().rstrip("\ufffd")
     text = _LEADING_THINK.sub("", text, count=1)
     if text.lstrip().startswith("<think>"):  # an unclosed think block (cut off at max tokens)
         text = text.lstrip()[len("<think>") :]
@@ -98,6 +121,12 @@ def postprocess(text: str | None) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+def decode_answer(tokenizer, token_ids: Sequence[int]) -> str:
+    """The query in generated tokens, decoded by the checkpoint's tokenizer, whichever engine generated them: the
+    same tokens give the same query."""
+    return postprocess(tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
 
 class PromptBuilder:
@@ -217,7 +246,7 @@ class TransformersGenerator:
     name = "transformers"
 
     def __init__(
-        self, model_path: str, *, batch_size: int, max_new_tokens: int, temperature: float, max_input_tokens: int
+        self, model_path: str, *, batch_size: int, max_new_tokens: TokenCaps, temperature: float, max_input_tokens: int
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -243,7 +272,7 @@ class TransformersGenerator:
         # greedy at temperature 0, else plain sampling at that temperature, as the vllm backend does.
         sampling = temperature > 0
         model.generation_config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens.default,
             do_sample=sampling,
             temperature=temperature if sampling else 1.0,
             top_k=0 if sampling else None,
@@ -260,13 +289,10 @@ class TransformersGenerator:
         torch = self._torch
         requests = list(requests)
         prompts = [self.builder.build(request.category, request.text)[1] for request in requests]
-        # Longest first: similar lengths share a batch (little padding), and the biggest batch runs first.
-        order = sorted(range(len(requests)), key=lambda index: -len(prompts[index]))
         results: list[GeneratedQuery | None] = [None] * len(requests)
         progress = _Progress(self.name, len(requests), log)
         log(f"{self.name}: {len(requests)} requests on {self.device.type}, batches of {self.batch_size}")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for cap, batch in self._batches(requests, prompts):
             width = max(len(prompts[index]) for index in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -276,7 +302,8 @@ class TransformersGenerator:
                 attention_mask[row, width - len(ids) :] = 1
             with torch.inference_mode():
                 output = self.model.generate(
-                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                    max_new_tokens=cap,
                 )
             generated = output[:, width:].tolist()
             batch_input = batch_output = 0
@@ -284,10 +311,9 @@ class TransformersGenerator:
                 tokens = generated[row]
                 # Up to and including the first stop token; after it a finished row holds only padding.
                 end = next((position + 1 for position, token in enumerate(tokens) if token in self._stop), len(tokens))
-                answer = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
                 results[index] = GeneratedQuery(
                     key=requests[index].key,
-                    query=postprocess(answer),
+                    query=decode_answer(self.tokenizer, tokens[:end]),
                     input_tokens=len(prompts[index]),
                     output_tokens=end,
                 )
@@ -296,6 +322,17 @@ class TransformersGenerator:
             progress.add(len(batch), batch_input, batch_output)
         progress.finish()
         return results  # type: ignore[return-value]
+
+    def _batches(self, requests: list[GenerationRequest], prompts: list[list[int]]):
+        """(cap, request indices) per batch: one cap per batch, as `generate` takes one; within a cap longest
+        first, so similar lengths share a batch (little padding) and the biggest batch runs first."""
+        by_cap: dict[int, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_cap.setdefault(self.max_new_tokens(request.category), []).append(index)
+        for cap, indices in sorted(by_cap.items()):
+            indices.sort(key=lambda index: -len(prompts[index]))
+            for start in range(0, len(indices), self.batch_size):
+                yield cap, indices[start : start + self.batch_size]
 
     def close(self) -> None:
         if getattr(self, "model", None) is None:
@@ -328,7 +365,7 @@ class VLLMGenerator:
     name = "vllm"
 
     def __init__(
-        self, model_path: str, *, batch_size: int, max_new_tokens: int, temperature: float, max_input_tokens: int
+        self, model_path: str, *, batch_size: int, max_new_tokens: TokenCaps, temperature: float, max_input_tokens: int
     ) -> None:
         try:
             import vllm
@@ -346,16 +383,22 @@ class VLLMGenerator:
         self.chunk_size = max(batch_size, 1024)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.builder = PromptBuilder(self.tokenizer, max_input_tokens)
+        import torch
+
+        on_gpu = torch.cuda.is_available()
         # The longest sequence this generator can make: prompts are cut to max_input_tokens. Bounding it keeps vLLM
-        # from reserving for the checkpoint's full context (40k for Qwen3).
-        self.llm = vllm.LLM(model=self.model_path, dtype="bfloat16", max_model_len=max_input_tokens + max_new_tokens)
-        # vLLM stops on the checkpoint's eos ids by itself; <|im_end|> is named too in case the config lacks it.
-        self.sampling_params = vllm.SamplingParams(
-            temperature=temperature,
-            max_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids(self.tokenizer),
-            skip_special_tokens=True,
+        # from reserving for the checkpoint's full context (40k for Qwen3). On a CPU (vLLM's CPU build) the engine
+        # runs fp32, as the transformers backend does there, and eagerly: compiling costs more than it saves.
+        self.llm = vllm.LLM(
+            model=self.model_path,
+            dtype="bfloat16" if on_gpu else "float32",
+            enforce_eager=not on_gpu,
+            max_model_len=max_input_tokens + max_new_tokens.longest,
         )
+        self._vllm = vllm
+        # vLLM stops on the checkpoint's eos ids by itself; <|im_end|> is named too in case the config lacks it.
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self._sampling_by_cap: dict[int, Any] = {}
 
     def generate(self, requests: Sequence[GenerationRequest], log: Log = _no_log) -> list[GeneratedQuery]:
         if self.llm is None:
@@ -367,8 +410,9 @@ class VLLMGenerator:
         for start in range(0, len(requests), self.chunk_size):
             chunk = requests[start : start + self.chunk_size]
             prompts = [{"prompt_token_ids": self.builder.build(request.category, request.text)[1]} for request in chunk]
+            sampling = [self.sampling_params(request.category) for request in chunk]
             # sampling_params by keyword: positional in recent vLLM, keyword-only in some older releases.
-            outputs = self.llm.generate(prompts, sampling_params=self.sampling_params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
             chunk_input = chunk_output = 0
             for request, prompt, output in zip(chunk, prompts, outputs, strict=True):
                 completion = output.outputs[0]
@@ -377,7 +421,7 @@ class VLLMGenerator:
                 results.append(
                     GeneratedQuery(
                         key=request.key,
-                        query=postprocess(completion.text),
+                        query=decode_answer(self.tokenizer, completion.token_ids),
                         input_tokens=input_tokens,
                         output_tokens=output_tokens,
                     )
@@ -387,6 +431,14 @@ class VLLMGenerator:
             progress.add(len(chunk), chunk_input, chunk_output)
         progress.finish()
         return results
+
+    def sampling_params(self, category: str):
+        cap = self.max_new_tokens(category)
+        if cap not in self._sampling_by_cap:
+            self._sampling_by_cap[cap] = self._vllm.SamplingParams(
+                temperature=self.temperature, max_tokens=cap, stop_token_ids=self.stop_ids, detokenize=False
+            )
+        return self._sampling_by_cap[cap]
 
     def close(self) -> None:
         if getattr(self, "llm", None) is None:
@@ -432,7 +484,7 @@ class OpenAIGenerator:
         self,
         model_path: str,
         *,
-        max_new_tokens: int,
+        max_new_tokens: TokenCaps | int,
         temperature: float,
         max_input_tokens: int,
         base_url: str | None,
@@ -445,7 +497,7 @@ class OpenAIGenerator:
         self.model_path = str(model_path)
         self.model = model_name or self.model_path
         self.base_url = base_url
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = TokenCaps.of(max_new_tokens)
         self.temperature = temperature
         self.concurrency = concurrency
         self.timeout_s = timeout_s
@@ -466,7 +518,7 @@ class OpenAIGenerator:
         return {
             "model": self.model,
             "messages": messages_for(request.category, text),
-            "max_tokens": self.max_new_tokens,
+            "max_tokens": self.max_new_tokens(request.category),
             "temperature": self.temperature,
             # vLLM passes these to the chat template (Qwen3: the empty think block, as in training).
             "chat_template_kwargs": dict(GENERATION_TEMPLATE_KWARGS),
@@ -573,7 +625,7 @@ def open_generator(
     model_path: str,
     *,
     batch_size: int = 64,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | TokenCaps = 64,
     temperature: float = 0.0,
     max_input_tokens: int = 2048,
     base_url: str | None = None,
@@ -582,10 +634,12 @@ def open_generator(
     model_name: str | None = None,
 ) -> QueryGenerator:
     """A generator for `model_path` (a checkpoint directory or hub id) on `backend` ("transformers", "vllm",
-    "openai"). `max_input_tokens` bounds the whole templated prompt; `base_url`, `api_key`, `concurrency` and
-    `model_name` (default: model_path) are the openai backend's; `batch_size` is the transformers batch."""
-    if batch_size < 1 or max_new_tokens < 1 or max_input_tokens < 1 or concurrency < 1:
-        raise ValueError("batch_size, max_new_tokens, max_input_tokens and concurrency must be at least 1")
+    "openai"). `max_new_tokens` caps every answer alike, or each category its own (TokenCaps); `max_input_tokens`
+    bounds the whole templated prompt; `base_url`, `api_key`, `concurrency` and `model_name` (default: model_path)
+    are the openai backend's; `batch_size` is the transformers batch."""
+    max_new_tokens = TokenCaps.of(max_new_tokens)
+    if batch_size < 1 or max_input_tokens < 1 or concurrency < 1:
+        raise ValueError("batch_size, max_input_tokens and concurrency must be at least 1")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     model_path = str(model_path)
