@@ -46,7 +46,7 @@ def documents(count: int, tag: str) -> list[tuple[str, str]]:
 def backend_for(base_url: str, work: Path) -> OpenAITeacher:
     """As the teacher asset opens it, the key's budget shared between runs included."""
     return OpenAITeacher(
-        base_url=base_url, model="bench-teacher", api_key="bench", price=PRICES["deepseek-reasoner-night"],
+        base_url=base_url, model="bench-teacher", api_key="bench", price=PRICES["deepseek-v4-flash"],
         concurrency=CONCURRENCY, max_attempts=3, timeout_s=30, backoff_s=0.05,
         key_budget=KeyBudget(work / "keys", budget_name(base_url, "bench"), CONCURRENCY),
     )

@@ -72,6 +72,22 @@ class Category:
             raise LabelError(f"{self.name}: {len(label.split(' '))} keywords, the cap is {self.max_terms}")
         return label
 
+    @property
+    def json_schema(self) -> dict:
+        """The answer's shape for endpoints that constrain decoding to a JSON schema: a hint to the decoder, kept
+        no looser than `validate` (one line, no outer whitespace, within the cap, at most `max_terms` terms
+        separated by one space), which stays the judge."""
+        if self.max_terms is None:
+            pattern = r"^\S([^\r\n]*\S)?$"
+        else:
+            pattern = rf"^\S+( \S+){{0,{self.max_terms - 1}}}$"
+        return {
+            "type": "object",
+            "properties": {"query": {"type": "string", "minLength": 1, "maxLength": self.max_chars, "pattern": pattern}},
+            "required": ["query"],
+            "additionalProperties": False,
+        }
+
     def parse(self, content: str | None) -> str:
         """The label in a raw completion: `<think>` blocks, code fences and text around the JSON are tolerated;
         the JSON itself must be an object with exactly one string member, `query`."""

@@ -56,7 +56,11 @@ def build_definitions(settings: Settings, shards: list[Shard] | None = None) -> 
             eval_summary,
         ],
         jobs=[teacher_job],
-        schedules=[build_discount_schedule(teacher_job, shard_partitions.get_partition_keys())],
+        schedules=[
+            build_discount_schedule(
+                teacher_job, shard_partitions.get_partition_keys(), TeacherResource.from_settings(settings).discount_window()
+            )
+        ],
         sensors=[
             build_checkpoint_sensor(
                 checkpoint_partitions, shard_partitions.get_partition_keys(), settings.data_root / "checkpoints",

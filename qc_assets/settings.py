@@ -11,7 +11,9 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from qc_assets.defs.teacher.prices import UtcWindow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = PROJECT_ROOT / "data" / "sample" / "corpus"
@@ -24,6 +26,7 @@ SEED_STUDENT_BASE_MODELS = (
     "SakanaAI/TinySwallow-1.5B-Instruct",
 )
 TINY_STUDENT = "tiny"
+DEFAULT_OPENAI_TEACHER_MODEL = "deepseek-v4-flash"
 
 
 class SettingsError(ValueError):
@@ -56,19 +59,35 @@ class Settings(BaseModel):
 
     teacher_backend: Literal["replay", "openai"] = Field(
         default="replay",
-        description="`openai`: any OpenAI-compatible endpoint (DeepSeek-R1, vLLM, SGLang, Ollama); "
+        description="`openai`: any OpenAI-compatible endpoint (DeepSeek's API, vLLM, SGLang, Ollama); "
         "`replay`: import existing labels.",
     )
     teacher_base_url: str = Field(default="https://api.deepseek.com", description="Chat-completions endpoint (openai).")
     teacher_model: str | None = Field(
         default=None,
-        description="Teacher model, stored in every label's key; default `deepseek-reasoner` (openai) "
+        description=f"Teacher model, stored in every label's key; default `{DEFAULT_OPENAI_TEACHER_MODEL}` (openai) "
         "or the replay source's name (replay).",
+    )
+    teacher_thinking: Literal["enabled", "disabled"] | None = Field(
+        default=None, description="Turn the model's thinking on or off (openai); unset: the endpoint's default."
+    )
+    teacher_reasoning_effort: str | None = Field(
+        default=None, description="`reasoning_effort` sent as given, e.g. `high` or `max` (openai); unset: not sent."
+    )
+    teacher_response_format: Literal["json_schema", "json_object", "none"] | None = Field(
+        default=None,
+        description="Structured output (openai): each category's JSON schema, any JSON object, or none; "
+        "unset: `json_object` for api.deepseek.com, `none` elsewhere.",
+    )
+    teacher_window: str | None = Field(
+        default=None,
+        description="UTC window of the discount schedule, like `16:30-00:30`; unset: the price entry's off-peak "
+        "window, if it has one.",
     )
     teacher_api_key: SecretStr | None = Field(default=None, description="API key (openai); never logged or stored.")
     teacher_concurrency: int = Field(default=100, ge=1, le=2000, description="Requests in flight at most.")
     teacher_max_attempts: int = Field(default=6, ge=1, le=50, description="Attempts per key before quarantine.")
-    teacher_timeout_s: float = Field(default=600.0, gt=0, description="Per-request timeout; R1 can think for minutes.")
+    teacher_timeout_s: float = Field(default=600.0, gt=0, description="Per-request timeout; a thinking model can take minutes.")
     teacher_backoff_s: float = Field(
         default=1.0, ge=0, description="Longest wait before the first retry; doubles per attempt, with jitter."
     )
@@ -109,10 +128,23 @@ class Settings(BaseModel):
     student_learning_rate: float | None = Field(
         default=None, gt=0, description="Default 1e-5 (full), 2e-4 (LoRA), 3e-3 (`tiny`)."
     )
-    student_batch_size: int = Field(default=8, ge=1, description="Per-device batch size.")
+    student_batch_size: int = Field(
+        default=8, ge=1, description="Per-device batch size; smaller (more accumulation) where the memory plan needs it."
+    )
     student_gradient_accumulation: int = Field(default=4, ge=1, description="Gradient accumulation steps.")
     student_max_length: int = Field(default=2048, ge=32, description="Tokens per example; longer ones are cut.")
     student_lora_r: int = Field(default=16, ge=1, description="LoRA rank (QC_STUDENT_METHOD=lora).")
+    student_optimizer: str = Field(
+        default="adamw_torch_fused",
+        min_length=1,
+        description="A transformers `optim` name; the memory plan counts 8 bytes per trained parameter, 2 for 8-bit ones.",
+    )
+    student_save_steps: int = Field(
+        default=500, ge=1, description="Optimizer steps between resumable training states (killed runs resume there)."
+    )
+    student_memory_limit_gib: float | None = Field(
+        default=None, gt=0, description="Accelerator memory the training plan must fit; default the GPU's (no check on CPU)."
+    )
 
     gpu_slots: int = Field(
         default=1, ge=1, le=64,
@@ -126,7 +158,15 @@ class Settings(BaseModel):
     )
     generation_base_url: str | None = Field(default=None, description="Server for the `openai` generation backend.")
     generation_batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
-    generation_max_new_tokens: int = Field(default=64, ge=1, description="Query length cap in tokens.")
+    generation_max_new_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Answer cap in tokens for every category; default per category: twice its character cap plus 8.",
+    )
+    generation_max_empty_rate: float = Field(
+        default=0.05, ge=0, le=1,
+        description="Share of empty generated queries (per checkpoint and category) above which the "
+        "`empty_queries` check fails and blocks scoring.",
+    )
     generation_temperature: float = Field(default=0.0, ge=0, description="0 is greedy.")
     scorer_model: str = Field(
         default="BAAI/bge-reranker-v2-m3",
@@ -142,6 +182,13 @@ class Settings(BaseModel):
                 f"QC_CORPUS_MIN_CHARS ({self.corpus_min_chars}) is larger than QC_CORPUS_MAX_CHARS ({self.corpus_max_chars})"
             )
         return self
+
+    @field_validator("teacher_window")
+    @classmethod
+    def _window_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            UtcWindow.parse(value)
+        return value
 
     @model_validator(mode="after")
     def _student_models_are_named(self) -> Settings:

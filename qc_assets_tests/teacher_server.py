@@ -14,6 +14,9 @@ requests per key (attempt 1, 2, ...) and picks a behaviour from a plan:
                 "retry_after": 1}, ...]}
 
 The first matching rule wins, no match is "ok". See `BEHAVIORS` and `validate_plan` for the rule fields.
+With `"models": [...]` the server serves only those models: a request for another one is answered as DeepSeek
+answers a retired or mistyped name (400 "Model Not Exist"), or as vLLM does with `"unknown_model_status": 404`.
+That check comes before the rules, and a refused request is not an attempt.
 
 Command line:
     python -m qc_assets_tests.teacher_server --host 127.0.0.1 --port 0 --plan PLAN.json --log LOG.jsonl \
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from qc_assets.categories import CATEGORIES, Category, LabelError
+from qc_assets.settings import DEFAULT_OPENAI_TEACHER_MODEL
 
 BEHAVIORS: frozenset[str] = frozenset(
     {
@@ -65,7 +69,9 @@ BEHAVIORS: frozenset[str] = frozenset(
 )
 # The 200 answers whose content carries a valid label: only these count as "delivered" in the log.
 OK_FAMILY: frozenset[str] = frozenset({"ok", "fenced", "think_inline", "chatter", "slow"})
-DEFAULT_MODEL = "deepseek-reasoner"
+DEFAULT_MODEL = DEFAULT_OPENAI_TEACHER_MODEL
+# Request fields beyond the prompt that the client may send; logged as "options" so tests see what went out.
+REQUEST_OPTIONS = ("thinking", "chat_template_kwargs", "reasoning_effort", "response_format")
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
 RELOAD_PATH = "/_teacher/reload"  # harness-only: forces a plan re-read; never logged, never needs the key
@@ -160,9 +166,20 @@ def validate_plan(plan: dict | None) -> dict:
             raise ValueError(f"{where}: text_keys must be a list of strings")
         if behavior == "raw" and "content" not in rule:
             raise ValueError(f"{where}: raw needs a content string")
+    models = plan.get("models")
+    if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+        raise ValueError("models must be a list of model names")
+    if plan.get("unknown_model_status", 400) not in (400, 404):
+        raise ValueError("unknown_model_status must be 400 (DeepSeek) or 404 (vLLM)")
     plan["latency_ms"] = float(latency)
     plan["rules"] = rules
     return plan
+
+
+def _unknown_model_body(model: str, status: int) -> bytes:
+    if status == 404:  # vLLM's OpenAI server
+        return _error_body(f"The model `{model}` does not exist.", "NotFoundError", None)
+    return _error_body("Model Not Exist", "invalid_request_error", "invalid_request_error")  # DeepSeek's, verbatim
 
 
 def _fraction_selects(index: int, category: str, key: str, fraction: float) -> bool:
@@ -315,9 +332,9 @@ class TeacherHandler:
             if not auth_ok:
                 return error(401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
             log["behavior"] = "models"
-            model = plan.get("model", DEFAULT_MODEL)
+            served = plan.get("models") or [DEFAULT_MODEL]
             body = json.dumps(
-                {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "teacher-server"}]}
+                {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "teacher-server"} for m in served]}
             ).encode()
             return _Outcome(_http_response(200, body, keep_alive), 200, due, keep_alive, False, log)
         if request.path not in CHAT_PATHS:
@@ -338,6 +355,7 @@ class TeacherHandler:
             return error(400, "bad_request", _error_body(f"invalid body: {exc}", "invalid_request_error", None))
         model = payload.get("model") if isinstance(payload.get("model"), str) else DEFAULT_MODEL
         log["model"] = model
+        log["options"] = {name: payload[name] for name in REQUEST_OPTIONS if name in payload}
         user = next(
             (_content_text(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
             None,
@@ -357,6 +375,9 @@ class TeacherHandler:
             )
         if payload.get("stream"):
             return error(400, "bad_request", _error_body("stream is not supported by this server", "invalid_request_error", None, "stream"))
+        if plan.get("models") is not None and model not in plan["models"]:
+            status = plan.get("unknown_model_status", 400)
+            return error(status, "unknown_model", _unknown_model_body(model, status))
         attempt = self.attempts.get((cat.name, key), 0) + 1
         self.attempts[(cat.name, key)] = attempt
         log["attempt"] = attempt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import replace
@@ -14,12 +15,16 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from qc_assets.categories import CATEGORIES, LabelError
 from qc_assets.definitions import build_definitions
-from qc_assets.defs.teacher.openai_teacher import AdaptiveLimit
+from qc_assets.defs.teacher.assets import TeacherResource
+from qc_assets.defs.teacher.backends import Budget, LabelRequest
+from qc_assets.defs.teacher.openai_teacher import AdaptiveLimit, OpenAITeacher, RequestOptions, request_body
+from qc_assets.defs.teacher.prices import PRICES, PriceError, resolve_price
 from qc_assets.settings import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS, SettingsError, load_settings
-from qc_assets_tests.conftest import document, lake_rows, materialization_metadata, materialize, write_jsonl
+from qc_assets_tests.conftest import document, lake_rows, materialization_metadata, materialize, run_qc, write_jsonl
 from qc_assets_tests.teacher_server import label_for, run_teacher_server, text_key
 
 SHARD = "shard-a"
@@ -156,6 +161,10 @@ def test_bad_teacher_settings_are_refused_with_the_variable_named(settings_for, 
         load_settings({"QC_TEACHER_BACKEND": "gpt"})
     with pytest.raises(SettingsError, match="QC_TEACHER_CONCURRENCY"):
         load_settings({"QC_TEACHER_CONCURRENCY": "0"})
+    with pytest.raises(SettingsError, match="QC_TEACHER_THINKING"):
+        load_settings({"QC_TEACHER_THINKING": "on"})
+    with pytest.raises(SettingsError, match="QC_TEACHER_RESPONSE_FORMAT"):
+        load_settings({"QC_TEACHER_RESPONSE_FORMAT": "xml"})
     for variable, value, expected in (
         ("QC_TEACHER_REPLAY_COLUMNS", "doc_id=id,title", "QC_TEACHER_REPLAY_COLUMNS"),
         ("QC_TEACHER_REPLAY_SOURCE", str(tmp_path / "missing.jsonl"), "QC_TEACHER_REPLAY_SOURCE"),
@@ -354,34 +363,57 @@ def test_the_spend_cap_stops_new_requests_keeps_the_labels_and_a_later_run_conti
     assert lake_rows(settings, "SELECT count(*) FROM teacher_labels") == [(21,)]
 
 
-def test_the_discount_schedule_requests_every_shard_inside_the_window_only(environment, tmp_path):
+def utc(*fields: int) -> datetime:
+    return datetime(*fields, tzinfo=timezone.utc)
+
+
+def evaluate_schedule(environment, source: Path, moments: list[datetime], **extra: str) -> tuple[dg.ScheduleDefinition, list]:
+    repository = build_definitions(load_settings(environment(source, **extra))).get_repository_def()
+    schedule = repository.get_schedule_def("teacher_discount_window")
+    with dg.instance_for_test() as instance:
+        ticks = [
+            schedule.evaluate_tick(
+                dg.build_schedule_context(instance=instance, scheduled_execution_time=moment, repository_def=repository)
+            )
+            for moment in moments
+        ]
+    return schedule, ticks
+
+
+def test_the_discount_schedule_requests_every_shard_inside_its_window_only(environment, tmp_path):
     source = write_corpus(tmp_path / "corpus", [document(0)])
     write_corpus(source, [document(1)], shard="shard-b")
-    definitions = build_definitions(load_settings(environment(source)))
-    repository = definitions.get_repository_def()
-    schedule = repository.get_schedule_def("teacher_discount_window")
-    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
-    assert schedule.execution_timezone == "UTC"
-    with dg.instance_for_test() as instance:
-        for moment, window_end in (
-            (datetime(2026, 11, 21, 16, 30, tzinfo=timezone.utc), "2026-11-22T00:30:00+00:00"),
-            (datetime(2026, 11, 21, 23, 30, tzinfo=timezone.utc), "2026-11-22T00:30:00+00:00"),
-            (datetime(2026, 11, 22, 0, 10, tzinfo=timezone.utc), "2026-11-22T00:30:00+00:00"),
-        ):
-            context = dg.build_schedule_context(
-                instance=instance, scheduled_execution_time=moment, repository_def=repository
-            )
-            requests = schedule.evaluate_tick(context).run_requests
-            assert sorted(request.partition_key for request in requests) == [SHARD, "shard-b"]
-            for request in requests:
-                assert request.run_config["ops"]["teacher_labels"]["config"]["stop_at"] == window_end
+    inside = [utc(2026, 11, 21, 16, 30), utc(2026, 11, 21, 23, 30), utc(2026, 11, 22, 0, 10)]
+    outside = [utc(2026, 11, 21, 0, 30), utc(2026, 11, 21, 12, 0)]
+    # The window of seed 000's R1 prices: set directly, or the off-peak window of the historical price entry.
+    for extra in ({"QC_TEACHER_WINDOW": "16:30-00:30"}, {"QC_TEACHER_PRICE": "deepseek-reasoner"}):
+        schedule, ticks = evaluate_schedule(environment, source, inside + outside, **extra)
+        assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+        assert schedule.execution_timezone == "UTC"
+        assert schedule.cron_schedule == "30 16,17,18,19,20,21,22,23 * * *"
+        for tick in ticks[: len(inside)]:
+            assert sorted(request.partition_key for request in tick.run_requests) == [SHARD, "shard-b"]
+            for request in tick.run_requests:
+                assert request.run_config["ops"]["teacher_labels"]["config"]["stop_at"] == "2026-11-22T00:30:00+00:00"
                 assert request.run_key.startswith("2026-11-21:")
-        for outside in (datetime(2026, 11, 21, 0, 30, tzinfo=timezone.utc), datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)):
-            context = dg.build_schedule_context(
-                instance=instance, scheduled_execution_time=outside, repository_def=repository
-            )
-            data = schedule.evaluate_tick(context)
-            assert not data.run_requests and "outside" in data.skip_message
+        for tick in ticks[len(inside):]:
+            assert not tick.run_requests and "outside the 16:30-00:30 UTC" in tick.skip_message
+    # A window that does not wrap midnight.
+    schedule, ticks = evaluate_schedule(
+        environment, source, [utc(2026, 11, 21, 3, 0), utc(2026, 11, 21, 5, 0)], QC_TEACHER_WINDOW="01:00-03:30"
+    )
+    assert schedule.cron_schedule == "0 1,2,3 * * *"
+    assert {r.run_config["ops"]["teacher_labels"]["config"]["stop_at"] for r in ticks[0].run_requests} == {
+        "2026-11-21T03:30:00+00:00"
+    }
+    assert not ticks[1].run_requests
+    # Today's default model has no confirmed off-peak price, so no window: every tick skips and says what to set.
+    schedule, ticks = evaluate_schedule(environment, source, inside, QC_TEACHER_BACKEND="openai")
+    for tick in ticks:
+        assert not tick.run_requests and "QC_TEACHER_WINDOW" in tick.skip_message
+    for window in ("16:30", "25:00-01:00", "10:00-10:00"):
+        with pytest.raises(SettingsError, match="QC_TEACHER_WINDOW"):
+            load_settings(environment(source, QC_TEACHER_WINDOW=window))
 
 
 def test_a_run_past_its_stop_time_asks_for_nothing_and_says_why(environment, tmp_path):
@@ -421,3 +453,194 @@ def test_the_api_key_never_reaches_logs_metadata_the_lake_or_errors(environment,
     haystacks = [captured.out, captured.err, description, *events]
     haystacks += [path.read_bytes().decode("utf-8", "replace") for path in tmp_path.rglob("*") if path.is_file()]
     assert not [text for text in haystacks if planted in text]
+
+
+def assert_values_the_schema_admits_pass_the_validator(category) -> None:
+    query = category.json_schema["properties"]["query"]
+    admitted = st.from_regex(query["pattern"], fullmatch=True).filter(lambda value: len(value) <= query["maxLength"])
+
+    @hypothesis_settings(max_examples=150, deadline=None, database=None)
+    @given(admitted)
+    def check(value: str) -> None:
+        assert category.validate(value)
+
+    check()
+
+
+def test_each_category_schema_names_the_validators_cap_and_what_it_admits_the_validator_accepts():
+    for category in CATEGORIES.values():
+        schema = category.json_schema
+        assert schema["required"] == ["query"] and schema["additionalProperties"] is False
+        query = schema["properties"]["query"]
+        assert query["type"] == "string" and query["maxLength"] == category.max_chars
+        pattern = re.compile(query["pattern"])
+        for broken in ("一行目\n二行目", "一行目\r\n二行目", "末尾\n", " 先頭の空白", ""):
+            assert not pattern.fullmatch(broken), (category.name, broken)
+        assert_values_the_schema_admits_pass_the_validator(category)
+    keywords = re.compile(CATEGORIES["keywords"].json_schema["properties"]["query"]["pattern"])
+    assert keywords.fullmatch(" ".join(["語"] * 8)) and not keywords.fullmatch(" ".join(["語"] * 9))
+
+
+def test_the_request_body_speaks_deepseeks_dialect_or_vllms():
+    title = CATEGORIES["title"]
+    deepseek = RequestOptions.for_endpoint("https://api.deepseek.com", "disabled", "high", None)
+    body = request_body("deepseek-v4-flash", title, "本文", 512, deepseek)
+    assert body["thinking"] == {"type": "disabled"} and body["reasoning_effort"] == "high"
+    assert body["response_format"] == {"type": "json_object"} and "chat_template_kwargs" not in body
+    assert body["messages"] == [{"role": "user", "content": title.prompt("本文")}] and body["max_tokens"] == 512
+    vllm = RequestOptions.for_endpoint("http://127.0.0.1:8000/v1", "enabled", "max", "json_schema")
+    body = request_body("deepseek-ai/DeepSeek-R1", title, "本文", 512, vllm)
+    assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["reasoning_effort"] == "max"
+    assert "thinking" not in body
+    assert body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "title", "schema": title.json_schema, "strict": True}
+    }
+    unset = request_body("m", title, "本文", 512, RequestOptions.for_endpoint("http://127.0.0.1:8000/v1", None, None, None))
+    assert set(unset) == {"model", "messages", "max_tokens"}
+    assert request_body("m", title, "本文", 1, RequestOptions.for_endpoint("https://api.deepseek.com/v1", None, None, "none")).keys() == unset.keys()
+
+
+def test_thinking_effort_and_response_format_settings_reach_the_wire(environment, tmp_path):
+    source = write_corpus(tmp_path / "corpus", [document(0)])
+    with run_teacher_server(tmp_path, {"rules": []}) as server:
+        settings = load_settings(openai_environment(
+            environment, source, server, QC_TEACHER_THINKING="disabled", QC_TEACHER_REASONING_EFFORT="high",
+            QC_TEACHER_RESPONSE_FORMAT="json_schema",
+        ))
+        with dg.instance_for_test() as instance:
+            assert materialize(settings, SHARD, instance).success
+        sent = chat_requests(server)
+    assert len(sent) == 7
+    for entry in sent:
+        options = entry["options"]
+        assert options["chat_template_kwargs"] == {"enable_thinking": False} and options["reasoning_effort"] == "high"
+        assert options["response_format"]["json_schema"]["schema"] == CATEGORIES[entry["category"]].json_schema
+
+
+def test_prices_default_by_model_charge_the_off_peak_rate_inside_its_window_and_name_their_source():
+    flash = resolve_price(None, "deepseek-v4-flash", capped=True)
+    assert (flash.input_per_m, flash.output_per_m, flash.cached_input_per_m) == (0.14, 0.28, 0.0028)
+    assert resolve_price(None, "my-local-model", capped=False) is PRICES["free"]
+    for entry in PRICES.values():
+        assert entry.name == "free" or (entry.source and entry.checked), entry.name
+    assert "historical" in PRICES["deepseek-reasoner"].source and "historical" in PRICES["deepseek-reasoner-night"].source
+    r1 = PRICES["deepseek-reasoner"]
+    tokens = (1_000_000, 400_000, 2_000_000)  # input (of which cached), output
+    list_price = 0.6 * 0.55 + 0.4 * 0.14 + 2 * 2.19
+    night_price = 0.6 * 0.135 + 0.4 * 0.035 + 2 * 0.55
+    for moment in (utc(2026, 3, 1, 16, 30), utc(2026, 3, 1, 23, 59), utc(2026, 3, 2, 0, 29)):
+        assert r1.cost_usd(*tokens, at=moment) == pytest.approx(night_price), moment
+    for moment in (utc(2026, 3, 1, 16, 29), utc(2026, 3, 2, 0, 30), utc(2026, 3, 2, 12, 0)):
+        assert r1.cost_usd(*tokens, at=moment) == pytest.approx(list_price), moment
+    assert flash.cost_usd(*tokens, at=utc(2026, 3, 1, 17, 0)) == flash.cost_usd(*tokens, at=utc(2026, 3, 1, 9, 0))
+
+
+def test_the_teacher_charges_a_request_by_the_clock_it_was_made_at(tmp_path):
+    request = LabelRequest("d0", SHARD, CATEGORIES["title"], document(0))
+
+    async def label_at(hour: int):
+        teacher = OpenAITeacher(
+            server.base_url, "r1-somewhere", None, PRICES["deepseek-reasoner"],
+            clock=lambda: utc(2026, 3, 1, hour, 0),
+        )
+        try:
+            (outcome,) = [outcome async for outcome in teacher.label_all([request], Budget())]
+            return outcome.usage
+        finally:
+            await teacher.aclose()
+
+    def at_rates(usage, input_per_m: float, cached_per_m: float, output_per_m: float) -> float:
+        uncached = usage.input_tokens - usage.cached_input_tokens
+        return (uncached * input_per_m + usage.cached_input_tokens * cached_per_m + usage.output_tokens * output_per_m) / 1e6
+
+    with run_teacher_server(tmp_path, {"rules": []}) as server:
+        night, day = asyncio.run(label_at(17)), asyncio.run(label_at(12))
+    assert night.cost_usd == pytest.approx(at_rates(night, 0.135, 0.035, 0.55)) and night.cost_usd > 0
+    assert day.cost_usd == pytest.approx(at_rates(day, 0.55, 0.14, 2.19))
+
+
+def test_the_default_openai_teacher_is_deepseek_v4_flash_priced_from_the_table(environment, tmp_path):
+    teacher = TeacherResource.from_settings(load_settings(environment(tmp_path, QC_TEACHER_BACKEND="openai")))
+    backend = teacher.open_backend(max_usd=10)
+    try:
+        assert backend.teacher == "deepseek-v4-flash" and backend.price is PRICES["deepseek-v4-flash"]
+        assert backend.options.dialect == "deepseek" and backend.options.response_format == "json_object"
+        assert backend.options.thinking is None and backend.options.reasoning_effort is None
+        assert teacher.identity()[0] == "deepseek-v4-flash"
+    finally:
+        asyncio.run(backend.aclose())
+
+
+def test_a_spend_cap_on_a_model_without_a_price_is_a_configuration_error(environment, tmp_path):
+    source = write_corpus(tmp_path / "corpus", [document(0)])
+    with run_teacher_server(tmp_path, {"rules": []}) as server:
+        unpriced = {"QC_TEACHER_MODEL": "local-model", "QC_TEACHER_PRICE": ""}
+        capped = load_settings(openai_environment(environment, source, server, QC_TEACHER_MAX_USD="5", **unpriced))
+        uncapped = load_settings(openai_environment(environment, source, server, **unpriced))
+        with dg.instance_for_test() as instance:
+            for settings, run_config in ((capped, None), (uncapped, {"ops": {"teacher_labels": {"config": {"max_usd": 5}}}})):
+                result = materialize(settings, SHARD, instance, run_config)
+                assert not result.success
+                description = result.failure_data_for_node("teacher_labels").user_failure_data.description
+                assert "QC_TEACHER_PRICE" in description and "QC_TEACHER_MODEL='local-model'" in description
+            assert chat_requests(server) == []
+            result = materialize(uncapped, SHARD, instance)
+            assert result.success
+    assert lake_rows(uncapped, "SELECT count(*), sum(cost_usd) FROM teacher_labels") == [(7, 0.0)]
+    with pytest.raises(PriceError, match="QC_TEACHER_PRICE"):
+        resolve_price(None, "deepseek-v4-pro", capped=True)
+
+
+def test_an_unknown_model_stops_the_run_at_once_naming_the_setting_and_quarantines_nothing(environment, tmp_path):
+    source = write_corpus(tmp_path / "corpus", [document(i) for i in range(3)])
+    plan = {"models": ["deepseek-v4-flash"], "rules": []}
+    with run_teacher_server(tmp_path, plan) as server:
+        settings = load_settings(openai_environment(
+            environment, source, server, QC_TEACHER_MODEL="deepseek-reasoner", QC_TEACHER_CONCURRENCY="4",
+        ))
+        with dg.instance_for_test() as instance:
+            for status, said in ((400, "Model Not Exist"), (404, "does not exist")):
+                server.set_plan({**plan, "unknown_model_status": status})
+                since = len(chat_requests(server))
+                result = materialize(settings, SHARD, instance)
+                assert not result.success
+                description = result.failure_data_for_node("teacher_labels").user_failure_data.description
+                assert "QC_TEACHER_MODEL='deepseek-reasoner'" in description and said in description
+                # 21 keys to ask for; only those already in flight (4) when the first refusal came were sent.
+                sent = chat_requests(server, since)
+                assert 1 <= len(sent) <= 4 and {entry["status"] for entry in sent} == {status}
+        assert lake_rows(settings, "SELECT (SELECT count(*) FROM teacher_quarantine), (SELECT count(*) FROM teacher_labels)") == [(0, 0)]
+
+
+def test_qc_run_with_an_unknown_model_exits_non_zero_quickly_naming_the_setting(environment, tmp_path):
+    source = write_corpus(tmp_path / "corpus", [document(i) for i in range(3)])
+    with run_teacher_server(tmp_path, {"models": ["deepseek-v4-flash"], "rules": []}) as server:
+        env = openai_environment(
+            environment, source, server, QC_TEACHER_MODEL="deepseek-chat", QC_TEACHER_CONCURRENCY="2"
+        )
+        started = time.monotonic()
+        result = run_qc(["run", "--select", "key:corpus or key:teacher_labels"], env)
+        seconds = time.monotonic() - started
+        sent = chat_requests(server)
+    assert result.returncode != 0
+    assert "QC_TEACHER_MODEL='deepseek-chat'" in result.stdout + result.stderr
+    # Stopped at the first answer: only the requests already in flight (2 of 21 keys) were sent, none retried.
+    assert 1 <= len(sent) <= 2 and seconds < 120
+    query = "SELECT (SELECT count(*) FROM corpus) AS documents, (SELECT count(*) FROM teacher_quarantine) AS quarantined"
+    counts = run_qc(["sql", query, "--format", "json"], env)
+    assert json.loads(counts.stdout) == [{"documents": 3, "quarantined": 0}]
+
+
+def test_a_run_that_labels_nothing_and_quarantines_keys_fails_its_partition_and_keeps_the_rows(environment, tmp_path):
+    source = write_corpus(tmp_path / "corpus", [document(0)])
+    with run_teacher_server(tmp_path, {"rules": [{"behavior": "invalid_label"}]}) as server:
+        settings = load_settings(openai_environment(environment, source, server, QC_TEACHER_MAX_ATTEMPTS="2"))
+        with dg.instance_for_test() as instance:
+            result = materialize(settings, SHARD, instance)
+            assert not result.success
+            description = result.failure_data_for_node("teacher_labels").user_failure_data.description
+            assert SHARD in description and "lake.teacher_quarantine" in description
+            assert lake_rows(settings, "SELECT count(*) FROM teacher_quarantine") == [(7,)]
+            server.set_plan({"rules": []})
+            assert materialize(settings, SHARD, instance).success
+    assert lake_rows(settings, "SELECT (SELECT count(*) FROM teacher_quarantine), (SELECT count(*) FROM teacher_labels)") == [(0, 7)]

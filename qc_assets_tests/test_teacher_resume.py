@@ -79,7 +79,7 @@ def test_estimate_labels_a_pilot_projects_the_corpus_and_the_full_run_does_not_p
     texts = [document(i, "見積") for i in range(6)]
     source = write_corpus(tmp_path / "corpus", texts)
     with run_teacher_server(tmp_path, {"latency_ms": 20, "rules": []}) as server:
-        env = openai_environment(environment, source, server, QC_TEACHER_PRICE="deepseek-reasoner-night")
+        env = openai_environment(environment, source, server, QC_TEACHER_PRICE="deepseek-v4-flash")
         assert run_qc(["estimate"], env).returncode != 0  # nothing to sample from yet
         assert run_qc(["run", "--select", "corpus"], env).returncode == 0
         estimate = run_qc(["estimate", "--documents", "2"], env)

@@ -13,16 +13,16 @@ import openai
 import pytest
 
 from qc_assets.categories import CATEGORIES, LabelError
-from qc_assets_tests.teacher_server import raw_http_load, label_for, run_teacher_server, text_key
+from qc_assets_tests.teacher_server import DEFAULT_MODEL, raw_http_load, label_for, run_teacher_server, text_key
 
 
 def doc(tag: str, index: int = 0) -> str:
     return f"{tag}の文書{index}番。東京都の人口は約千四百万人で、日本最大の都市圏を形成している。"
 
 
-def ask(client: openai.OpenAI, category: str, text: str, **kwargs):
+def ask(client: openai.OpenAI, category: str, text: str, model: str = DEFAULT_MODEL, **kwargs):
     return client.chat.completions.create(
-        model="deepseek-reasoner",
+        model=model,
         messages=[{"role": "user", "content": CATEGORIES[category].prompt(text)}],
         **kwargs,
     )
@@ -56,7 +56,7 @@ def test_ok_answers_carry_valid_labels_and_usage(server, client):
         response = ask(client, name, text)
         choice = response.choices[0]
         assert choice.finish_reason == "stop"
-        assert response.model == "deepseek-reasoner"
+        assert response.model == "deepseek-v4-flash"
         assert category.parse(choice.message.content) == label_for(name, text)
         assert choice.message.model_extra["reasoning_content"]
         usage = response.usage
@@ -65,7 +65,7 @@ def test_ok_answers_carry_valid_labels_and_usage(server, client):
         assert usage.model_extra["prompt_cache_miss_tokens"] == usage.prompt_tokens
     again = ask(client, "title", text)  # second attempt for the key: half the prompt is a cache hit
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens // 2
-    assert [model.id for model in client.models.list()] == ["deepseek-reasoner"]
+    assert [model.id for model in client.models.list()] == ["deepseek-v4-flash"]
     key = text_key(text)
     lines = entries_for(server, key, len(CATEGORIES) + 1)
     assert {line["category"] for line in lines} == set(CATEGORIES)
@@ -156,6 +156,25 @@ def test_unrecognised_prompt_is_400(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
     assert caught.value.status_code == 400 and "unrecognised" in str(caught.value)
+
+
+def test_a_model_it_does_not_serve_is_refused_as_deepseek_or_vllm_refuses_it(server, client):
+    server.set_plan({"models": ["deepseek-v4-flash", "deepseek-v4-pro"], "rules": []})
+    assert [model.id for model in client.models.list()] == ["deepseek-v4-flash", "deepseek-v4-pro"]
+    assert ask(client, "title", doc("served"), model="deepseek-v4-pro").model == "deepseek-v4-pro"
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, "title", doc("retired"), model="deepseek-reasoner")
+    assert caught.value.body == {
+        "message": "Model Not Exist", "type": "invalid_request_error", "param": None, "code": "invalid_request_error"
+    }
+    server.set_plan({"models": ["deepseek-v4-flash"], "unknown_model_status": 404, "rules": []})
+    with pytest.raises(openai.NotFoundError) as caught:
+        ask(client, "title", doc("retired"), model="deepseek-chat")
+    assert caught.value.body["message"] == "The model `deepseek-chat` does not exist."
+    lines = entries_for(server, text_key(doc("retired")), 2)
+    assert [(line["status"], line["behavior"], line["attempt"]) for line in lines] == [
+        (400, "unknown_model", None), (404, "unknown_model", None)
+    ]
 
 
 def test_slow_answer_outlives_a_client_timeout(server, client):

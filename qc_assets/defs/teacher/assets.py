@@ -2,7 +2,7 @@
 
 
 import statistics
-from datetime import date, datetime, time as clock, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -12,7 +12,7 @@ from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, TeacherBackend, TeacherConfigError
 from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
 from qc_assets.defs.teacher.labeling import LabelingReport, label_shard
-from qc_assets.defs.teacher.prices import PriceError, resolve_price
+from qc_assets.defs.teacher.prices import PriceError, UtcWindow, off_peak_window, resolve_price
 from qc_assets.defs.teacher.replay_teacher import (
     REPLAY_PROMPT_VERSION,
     ReplayColumns,
@@ -22,12 +22,7 @@ from qc_assets.defs.teacher.replay_teacher import (
 )
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE
-from qc_assets.settings import Settings, env_name
-
-DEFAULT_OPENAI_MODEL = "deepseek-reasoner"
-# DeepSeek's off-peak discount (seed 000's prices) runs 16:30-00:30 UTC.
-DISCOUNT_STARTS = clock(16, 30)
-DISCOUNT_ENDS = clock(0, 30)
+from qc_assets.settings import DEFAULT_OPENAI_TEACHER_MODEL, Settings, env_name
 
 
 class TeacherResource(dg.ConfigurableResource):
@@ -43,6 +38,12 @@ class TeacherResource(dg.ConfigurableResource):
     max_tokens: int = Field(default=8192, description="QC_TEACHER_MAX_TOKENS")
     backoff_s: float = Field(default=1.0, description="First retry's longest wait; doubles per attempt (QC_TEACHER_BACKOFF_S).")
     price: str | None = Field(default=None, description="QC_TEACHER_PRICE")
+    thinking: str | None = Field(default=None, description="QC_TEACHER_THINKING: `enabled` or `disabled`.")
+    reasoning_effort: str | None = Field(default=None, description="QC_TEACHER_REASONING_EFFORT")
+    response_format: str | None = Field(
+        default=None, description="QC_TEACHER_RESPONSE_FORMAT: `json_schema`, `json_object` or `none`."
+    )
+    window: str | None = Field(default=None, description="QC_TEACHER_WINDOW: the discount schedule's UTC window.")
     max_usd: float | None = Field(default=None, description="QC_TEACHER_MAX_USD: hard spend cap per run.")
     batch_size: int = Field(default=256, description="QC_TEACHER_BATCH_SIZE")
     flush_seconds: float = Field(default=5.0, description="QC_TEACHER_FLUSH_SECONDS")
@@ -71,6 +72,10 @@ class TeacherResource(dg.ConfigurableResource):
             max_tokens=settings.teacher_max_tokens,
             backoff_s=settings.teacher_backoff_s,
             price=settings.teacher_price,
+            thinking=settings.teacher_thinking,
+            reasoning_effort=settings.teacher_reasoning_effort,
+            response_format=settings.teacher_response_format,
+            window=settings.teacher_window,
             max_usd=settings.teacher_max_usd,
             batch_size=settings.teacher_batch_size,
             flush_seconds=settings.teacher_flush_seconds,
@@ -84,25 +89,39 @@ class TeacherResource(dg.ConfigurableResource):
     def journal_root(self) -> Path:
         return Path(self.work_dir) / "journal"
 
+    @property
+    def openai_model(self) -> str:
+        return self.model or DEFAULT_OPENAI_TEACHER_MODEL
+
+    def spend_cap(self, run_max_usd: float | None) -> float | None:
+        """A run's own cap wins over QC_TEACHER_MAX_USD."""
+        return run_max_usd or self.max_usd
+
+    def discount_window(self) -> UtcWindow | None:
+        """QC_TEACHER_WINDOW, else the off-peak window of the teacher's price entry, if it has one."""
+        if self.window is not None:
+            return UtcWindow.parse(self.window)
+        return off_peak_window(self.price, self.openai_model)
+
     def identity(self) -> tuple[str, dict[str, str]]:
         """The teacher name and each category's prompt version that the current settings label under."""
         if self.backend == "openai":
-            return self.model or DEFAULT_OPENAI_MODEL, {name: c.prompt_version for name, c in CATEGORIES.items()}
+            return self.openai_model, {name: c.prompt_version for name, c in CATEGORIES.items()}
         return self.model or replay_source_name(self.replay_source), {name: REPLAY_PROMPT_VERSION for name in CATEGORIES}
 
-    def open_backend(self) -> TeacherBackend:
-        """The configured backend; raises ValueError naming the setting when the configuration cannot work."""
+    def open_backend(self, max_usd: float | None) -> TeacherBackend:
+        """The configured backend for a run capped at `max_usd`; raises ValueError naming the setting when the
+        configuration cannot work."""
         if self.backend == "openai":
             # The openai package takes seconds to import; every process that loads the graph but labels nothing
             # (the UI, other stages' steps, `qc sql`) would pay for it.
-            from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
+            from qc_assets.defs.teacher.openai_teacher import OpenAITeacher, RequestOptions
 
-            model = self.model or DEFAULT_OPENAI_MODEL
             return OpenAITeacher(
                 base_url=self.base_url,
-                model=model,
+                model=self.openai_model,
                 api_key=self.api_key,
-                price=resolve_price(self.price, model),
+                price=resolve_price(self.price, self.openai_model, capped=max_usd is not None),
                 concurrency=self.concurrency,
                 max_attempts=self.max_attempts,
                 timeout_s=self.timeout_s,
@@ -110,6 +129,9 @@ class TeacherResource(dg.ConfigurableResource):
                 backoff_s=self.backoff_s,
                 key_budget=KeyBudget(
                     Path(self.work_dir) / "keys", budget_name(self.base_url, self.api_key), self.concurrency
+                ),
+                options=RequestOptions.for_endpoint(
+                    self.base_url, self.thinking, self.reasoning_effort, self.response_format
                 ),
             )
         if self.backend == "replay":
@@ -199,14 +221,15 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
     ) -> dg.MaterializeResult:
         shard = context.partition_key
         documents = read_documents(lake, shard)
+        max_usd = teacher.spend_cap(config.max_usd)
         try:
             stop_at = datetime.fromisoformat(config.stop_at) if config.stop_at else None
-            backend = teacher.open_backend()
+            backend = teacher.open_backend(max_usd)
         except (ValueError, PriceError, ReplayError) as error:
             raise dg.Failure(description=f"shard {shard}: teacher configuration: {error}") from None
         if stop_at is not None and stop_at.tzinfo is None:
             stop_at = stop_at.replace(tzinfo=timezone.utc)
-        budget = Budget(max_usd=config.max_usd or teacher.max_usd, stop_at=stop_at)
+        budget = Budget(max_usd=max_usd, stop_at=stop_at)
         context.log.info(
             f"labelling shard {shard} with {backend.teacher} ({teacher.backend}); "
             + (f"spend cap ${budget.max_usd:g}" if budget.max_usd else "no spend cap")
@@ -246,49 +269,57 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                 ),
                 metadata=metadata,
             )
+        if report.count("quarantined") and not report.count("labeled"):
+            raise dg.Failure(
+                description=(
+                    f"shard {shard}: no key was labelled and {report.count('quarantined')} were quarantined; see "
+                    f"why in lake.{TEACHER_QUARANTINE.name} (the next run asks for them again)"
+                ),
+                metadata=metadata,
+            )
         return dg.MaterializeResult(metadata=metadata)
 
     return teacher_labels
 
 
-def discount_window_end(moment: datetime) -> datetime | None:
-    """The end (UTC) of the DeepSeek discount window that `moment` falls in, or None outside one."""
-    utc = moment.astimezone(timezone.utc)
-    if utc.time() >= DISCOUNT_STARTS:
-        following = utc.date() + timedelta(days=1)
-    elif utc.time() < DISCOUNT_ENDS:
-        following = utc.date()
-    else:
-        return None
-    return datetime.combine(following, DISCOUNT_ENDS, tzinfo=timezone.utc)
+def hourly_cron(window: UtcWindow) -> str:
+    """A tick every hour from the window's start while it is open (16:30-00:30: 16:30, 17:30, ... 23:30)."""
+    opens = datetime.combine(date(2000, 1, 1), window.start, tzinfo=timezone.utc)
+    ticks = (opens + timedelta(hours=hour) for hour in range(24))
+    hours = sorted(tick.hour for tick in ticks if window.contains(tick))
+    return f"{window.start.minute} {','.join(map(str, hours))} * * *"
 
 
-def build_discount_schedule(job, shard_keys: list[str]) -> dg.ScheduleDefinition:
+def build_discount_schedule(job, shard_keys: list[str], window: UtcWindow | None) -> dg.ScheduleDefinition:
     @dg.schedule(
         job=job,
         name="teacher_discount_window",
-        cron_schedule="30 16-23 * * *",
+        # Without a window, an hourly tick that skips says why as soon as someone turns the schedule on.
+        cron_schedule=hourly_cron(window) if window is not None else "0 * * * *",
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Labels every shard inside DeepSeek's 16:30-00:30 UTC discount window; each run stops "
-        "starting requests when the window closes, and the next night's runs continue. Off by default: it spends money.",
+        description=f"Labels every shard inside the {window or 'QC_TEACHER_WINDOW'} discount window; each run stops "
+        "starting requests when the window closes, and the next window's runs continue. Off by default: it spends money.",
     )
     def teacher_discount_window(context: dg.ScheduleEvaluationContext):
-        ends = discount_window_end(context.scheduled_execution_time)
-        if ends is None:
+        moment = context.scheduled_execution_time
+        if window is None:
             return dg.SkipReason(
-                f"{context.scheduled_execution_time.isoformat()} is outside the 16:30-00:30 UTC discount window"
+                "no discount window: set QC_TEACHER_WINDOW (UTC, like 16:30-00:30), or a QC_TEACHER_PRICE entry "
+                "with an off-peak window"
             )
-        night: date = (ends - timedelta(days=1)).date()
+        occurrence = window.occurrence(moment)
+        if occurrence is None:
+            return dg.SkipReason(f"{moment.isoformat()} is outside the {window} discount window")
+        opened, ends = occurrence
         return [
             dg.RunRequest(
-                run_key=f"{night.isoformat()}:{shard}",
+                run_key=f"{opened.date().isoformat()}:{shard}",
                 partition_key=shard,
                 run_config={"ops": {TEACHER_LABELS.name: {"config": {"stop_at": ends.isoformat()}}}},
-                tags={"qc/discount_window": night.isoformat()},
+                tags={"qc/discount_window": opened.date().isoformat()},
             )
             for shard in shard_keys
         ]
 
     return teacher_discount_window
-

@@ -72,7 +72,7 @@ def estimate(
     if shard not in per_shard:
         raise ValueError(f"shard {shard!r} has no documents in the lake; materialized: {', '.join(per_shard)}")
     pilot = read_documents(lake, shard, limit=documents)
-    backend = teacher.open_backend()
+    backend = teacher.open_backend(teacher.max_usd)
     report = label_shard(
         shard, pilot, backend, lake, teacher.journal_root, Budget(max_usd=teacher.max_usd), "qc-estimate",
         teacher.batch_size, teacher.flush_seconds, log,

@@ -1,9 +1,9 @@
 """The `openai` teacher: any OpenAI-compatible chat-completions endpoint, through the official async client.
 
-DeepSeek-R1 is `deepseek-reasoner` at https://api.deepseek.com; a vLLM, SGLang or Ollama server works the
-same way. The SDK's own retries are off: this module retries itself so it can count retries, honour
-Retry-After across all requests, shrink concurrency on repeated 429s and treat R1's empty or truncated
-answers as retryable.
+DeepSeek's API (https://api.deepseek.com) and a vLLM, SGLang or Ollama server work the same way; only how a
+request asks for thinking and effort differs (`request_body`). The SDK's own retries are off: this module retries
+itself so it can count retries, honour Retry-After across all requests, shrink concurrency on repeated 429s and
+treat a thinking model's empty or truncated answers as retryable.
 """
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ import asyncio
 import email.utils
 import json
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -27,6 +32,58 @@ from qc_assets.defs.teacher.prices import Price
 MAX_RETRY_AFTER_S = 120.0
 MAX_BACKOFF_S = 60.0
 _REDACTED = "***"
+DEEPSEEK_HOST = "api.deepseek.com"
+# How endpoints say the model is unknown: DeepSeek's 400 "Model Not Exist", vLLM's 404 "The model `x` does not
+# exist.", OpenAI's "model_not_found", Ollama's "model 'x' not found", and "Unknown model".
+_UNKNOWN_MODEL = re.compile(r"model\b.*\bnot (exist|found)|model_not_found|unknown model", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What every request asks for beyond the prompt, in the endpoint's dialect. None: not sent, the endpoint
+    decides."""
+
+    dialect: Literal["deepseek", "openai-compatible"]
+    thinking: Literal["enabled", "disabled"] | None = None
+    reasoning_effort: str | None = None
+    response_format: Literal["json_schema", "json_object", "none"] = "none"
+
+    @classmethod
+    def for_endpoint(
+        cls, base_url: str, thinking: str | None, reasoning_effort: str | None, response_format: str | None
+    ) -> RequestOptions:
+        """DeepSeek's API takes `json_object` (its documented JSON mode); other servers get what they are told."""
+        dialect = "deepseek" if urlsplit(base_url).hostname == DEEPSEEK_HOST else "openai-compatible"
+        default_format = "json_object" if dialect == "deepseek" else "none"
+        return cls(dialect, thinking, reasoning_effort, response_format or default_format)
+
+
+def request_body(model: str, category: Category, text: str, max_tokens: int, options: RequestOptions) -> dict:
+    body: dict = {
+        "model": model,
+        "messages": [{"role": "user", "content": category.prompt(text)}],
+        "max_tokens": max_tokens,
+    }
+    if options.thinking is not None:
+        if options.dialect == "deepseek":
+            body["thinking"] = {"type": options.thinking}
+        else:
+            # vLLM and SGLang hand these to the model's chat template; Qwen3's, for one, reads enable_thinking.
+            body["chat_template_kwargs"] = {"enable_thinking": options.thinking == "enabled"}
+    if options.reasoning_effort is not None:
+        body["reasoning_effort"] = options.reasoning_effort
+    if options.response_format == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif options.response_format == "json_schema":
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": category.name, "schema": category.json_schema, "strict": True},
+        }
+    return body
+
+
+def says_unknown_model(error: openai.APIStatusError) -> bool:
+    return error.status_code in (400, 404) and _UNKNOWN_MODEL.search(str(error)) is not None
 
 
 class AdaptiveLimit:
@@ -119,7 +176,7 @@ def _count(mapping: object, *path: str) -> int:
     return int(mapping) if isinstance(mapping, (int, float)) else 0
 
 
-def _usage_of(completion: dict, price: Price) -> Usage:
+def _usage_of(completion: dict, price: Price, asked_at: datetime) -> Usage:
     """Token counts of one completion; DeepSeek reports cache hits as `prompt_cache_hit_tokens`."""
     usage = completion.get("usage")
     input_tokens = _count(usage, "prompt_tokens")
@@ -130,7 +187,7 @@ def _usage_of(completion: dict, price: Price) -> Usage:
         cached_input_tokens=cached,
         output_tokens=output_tokens,
         reasoning_tokens=_count(usage, "completion_tokens_details", "reasoning_tokens"),
-        cost_usd=price.cost_usd(input_tokens, cached, output_tokens),
+        cost_usd=price.cost_usd(input_tokens, cached, output_tokens, asked_at),
     )
 
 
@@ -176,11 +233,17 @@ class OpenAITeacher:
         max_tokens: int = 8192,
         backoff_s: float = 1.0,
         key_budget: KeyBudget | None = None,
+        options: RequestOptions | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.teacher = model
         self.key_budget = key_budget
         self.base_url = base_url
         self.price = price
+        self.options = options or RequestOptions.for_endpoint(base_url, None, None, None)
+        self.clock = clock
+        # Set by the first answer that would fail every request; requests still waiting for a slot then stop.
+        self.refused: TeacherConfigError | None = None
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.max_tokens = max_tokens
@@ -237,7 +300,7 @@ class OpenAITeacher:
         self, request: LabelRequest, budget: Budget, record: Callable[[LabelOutcome], None] | None
     ) -> LabelOutcome:
         category = request.category
-        messages = [{"role": "user", "content": category.prompt(request.text)}]
+        body = request_body(self.teacher, category, request.text, self.max_tokens, self.options)
         outcome = LabelOutcome(request=request, status="quarantined", retries=Counter())
         assert self.limit is not None
         while outcome.attempts < self.max_attempts:
@@ -247,6 +310,8 @@ class OpenAITeacher:
             slot = await self.key_budget.acquire() if self.key_budget is not None else None
             final = aborted = False
             try:
+                if self.refused is not None:
+                    raise self.refused
                 if not budget.may_start():
                     outcome.status = "stopped" if outcome.attempts == 0 else "quarantined"
                     outcome.error = f"{budget.stopped_because} after {outcome.attempts} attempts" + (
@@ -256,16 +321,13 @@ class OpenAITeacher:
                     return outcome
                 outcome.attempts += 1
                 self.requests += 1
+                asked_at = self.clock()
                 started = time.perf_counter()
                 try:
                     # The SDK's documented raw `post`: `chat.completions.create` walks the request through a
                     # TypedDict transform and the answer through pydantic models, which together cost more CPU
                     # than the HTTP exchange. Status errors, timeouts and connection errors are the SDK's as usual.
-                    response = await self._client.post(
-                        "/chat/completions",
-                        body={"model": self.teacher, "messages": messages, "max_tokens": self.max_tokens},
-                        cast_to=httpx2.Response,
-                    )
+                    response = await self._client.post("/chat/completions", body=body, cast_to=httpx2.Response)
                     completion = json.loads(response.content)
                     if not isinstance(completion, dict):
                         raise ValueError(f"the response body is JSON but not an object: {response.text[:200]}")
@@ -277,12 +339,10 @@ class OpenAITeacher:
                     self._failed(outcome, "rate_limited", error)
                     continue
                 except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
-                    raise TeacherConfigError(
-                        f"{self.base_url} refused the request ({error.status_code}): "
-                        f"{self.redact(str(error))}; check QC_TEACHER_BASE_URL, QC_TEACHER_MODEL "
-                        f"({self.teacher!r}) and QC_TEACHER_API_KEY"
-                    ) from None
+                    raise self._refuse(error) from None
                 except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
+                    if says_unknown_model(error):
+                        raise self._refuse(error) from None
                     # The request itself is wrong for this document (too long, say): retrying cannot help.
                     self._failed(outcome, f"http_{error.status_code}", error)
                     final = True
@@ -300,7 +360,7 @@ class OpenAITeacher:
                 except (openai.APIResponseValidationError, ValueError) as error:
                     self._failed(outcome, "malformed_response", error)
                     continue
-                usage = _usage_of(completion, self.price)
+                usage = _usage_of(completion, self.price, asked_at)
                 outcome.usage.add(usage)
                 budget.charge(usage.cost_usd)
                 if self._accept(outcome, completion, category):
@@ -349,6 +409,21 @@ class OpenAITeacher:
         outcome.status = "labeled"
         outcome.error = None
         return True
+
+    def _refuse(self, error: openai.APIStatusError) -> TeacherConfigError:
+        """The error that stops the run: every other request would get the same answer."""
+        said = f"({error.status_code}: {self.redact(str(error))})"
+        if says_unknown_model(error):
+            self.refused = TeacherConfigError(
+                f"QC_TEACHER_MODEL={self.teacher!r}: {self.base_url} has no such model {said}; set QC_TEACHER_MODEL "
+                f"to a model it serves (GET {self.base_url.rstrip('/')}/models lists them)"
+            )
+        else:
+            self.refused = TeacherConfigError(
+                f"{self.base_url} refused the request {said}; check QC_TEACHER_BASE_URL, QC_TEACHER_MODEL "
+                f"({self.teacher!r}) and QC_TEACHER_API_KEY"
+            )
+        return self.refused
 
     def _failed(self, outcome: LabelOutcome, reason: str, error: Exception) -> None:
         outcome.retries[reason] += 1
