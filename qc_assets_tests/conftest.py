@@ -105,3 +105,25 @@ def materialize_asset(
         instance=instance, partition_key=partition, asset_selection=[dg.AssetKey(asset)], raise_on_error=False,
         run_config=run_config,
     )
+
+
+def build_talkative_student(directory: Path) -> Path:
+    """The tiny student with its weights redrawn larger. With the usual small init, greedy decoding answers every
+    prompt alike (newlines, or the end of the turn at once), so every query would be "". Redrawn, the answers are
+    still gibberish, but they differ from prompt to prompt, so order, determinism, batching and engine parity are
+    actually tested."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qc_assets.models.tiny import build_tiny_student, sample_texts
+
+    build_tiny_student(directory, sample_texts())
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.25)
+    model.save_pretrained(directory)
+    return directory
+

@@ -1,14 +1,12 @@
 """Query-generation backends, offline on CPU: the transformers backend on the tiny student, the openai backend
 against a local stub server, and the vllm backend's refusal where vllm is not installed.
 
-The tiny student's weights are random with the usual small init, so greedy decoding answers every prompt with
-newlines only (every query would be ""). The fixture redraws its weights larger: the answers are still gibberish,
-but they differ from prompt to prompt, so order, determinism and batching are actually tested.
+The student is the tiny one with its weights redrawn larger (`build_talkative_student`), so that its greedy answers
+differ from prompt to prompt.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import sys
@@ -21,7 +19,6 @@ from typing import Self
 import pytest
 
 from qc_assets.categories import CATEGORY_NAMES
-from qc_assets.defs.generation import backends
 from qc_assets.defs.generation.backends import (
     GeneratedQuery,
     GenerationFailed,
@@ -34,10 +31,9 @@ from qc_assets.defs.generation.backends import (
     postprocess,
     render_prompt,
 )
-from qc_assets.models.tiny import build_tiny_student
+from qc_assets_tests.conftest import build_talkative_student
 from qc_assets.settings import SAMPLE_CORPUS
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "qc_assets" / "defs" / "student" / "train.py"
 GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 MAX_NEW_TOKENS = 12
 
@@ -57,19 +53,8 @@ def texts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, texts) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    directory = build_tiny_student(tmp_path_factory.mktemp("generation") / "student", texts)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.25)
-    model.save_pretrained(directory)
-    return directory
+def student(tmp_path_factory) -> Path:
+    return build_talkative_student(tmp_path_factory.mktemp("generation") / "student")
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +79,6 @@ def requests(texts) -> list[GenerationRequest]:
 
 def token_ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
-def test_the_template_kwargs_are_the_training_scripts():
-    # Read from the source: importing the training script pulls in trl, peft and datasets.
-    tree = ast.parse(TRAIN_SCRIPT.read_text(encoding="utf-8"))
-    (value,) = [
-        node.value
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        and any(getattr(t, "id", None) == "GENERATION_TEMPLATE_KWARGS" for t in node.targets)
-    ]
-    assert ast.literal_eval(value) == backends.GENERATION_TEMPLATE_KWARGS == {"enable_thinking": False}
 
 
 def test_the_prompt_is_the_sft_rendering_with_the_generation_prompt(student, texts):

@@ -1,4 +1,5 @@
-"""The student_checkpoints asset on the tiny Qwen3: Pipes training, the checkpoints table, hand-dropped checkpoints."""
+"""The student_checkpoints asset on the tiny Qwen3: Pipes training (settings through to the memory plan), the
+checkpoints table, hand-dropped checkpoints."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ import shutil
 
 import dagster as dg
 import pytest
+from transformers import AutoConfig
 
+from qc_assets.defs.student.memory import (
+    GIB,
+    USABLE_FRACTION,
+    ModelShape,
+    TrainingSetup,
+    estimate,
+)
 from qc_assets.defs.student.store import MANIFEST, list_checkpoints
+from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
 from qc_assets.settings import SAMPLE_CORPUS
 from qc_assets_tests.conftest import (
     lake_rows,
@@ -26,6 +36,12 @@ def test_the_tiny_student_trains_through_pipes_registers_once_and_sees_checkpoin
 ):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     settings = settings_for(SAMPLE_CORPUS, QC_STUDENT_BASE_MODELS="tiny")
+    # A memory limit that the tiny student's batch of 4 misses and a batch of 2 fits: the setting reaches the
+    # training script, whose plan halves the batch and doubles the accumulation.
+    model_dir = ensure_tiny_models(settings.data_root / "models", sample_texts())[STUDENT_DIR]
+    batch_of_2 = TrainingSetup("full", "fp32", 2, 2, settings.student_max_length, False, 16, settings.student_optimizer)
+    limit = estimate(ModelShape.of(AutoConfig.from_pretrained(model_dir)), batch_of_2).total * 1.01 / USABLE_FRACTION
+    settings = settings_for(SAMPLE_CORPUS, QC_STUDENT_BASE_MODELS="tiny", QC_STUDENT_MEMORY_LIMIT_GIB=str(limit / GIB))
     with dg.instance_for_test() as instance:
         for path in sorted(SAMPLE_CORPUS.glob("*.jsonl")):
             assert materialize(settings, path.stem, instance).success
@@ -34,6 +50,8 @@ def test_the_tiny_student_trains_through_pipes_registers_once_and_sees_checkpoin
         assert result.success
         metadata = materialization_metadata(result, "student_checkpoints")
         assert metadata["steps"] == 4 and metadata["trained_now"] is True and metadata["tiny_model"] is True
+        assert (metadata["per_device_train_batch_size"], metadata["gradient_accumulation_steps"]) == (2, 2)
+        assert 0 < metadata["memory_plan_gib"]["total"] <= limit / GIB
         logs = [event.message for event in instance.all_logs(result.run_id) if event.message]
         assert any(message.startswith("step 4/4 loss") for message in logs)
         (row,) = lake_rows(settings, "SELECT checkpoint, base_model, steps, tiny_model, dataset_version FROM checkpoints")

@@ -8,7 +8,19 @@ import pytest
 from sentence_transformers import CrossEncoder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qc_assets.models.tiny import CROSS_ENCODER_DIR, STUDENT_DIR, TINY_MARKER, ensure_tiny_models, is_tiny
+from qc_assets.chat_format import render_prompt, training_example
+from qc_assets.models.tiny import (
+    ARCHITECTURES,
+    CROSS_ENCODER_DIR,
+    STUDENT_DIR,
+    TINY_MARKER,
+    build_tiny_causal_lm,
+    ensure_tiny_models,
+    is_tiny,
+    llama3_chat,
+    qwen_chat,
+    trl_chat_template,
+)
 from qc_assets.settings import SAMPLE_CORPUS
 from qc_assets_tests.conftest import run_qc
 
@@ -23,7 +35,7 @@ def tiny_models(tmp_path_factory):
     return ensure_tiny_models(tmp_path_factory.mktemp("models"), texts), texts
 
 
-def test_the_tiny_student_is_a_qwen3_whose_template_marks_only_the_answer_and_that_generates(tiny_models):
+def test_the_tiny_student_is_a_qwen3_with_qwen3s_own_template_that_trains_and_generates(tiny_models):
     built, texts = tiny_models
     directory = built[STUDENT_DIR]
     assert is_tiny(directory) and json.loads((directory / TINY_MARKER).read_text())["architecture"] == "Qwen3ForCausalLM"
@@ -32,19 +44,34 @@ def test_the_tiny_student_is_a_qwen3_whose_template_marks_only_the_answer_and_th
     assert type(model).__name__ == "Qwen3ForCausalLM"
     # The tokenizer was trained on Japanese text: a sample sentence takes far fewer tokens than its UTF-8 bytes.
     assert len(tokenizer(texts[0])["input_ids"]) < len(texts[0].encode("utf-8")) / 2
-    conversation = [
-        {"role": "system", "content": "title"},
-        {"role": "user", "content": texts[0]},
-        {"role": "assistant", "content": "日本の四季"},
-    ]
-    encoded = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    answer = [token for token, keep in zip(encoded["input_ids"], encoded["assistant_masks"]) if keep]
-    assert tokenizer.decode(answer) == "日本の四季<|im_end|>"
-    prompt = tokenizer.apply_chat_template(conversation[:2], add_generation_prompt=True, tokenize=False)
+    # Qwen3's template as TRL ships it, without generation marks: the training script needs none.
+    assert tokenizer.chat_template == trl_chat_template("qwen3") and "{% generation %}" not in tokenizer.chat_template
+    example = training_example(tokenizer, "title", texts[0], "日本の四季")
+    assert tokenizer.decode(example.completion_ids) == "日本の四季<|im_end|>"
+    prompt = render_prompt(tokenizer, "title", texts[0])
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize(
+    ("architecture", "chat", "tied"),
+    [("qwen3", qwen_chat("qwen3"), True), ("qwen2", qwen_chat("qwen2_5"), True), ("llama", llama3_chat(), False)],
+)
+def test_tiny_students_of_each_architecture_load_and_generate(architecture, chat, tied, tiny_models, tmp_path):
+    _, texts = tiny_models
+    directory = build_tiny_causal_lm(tmp_path / architecture, texts, architecture, chat)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert type(model).__name__ == ARCHITECTURES[architecture] == json.loads((directory / TINY_MARKER).read_text())["architecture"]
+    config = model.config
+    # vLLM's CPU attention needs head_dim >= 32; sarashina2.2 (Llama) does not tie its output head.
+    assert (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) >= 32
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is tied
+    assert tokenizer.chat_template == chat.template and tokenizer.eos_token == chat.eos_token
+    inputs = tokenizer(render_prompt(tokenizer, "title", texts[0]), return_tensors="pt", add_special_tokens=False)
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
 
 
 def test_the_tiny_cross_encoder_is_an_xlm_roberta_with_one_label_scoring_in_0_1(tiny_models):

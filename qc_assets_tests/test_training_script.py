@@ -1,8 +1,14 @@
-"""The student training script, run out of process through Dagster Pipes, on the tiny Qwen3 student (CPU, offline)."""
+"""The student training script, run out of process through Dagster Pipes, on tiny models (CPU, offline): the Qwen3
+student for the Pipes run, LoRA, failures and resuming; tiny Qwen3, Qwen2 and Llama models with TRL's shipped chat
+templates and templates neither TRL nor the project ships for the completion-only examples."""
 
+import dataclasses
 import json
+import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -10,12 +16,33 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
+from trl import SFTConfig
 
 from qc_assets.categories import CATEGORY_NAMES
+from qc_assets.chat_format import training_example
+from qc_assets.defs.generation.backends import PromptBuilder
 from qc_assets.defs.student import store
 from qc_assets.defs.student import train as train_script
-from qc_assets.models.tiny import build_tiny_student
+from qc_assets.defs.student.memory import (
+    GIB,
+    USABLE_FRACTION,
+    MemoryPlanError,
+    ModelShape,
+    estimate,
+)
+from qc_assets.models.tiny import (
+    TinyChat,
+    build_tiny_causal_lm,
+    build_tiny_student,
+    llama3_chat,
+    qwen_chat,
+)
 from qc_assets.settings import SAMPLE_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +203,18 @@ def test_a_pipes_run_streams_progress_and_publishes_a_complete_checkpoint(inputs
     assert manifest["tiny_model"] is True and manifest["metrics"]["device"] == "cpu"
     assert manifest["metrics"]["loss_curve"] == metadata["loss_curve"]
     assert manifest["metrics"]["train_examples_used"] == manifest["metrics"]["train_examples"] == 40
-    assert manifest["metrics"]["train_examples_truncated"] == 0
+    assert manifest["metrics"]["train_examples_truncated"] == manifest["metrics"]["train_examples_dropped"] == 0
+    assert manifest["metrics"]["resumed_from_step"] is None and metadata["resumed_from_step"] is None
+    assert manifest["chat_format"]["completion_sources"] == {"template": 40}
+    assert manifest["chat_format"]["end_of_turn"] == ["<|im_end|>"]
+    # The memory plan reached the materialization; on CPU nothing caps it, so the configured batch stays.
+    assert metadata["memory_plan_gib"] == manifest["training"]["memory_plan_gib"]
+    assert set(metadata["memory_plan_gib"]) == {
+        "weights", "autocast", "gradients", "optimizer", "activations", "logits", "total"
+    }
+    assert metadata["per_device_train_batch_size"] == 4 and metadata["gradient_accumulation_steps"] == 1
+    # Published: the resumable states are gone.
+    assert not list((Path(extras["checkpoints_root"]) / store.WORK_DIR).rglob("checkpoint-*"))
     assert set(manifest["versions"]) >= {"trl", "transformers", "peft", "torch"}
     assert manifest["created_at"].endswith("+00:00")
     assert [found.checkpoint for found in store.list_checkpoints(Path(extras["checkpoints_root"]))] == [
@@ -255,71 +293,195 @@ def test_a_failure_while_publishing_leaves_no_checkpoint_and_no_staging(inputs, 
     assert list((Path(extras["checkpoints_root"]) / "tiny").iterdir()) == []
 
 
-def labelled(trainer, tokenizer, index: int = 0) -> tuple[str, str, list[int], list[int]]:
-    example = trainer.train_dataset[index]
-    input_ids, labels = example["input_ids"], example["labels"]
-    trained = tokenizer.decode([token for token, label in zip(input_ids, labels) if label != -100])
-    masked = tokenizer.decode([token for token, label in zip(input_ids, labels) if label == -100])
-    return trained, masked, input_ids, labels
+
+# ---------------------------------------------------------------------------------------------------------------
+# Completion-only examples under any chat template
+
+# sarashina2.2's turn format (neither TRL nor the project ships its template): role tags, eos after every turn.
+SARASHINA_LIKE = TinyChat(
+    template=(
+        "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    ),
+    special_tokens=("<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<think>"),
+    eos_token="</s>",
+    pad_token="<pad>",
+    bos_token="<s>",
+)
+# A generation prompt that opens a think block the rendering of an answered turn lacks (as DeepSeek-R1's distills
+# do): the prompt is no prefix of the whole conversation, so the completion is the answer and eos.
+THINK_PROMPT = dataclasses.replace(
+    SARASHINA_LIKE, template=SARASHINA_LIKE.template.replace("'<|assistant|>' }}{% endif", "'<|assistant|><think>\\n' }}{% endif")
+)
+# name: (architecture, chat, the token every completion ends with, where completions come from)
+CHATS = {
+    "qwen3-trl-qwen3": ("qwen3", qwen_chat("qwen3"), "<|im_end|>", "template"),
+    "qwen2-trl-qwen2_5": ("qwen2", qwen_chat("qwen2_5"), "<|im_end|>", "template"),
+    "llama-trl-llama3": ("llama", llama3_chat(), "<|eot_id|>", "template"),
+    "llama-sarashina-like": ("llama", SARASHINA_LIKE, "</s>", "template"),
+    "llama-think-prompt": ("llama", THINK_PROMPT, "</s>", "answer+eos"),
+}
 
 
-def test_the_loss_is_on_the_assistant_answer_only(inputs, tmp_path):
-    trainer, tokenizer, facts = train_script.build_trainer(extras_for(inputs, "unused"), tmp_path)
-    assert facts["chat_template_source"] == "model"
-    for index in range(3):
-        trained, _, input_ids, labels = labelled(trainer, tokenizer, index)
-        assert trained == QUERIES[index % len(QUERIES)] + "<|im_end|>"
-        # One contiguous span of labels, equal to the input ids there; all else is -100: the system turn, the
-        # document, the empty think block before the answer and the newline after <|im_end|>.
-        span = [position for position, label in enumerate(labels) if label != -100]
-        assert span == list(range(span[0], span[-1] + 1))
-        assert [labels[position] for position in span] == [input_ids[position] for position in span]
-        prompt = tokenizer.decode(input_ids[: span[0]])
-        assert prompt.startswith(f"<|im_start|>system\n{CATEGORY_NAMES[index % len(CATEGORY_NAMES)]}<|im_end|>")
-        assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
-        assert tokenizer.decode(input_ids[span[-1] + 1 :]) == "\n"
-    # The collator keeps these labels (padding adds -100), so the batch the model sees is masked the same way.
-    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
-    assert (batch["labels"][0][: len(trainer.train_dataset[0]["labels"])] == torch.tensor(labelled(trainer, tokenizer)[3])).all()
+def corpus_texts() -> list[str]:
+    return [
+        json.loads(line)["text"]
+        for path in sorted(SAMPLE_CORPUS.glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ]
 
 
-def test_qwen3s_own_template_trains_with_trls_training_twin_and_generates_without_thinking(inputs, tmp_path):
-    from trl.chat_template_utils import (
-        qwen3_chat_template,
-        qwen3_training_chat_template,
-    )
-
-    # The tiny student with Qwen3's original chat template (no generation markers), as Qwen/Qwen3-* ships it.
-    model_dir = tmp_path / "qwen3-template"
-    model_dir.mkdir()
-    for path in inputs["model_dir"].iterdir():
-        (model_dir / path.name).write_bytes(path.read_bytes())
-    (model_dir / "chat_template.jinja").write_text(qwen3_chat_template, encoding="utf-8")
-    extras = extras_for(inputs, "unused", base_model="Qwen/Qwen3-1.7B", base_model_path=str(model_dir))
+@pytest.mark.parametrize("name", list(CHATS))
+def test_any_chat_template_trains_the_answer_and_its_end_of_turn_after_the_generators_exact_prompt(
+    name, inputs, tmp_path
+):
+    architecture, chat, end_of_turn, source = CHATS[name]
+    model_dir = build_tiny_causal_lm(tmp_path / name, corpus_texts(), architecture, chat)
+    # 10 steps of 4 need every one of the 40 rows, so the examples are the split's rows in order.
+    extras = extras_for(inputs, "unused", base_model=f"acme/{name}", base_model_path=str(model_dir))
     trainer, tokenizer, facts = train_script.build_trainer(extras, tmp_path / "out")
-    assert facts["chat_template_source"] == "trl" and trainer.chat_template == qwen3_training_chat_template
-    # The tokenizer that is saved keeps the original template: generation renders it with enable_thinking=False.
-    assert tokenizer.chat_template == qwen3_chat_template
-    trained, masked, _, _ = labelled(trainer, tokenizer)
-    assert trained.startswith("<think>\n\n</think>\n\n" + QUERIES[0] + "<|im_end|>")
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "title"}, {"role": "user", "content": "文書"}],
-        add_generation_prompt=True, tokenize=False, enable_thinking=False,
-    )
-    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert masked.endswith("<|im_start|>assistant\n")
+    assert tokenizer.chat_template == chat.template
+    assert facts["completion_sources"] == {source: 40} and facts["end_of_turn"] == [end_of_turn]
+    assert facts["train_examples_truncated"] == facts["train_examples_dropped"] == 0
+
+    rows = datasets.load_from_disk(str(inputs["dataset_dir"]))["train"]
+    prompts = PromptBuilder(tokenizer, extras["hyperparameters"]["max_length"])
+    assert len(trainer.train_dataset) == len(rows)
+    for row, example in zip(rows, trainer.train_dataset):
+        input_ids, labels = example["input_ids"], example["labels"]
+        start = next(position for position, label in enumerate(labels) if label != -100)
+        # The prompt: untrained, and token for token what every generation backend sends for this row.
+        assert set(labels[:start]) == {-100}
+        assert input_ids[:start] == prompts.build(row["system"], row["user"])[1]
+        # The completion: trained to the end, exactly the answer and the end-of-turn token.
+        assert labels[start:] == input_ids[start:]
+        assert tokenizer.decode(input_ids[start:]) == row["assistant"] + end_of_turn
+    # The collator pads labels with -100 and keeps them otherwise: the batch the model sees is masked the same way.
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    first = trainer.train_dataset[0]["labels"]
+    assert batch["labels"][0][: len(first)].tolist() == first
+    assert set(batch["labels"][0][len(first):].tolist()) <= {-100}
+
+    trainer.args.max_steps = 3
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.global_step == 3 and losses and all(math.isfinite(loss) for loss in losses)
 
 
-def test_a_template_without_markers_that_trl_cannot_patch_fails_naming_the_model(inputs, tmp_path):
-    model_dir = tmp_path / "plain-template"
-    model_dir.mkdir()
-    for path in inputs["model_dir"].iterdir():
-        (model_dir / path.name).write_bytes(path.read_bytes())
-    (model_dir / "chat_template.jinja").write_text(
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-        encoding="utf-8",
+def test_examples_are_cut_at_max_length_and_dropped_when_the_prompt_alone_fills_it(inputs):
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model_dir"])
+    short, long = corpus_texts()[0][:20], corpus_texts()[1][:400]
+    fitting = training_example(tokenizer, CATEGORY_NAMES[0], short, QUERIES[0])
+    max_length = len(fitting.prompt_ids) + len(fitting.completion_ids) - 1  # one token short for the short row
+    assert len(training_example(tokenizer, CATEGORY_NAMES[0], long, QUERIES[0]).prompt_ids) >= max_length
+    rows = {"system": [CATEGORY_NAMES[0]] * 2, "user": [short, long], "assistant": [QUERIES[0]] * 2}
+    examples = train_script.tokenize_examples(rows, tokenizer, max_length)
+    assert (len(examples.dataset), examples.truncated, examples.dropped) == (1, 1, 1)
+    with pytest.raises(train_script.TrainingInputError, match="fills max_length"):
+        train_script.tokenize_examples({key: values[1:] for key, values in rows.items()}, tokenizer, max_length)
+
+
+def test_a_checkpoint_stops_at_the_end_of_turn_token_its_answers_end_with(inputs, tmp_path):
+    # Llama 3 base's tokenizer: eos is <|end_of_text|>, while its template ends every turn with <|eot_id|>.
+    chat = dataclasses.replace(llama3_chat(), eos_token="<|end_of_text|>")
+    model_dir = build_tiny_causal_lm(tmp_path / "llama3-base", corpus_texts(), "llama", chat)
+    extras = extras_for(
+        inputs, "llama3-base--01234567", base_model="acme/llama3-base", base_model_path=str(model_dir),
+        checkpoints_root=str(tmp_path / "checkpoints"), hyperparameters=hyperparameters(max_steps=1),
     )
-    extras = extras_for(inputs, "unused", base_model="acme/plain-chat", base_model_path=str(model_dir))
-    with pytest.raises(train_script.TrainingInputError, match="acme/plain-chat.*generation"):
-        train_script.build_trainer(extras, tmp_path / "out")
+    checkpoint = Path(train_script.train(extras, log=lambda line: None)["path"])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    eos = GenerationConfig.from_pretrained(checkpoint).eos_token_id
+    assert set(tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])) <= set(eos)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers versions, memory plan, resuming
+
+
+def test_the_checkpointing_switch_is_a_field_of_the_installed_sft_config(tmp_path):
+    fields = {field.name for field in dataclasses.fields(SFTConfig)}
+    for enabled in (True, False):
+        kwargs = train_script.checkpointing_kwargs(enabled)
+        (name,) = kwargs
+        assert name in fields
+        # bf16=False: TRL's default (bf16) is refused on a CPU-only machine.
+        assert getattr(SFTConfig(output_dir=str(tmp_path), bf16=False, **kwargs), name) is enabled
+
+
+def test_the_installed_sft_config_accepts_every_setting_the_script_passes(inputs, tmp_path):
+    plan = train_script.plan_run(extras_for(inputs, "unused"))
+    config = train_script.sft_config(hyperparameters(warmup_ratio=0.1), plan.setup, tmp_path / "out", save_steps=7)
+    # warmup_ratio travels as a float warmup_steps below 1: a share of the total steps.
+    assert config.warmup_steps == 0.1 and config.get_warmup_steps(100) == 10
+    assert config.include_num_input_tokens_seen == "non_padding"
+    assert config.completion_only_loss is True and config.assistant_only_loss is False
+    assert (config.save_strategy, config.save_steps, config.save_total_limit) == ("steps", 7, 1)
+    assert config.use_cpu is not torch.cuda.is_available() and config.optim == "adamw_torch_fused"
+
+
+def test_a_plan_that_cannot_fit_fails_before_loading_weights_naming_what_would_fit(inputs, tmp_path, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the memory plan was checked")
+
+    monkeypatch.setattr(train_script.AutoModelForCausalLM, "from_pretrained", no_weights)
+    extras = extras_for(inputs, "too-big", checkpoints_root=str(tmp_path / "checkpoints"), memory_limit_gib=0.001)
+    with pytest.raises(MemoryPlanError) as failure:
+        train_script.train(extras, log=lambda line: None)
+    message = str(failure.value)
+    assert "does not fit" in message and "even per-device batch 1 x 4 needs" in message
+    assert "LoRA (QC_STUDENT_METHOD=lora)" in message and "8-bit optimizer" in message
+    assert "gradient checkpointing" in message and "all of these together" in message
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_per_device_batch_shrinks_until_the_plan_fits_keeping_the_effective_batch(inputs, tmp_path):
+    extras = extras_for(inputs, "unused")
+    configured = train_script.plan_run(extras).setup
+    shape = ModelShape.of(AutoConfig.from_pretrained(inputs["model_dir"]))
+    four = estimate(shape, configured).total
+    two = estimate(shape, dataclasses.replace(configured, batch_size=2, gradient_accumulation=2)).total
+    limit_gib = (two + four) / 2 / USABLE_FRACTION / GIB
+    trainer, _, _ = train_script.build_trainer({**extras, "memory_limit_gib": limit_gib}, tmp_path)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 2)
+
+
+CHILD = (
+    "import json, sys; from qc_assets.defs.student.train import train; "
+    "train(json.load(open(sys.argv[1])), log=lambda line: None)"
+)
+
+
+@pytest.mark.long(20)
+def test_a_killed_run_resumes_from_its_last_saved_state_and_finishes_its_steps(inputs, tmp_path):
+    extras = extras_for(
+        inputs, "tiny--01234567--killed", checkpoints_root=str(tmp_path / "checkpoints"),
+        hyperparameters=hyperparameters(max_steps=20), save_steps=2,
+    )
+    (tmp_path / "extras.json").write_text(json.dumps(extras))
+    run = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path / "extras.json")], cwd=REPO, env={**os.environ, **SUBPROCESS_ENV},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    work = tmp_path / "checkpoints" / store.WORK_DIR
+    deadline = time.monotonic() + 120
+    try:
+        while not list(work.glob("tiny/*/checkpoint-*/trainer_state.json")):
+            assert run.poll() is None, "the run ended before it saved a state"
+            assert time.monotonic() < deadline, "no state saved in 120 s"
+            time.sleep(0.02)
+    finally:
+        run.kill()  # SIGKILL: no handler runs, as when a pod is pre-empted
+        run.wait()
+    assert run.returncode == -9, "the run finished before it was killed"
+    assert not (tmp_path / "checkpoints" / "tiny" / extras["checkpoint_id"]).exists()
+
+    lines: list[str] = []
+    result = train_script.train({**extras, "checkpoint_id": "tiny--01234567--resumed"}, log=lines.append)
+    metrics = result["manifest"]["metrics"]
+    resumed = metrics["resumed_from_step"]
+    assert resumed in range(2, 20, 2)
+    assert any(line.startswith(f"resuming from the state saved at step {resumed} ") for line in lines)
+    assert metrics["steps"] == 20
+    assert [step for step, _ in metrics["loss_curve"]] == list(range(resumed + 1, 21))
+    assert not list(work.rglob("checkpoint-*"))

@@ -35,6 +35,9 @@ class StudentResource(dg.ConfigurableResource):
     gradient_accumulation: int = Field(default=4, description="QC_STUDENT_GRADIENT_ACCUMULATION")
     max_length: int = Field(default=2048, description="QC_STUDENT_MAX_LENGTH")
     lora_r: int = Field(default=16, description="QC_STUDENT_LORA_R")
+    optimizer: str = Field(default="adamw_torch_fused", description="QC_STUDENT_OPTIMIZER")
+    save_steps: int = Field(default=500, description="QC_STUDENT_SAVE_STEPS")
+    memory_limit_gib: float | None = Field(default=None, description="QC_STUDENT_MEMORY_LIMIT_GIB")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StudentResource":
@@ -49,6 +52,9 @@ class StudentResource(dg.ConfigurableResource):
             gradient_accumulation=settings.student_gradient_accumulation,
             max_length=settings.student_max_length,
             lora_r=settings.student_lora_r,
+            optimizer=settings.student_optimizer,
+            save_steps=settings.student_save_steps,
+            memory_limit_gib=settings.student_memory_limit_gib,
         )
 
     def base_model_path(self, base_model: str) -> str:
@@ -77,6 +83,7 @@ class StudentResource(dg.ConfigurableResource):
             "seed": 42,
             "logging_steps": 1 if tiny else 10,
             "precision": "auto",
+            "optimizer": self.optimizer,
         }
         return values
 
@@ -136,8 +143,9 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
         op_tags=GPU_POD,
         pool=GPU_POOL,
         kinds={"pytorch", "huggingface"},
-        description="A student fine-tuned on the current SFT dataset with TRL's SFTTrainer (assistant-only loss), "
-        "in a subprocess through Dagster Pipes; published to QC_DATA_DIR/checkpoints/<model>/<id>/ with a manifest.",
+        description="A student fine-tuned on the current SFT dataset with TRL's SFTTrainer (loss on the answer and "
+        "its end-of-turn token only), in a subprocess through Dagster Pipes, after a memory plan that fits the GPU; "
+        "resumes a killed run; published to QC_DATA_DIR/checkpoints/<model>/<id>/ with a manifest.",
         metadata={"dagster/column_schema": CHECKPOINTS.dagster_schema(), "dagster/table_name": f"lake.{CHECKPOINTS.name}"},
     )
     def student_checkpoints(
@@ -177,6 +185,8 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
             "slug": slug,
             "checkpoint_id": checkpoint_id,
             "hyperparameters": hyperparameters,
+            "save_steps": student.save_steps,
+            "memory_limit_gib": student.memory_limit_gib,
             "tiny": base_model == TINY_STUDENT,
         }
         result = pipes_subprocess_client.run(

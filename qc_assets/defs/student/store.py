@@ -2,7 +2,8 @@
 
 A checkpoint is visible only through its manifest, which is written last, inside a hidden staging directory that
 is then renamed into place in one step: a reader sees a complete checkpoint or none. Checkpoints trained
-elsewhere are dropped in by hand the same way (copy, then add the manifest).
+elsewhere are dropped in by hand the same way (copy, then add the manifest). Training keeps its resumable states
+under `<root>/.work/`, which listings skip like every hidden name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+WORK_DIR = ".work"  # resumable training states, hidden from listings
 REQUIRED_FIELDS = ("checkpoint", "base_model", "dataset_version", "hyperparameters", "metrics", "created_at")
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,13 @@ def list_checkpoints(root: Path, warn=log.warning) -> list[Checkpoint]:
                 continue
             found.append(Checkpoint(manifest["checkpoint"], manifest["base_model"], directory, manifest))
     return sorted(found, key=lambda checkpoint: (checkpoint.created_at, checkpoint.checkpoint))
+
+
+def work_directory(root: Path, slug: str, inputs: dict) -> Path:
+    """Where a training run keeps its resumable state: hidden, and the same for every run of the same inputs (a
+    hash of them), so a killed run's successor finds it."""
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return root / WORK_DIR / slug / key
 
 
 def staging_directory(root: Path, slug: str, checkpoint_id: str) -> Path:

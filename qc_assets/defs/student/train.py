@@ -13,25 +13,32 @@ input from the Pipes extras:
     hyperparameters     {method: "full"|"lora", max_steps (-1: use epochs), num_train_epochs, learning_rate,
                         per_device_train_batch_size, gradient_accumulation_steps, max_length, warmup_ratio, lora_r,
                         lora_alpha, lora_dropout, seed, logging_steps, precision: "auto"|"bf16"|"fp32"}, and
-                        optionally gradient_checkpointing (bool; default: on with CUDA, off on CPU)
+                        optionally gradient_checkpointing (bool; default: on with CUDA, off on CPU) and optimizer
+                        (a transformers `optim` name; default adamw_torch_fused)
+    save_steps          optional: optimizer steps between resumable states (default 500)
+    memory_limit_gib    optional: the memory the plan must fit (default: the GPU's; no check on CPU)
     tiny                optional bool, recorded in the manifest as tiny_model
 
-Loss is on the assistant turn only (TRL's `assistant_only_loss`, which needs `{% generation %}` markers in the chat
-template). The tokenizer is saved with the template generation uses: the model's own one (Qwen3's, rendered with
-`enable_thinking=False`, which puts the same empty think block into the prompt that training put before the
-answer). The checkpoint is written into a hidden staging directory and published by `store.publish` (manifest
-last, then one rename), so a failed run never leaves a visible checkpoint.
+The loss is on the completion only, whatever the chat template: each example is built here as token ids, the prompt
+exactly as generation builds it and the completion as the template renders the answer after it, ending with the
+end-of-turn token (`qc_assets.chat_format.training_example`). Before any weights are loaded, a memory plan
+(`memory.py`) picks the largest per-device batch that fits the GPU, keeping the effective batch, or fails naming
+what would fit. Every `save_steps` steps the trainer saves its state (model, optimizer, scheduler, RNG) into a work
+directory keyed by the run's inputs (`store.work_directory`); a run of the same inputs that was killed resumes
+there. The checkpoint is written into a hidden staging directory and published by `store.publish` (manifest last,
+then one rename), so a failed run never leaves a visible checkpoint; the work directory goes once it is published.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import resource
 import shutil
-import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -44,11 +51,27 @@ import torch
 import transformers
 import trl
 from dagster_pipes import open_dagster_pipes
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from filelock import FileLock, Timeout
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    TrainerCallback,
+    TrainerState,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
-from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from qc_assets.defs.student.store import publish, staging_directory
+from qc_assets.chat_format import GENERATION_TEMPLATE_KWARGS, training_example
+from qc_assets.defs.student.memory import (
+    GIB,
+    MemoryPlan,
+    ModelShape,
+    TrainingSetup,
+    plan_memory,
+)
+from qc_assets.defs.student.store import publish, staging_directory, work_directory
 
 REQUIRED_EXTRAS = (
     "base_model",
@@ -77,9 +100,9 @@ REQUIRED_HYPERPARAMETERS = (
     "precision",
 )
 DATASET_COLUMNS = ("system", "user", "assistant")
-# Passed to apply_chat_template at generation (and used here to check the prompt against the training rendering).
-# Templates that do not know the variable ignore it.
-GENERATION_TEMPLATE_KWARGS = {"enable_thinking": False}
+DEFAULT_OPTIMIZER = "adamw_torch_fused"
+DEFAULT_SAVE_STEPS = 500
+TRAINER_STATE = "trainer_state.json"  # the last file the trainer writes into a saved state
 
 Log = Callable[[str], Any]
 
@@ -110,7 +133,16 @@ def check_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
         )
     if not 0 <= float(hyperparameters["warmup_ratio"]) < 1:
         raise TrainingInputError(f"hyperparameters.warmup_ratio must be in [0, 1), got {hyperparameters['warmup_ratio']}")
+    if save_steps(extras) < 1:
+        raise TrainingInputError(f"extras.save_steps must be at least 1, got {extras['save_steps']}")
+    if extras.get("memory_limit_gib") is not None and float(extras["memory_limit_gib"]) <= 0:
+        raise TrainingInputError(f"extras.memory_limit_gib must be positive, got {extras['memory_limit_gib']}")
     return dict(extras)
+
+
+def save_steps(extras: Mapping[str, Any]) -> int:
+    value = extras.get("save_steps")
+    return DEFAULT_SAVE_STEPS if value is None else int(value)
 
 
 def resolve_precision(precision: str) -> str:
@@ -123,7 +155,7 @@ def examples_needed(hp: Mapping[str, Any]) -> int | None:
     """How many training examples a run with a step count can use at most (None: every example, by epochs).
 
     max_steps optimizer steps of per_device_train_batch_size x gradient_accumulation_steps examples each, plus an
-    eighth for the examples TRL drops (a prompt that fills max_length), so the run rarely needs a second pass.
+    eighth for the examples dropped because their prompt fills max_length, so the run rarely needs a second pass.
     """
     steps = int(hp["max_steps"])
     if steps <= 0:
@@ -132,26 +164,24 @@ def examples_needed(hp: Mapping[str, Any]) -> int | None:
     return needed + needed // 8
 
 
-def load_conversations(dataset_dir: str | os.PathLike, limit: int | None = None, seed: int = 0) -> tuple[datasets.Dataset, int]:
-    """The train split as conversations: system (category), user (document), assistant (query); nothing else, and
-    the split's size.
+def load_rows(dataset_dir: str | os.PathLike, limit: int | None = None, seed: int = 0) -> tuple[dict[str, list[str]], int]:
+    """The train split's system (category), user (document) and assistant (query) columns, and the split's size.
 
     With `limit` below the split's size, a uniform random sample of `limit` rows (fixed by `seed`), in split order:
     a run of a few hundred steps then reads, checks and tokenizes those rows only, not a corpus-sized split (the
-    trainer shuffles what it gets, so it sees a uniform sample either way). The split is memory-mapped; the rows
-    used are copied into memory, so neither this nor TRL's preprocessing writes cache files into the dataset
-    directory, which may be read-only (a mounted volume on the training pod).
+    trainer shuffles what it gets, so it sees a uniform sample either way). The split is memory-mapped and the rows
+    used are copied into memory, so nothing writes cache files into the dataset directory, which may be read-only
+    (a mounted volume on the training pod).
     """
     directory = Path(dataset_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"dataset_dir {directory} does not exist or is not a directory")
     loaded = datasets.load_from_disk(str(directory))
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise TrainingInputError(f"{directory}: no 'train' split (splits: {', '.join(loaded)})")
-        train = loaded["train"]
-    else:
+    if not isinstance(loaded, datasets.DatasetDict):
         raise TrainingInputError(f"{directory}: expected a DatasetDict with a 'train' split, got a single Dataset")
+    if "train" not in loaded:
+        raise TrainingInputError(f"{directory}: no 'train' split (splits: {', '.join(loaded)})")
+    train = loaded["train"]
     missing = [column for column in DATASET_COLUMNS if column not in train.column_names]
     if missing:
         raise TrainingInputError(f"{directory}: the train split lacks columns {', '.join(missing)}")
@@ -171,80 +201,85 @@ def load_conversations(dataset_dir: str | os.PathLike, limit: int | None = None,
         raise TrainingInputError(
             f"{directory}: {unusable} train rows have an empty or non-string {', '.join(DATASET_COLUMNS)} value"
         )
-    conversations = datasets.Dataset.from_dict(
-        {
-            "messages": [
-                [
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": user},
-                    {"role": "assistant", "content": assistant},
-                ]
-                for system, user, assistant in zip(columns["system"], columns["user"], columns["assistant"])
-            ]
-        }
-    )
-    return conversations, total
+    return columns, total
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chat template
+# Examples
 
 
-def training_chat_template(tokenizer, base_model: str) -> tuple[str, str]:
-    """The template to train with, and where it came from ("model" or "trl").
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """The tokenized training set and what happened on the way."""
 
-    The model's own template when it marks the assistant's tokens with `{% generation %}`; else TRL's patched
-    training twin of it (TRL recognises a template by exact text: Qwen3's original one maps to `qwen3_training`,
-    which always renders the empty think block the original renders with enable_thinking=False, and marks it plus
-    the answer and `<|im_end|>` for the loss).
-    """
-    template = tokenizer.chat_template
-    if isinstance(template, dict):
-        template = template.get("default")
-    if not template:
-        raise TrainingInputError(f"base model {base_model!r}: its tokenizer has no chat template")
-    if has_generation_markers(template):
-        return template, "model"
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except ValueError as error:
+    dataset: datasets.Dataset  # input_ids and completion_mask (1 on the completion), untruncated
+    dropped: int  # the prompt alone fills max_length: nothing of the answer would be left to learn
+    truncated: int  # cut at max_length: the end of the answer (and its end-of-turn token) is not trained
+    completion_sources: dict[str, int]  # how many completions came from the template, how many are answer + eos
+    end_of_turn: list[str]  # the tokens the completions end with
+
+
+def tokenize_examples(rows: Mapping[str, list[str]], tokenizer, max_length: int) -> Examples:
+    input_ids, completion_masks, sources, endings = [], [], Counter(), set()
+    dropped = truncated = 0
+    for category, text, answer in zip(*(rows[column] for column in DATASET_COLUMNS)):
+        example = training_example(tokenizer, category, text, answer)
+        if len(example.prompt_ids) >= max_length:
+            dropped += 1
+            continue
+        truncated += len(example.prompt_ids) + len(example.completion_ids) > max_length
+        input_ids.append(example.prompt_ids + example.completion_ids)
+        completion_masks.append([0] * len(example.prompt_ids) + [1] * len(example.completion_ids))
+        sources[example.completion_source] += 1
+        endings.add(example.end_of_turn)
+    if not input_ids:
         raise TrainingInputError(
-            f"base model {base_model!r}: its chat template has no {{% generation %}} markers and TRL "
-            f"{trl.__version__} has no training version of it, so the loss cannot be put on the assistant tokens "
-            f"only ({error})"
-        ) from None
-    if not patched or not has_generation_markers(patched):
-        raise TrainingInputError(
-            f"base model {base_model!r}: TRL returned no training chat template with {{% generation %}} markers"
+            f"every training example's prompt fills max_length={max_length} tokens: nothing to train on"
         )
-    return patched, "trl"
-
-
-def check_template_consistency(tokenizer, train_template: str, conversation: list[dict], base_model: str) -> None:
-    """The generation prompt (saved template, thinking off) must be exactly how training renders the prompt part."""
-    trained = tokenizer.apply_chat_template(conversation, chat_template=train_template, tokenize=False)
-    prompt = tokenizer.apply_chat_template(
-        conversation[:-1], add_generation_prompt=True, tokenize=False, **GENERATION_TEMPLATE_KWARGS
+    return Examples(
+        dataset=datasets.Dataset.from_dict({"input_ids": input_ids, "completion_mask": completion_masks}),
+        dropped=dropped,
+        truncated=truncated,
+        completion_sources=dict(sources),
+        end_of_turn=sorted(endings),
     )
-    if not trained.startswith(prompt):
-        raise TrainingInputError(
-            f"base model {base_model!r}: the generation prompt is not a prefix of the training rendering, so the "
-            f"model would be trained on a different context than it sees at generation.\n"
-            f"generation prompt ends: {prompt[-120:]!r}\ntraining text there: {trained[len(prompt) - 120:len(prompt)]!r}"
-        )
-    encoded = tokenizer.apply_chat_template(
-        conversation,
-        chat_template=train_template,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory plan
+
+
+def load_dtype(setup: TrainingSetup) -> torch.dtype:
+    # bf16: LoRA keeps the frozen base in bf16; full fine-tuning keeps fp32 master weights under bf16 autocast (pure
+    # bf16 AdamW loses most updates at SFT learning rates) and the checkpoint is cast to bf16 when saved.
+    return torch.bfloat16 if setup.precision == "bf16" and setup.method == "lora" else torch.float32
+
+
+def device_memory_bytes(limit_gib: float | None) -> int | None:
+    """What the plan must fit: the limit when one is set, else the GPU's memory; None (no check) on CPU."""
+    if limit_gib is not None:
+        return int(float(limit_gib) * GIB)
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def plan_run(extras: Mapping[str, Any]) -> MemoryPlan:
+    """The memory plan for the base model's config (no weights loaded); MemoryPlanError when nothing fits."""
+    hp = extras["hyperparameters"]
+    setup = TrainingSetup(
+        method=hp["method"],
+        precision=resolve_precision(hp["precision"]),
+        batch_size=int(hp["per_device_train_batch_size"]),
+        gradient_accumulation=int(hp["gradient_accumulation_steps"]),
+        max_length=int(hp["max_length"]),
+        gradient_checkpointing=bool(hp.get("gradient_checkpointing", torch.cuda.is_available())),
+        lora_r=int(hp["lora_r"]),
+        optimizer=hp.get("optimizer", DEFAULT_OPTIMIZER),
     )
-    answer = tokenizer.decode([t for t, keep in zip(encoded["input_ids"], encoded["assistant_masks"]) if keep])
-    if conversation[-1]["content"] not in answer:
-        raise TrainingInputError(
-            f"base model {base_model!r}: the training template's assistant mask does not cover the answer "
-            f"(masked text: {answer!r})"
-        )
+    shape = ModelShape.of(AutoConfig.from_pretrained(extras["base_model_path"]))
+    limit = device_memory_bytes(extras.get("memory_limit_gib"))
+    return plan_memory(shape, setup, limit, extras["base_model"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,108 +317,130 @@ class PipesProgress(TrainerCallback):
         self.log(line)
 
 
-def build_trainer(
-    extras: Mapping[str, Any], output_dir: str | os.PathLike, callbacks: list[TrainerCallback] | None = None
-) -> tuple[SFTTrainer, Any, dict[str, Any]]:
-    """Load data, tokenizer and model and build the SFTTrainer (its train_dataset is already tokenized and masked).
+def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """transformers 5.23 renamed TrainingArguments' gradient_checkpointing to activation_checkpointing; the range
+    vLLM allows (5.16-5.19) has only the old name. TRL defaults it to on: always set whichever exists."""
+    names = {field.name for field in dataclasses.fields(SFTConfig)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
-    Returns the trainer, the tokenizer to save (with the generation template), and facts for the manifest.
-    """
-    extras = check_extras(extras)
-    hp = extras["hyperparameters"]
-    base_model = extras["base_model"]
-    precision = resolve_precision(hp["precision"])
-    method = hp["method"]
 
-    conversations, train_rows = load_conversations(extras["dataset_dir"], examples_needed(hp), int(hp["seed"]))
-
-    tokenizer = AutoTokenizer.from_pretrained(extras["base_model_path"])
-    train_template, template_source = training_chat_template(tokenizer, base_model)
-    check_template_consistency(tokenizer, train_template, conversations[0]["messages"], base_model)
-
-    # bf16: LoRA keeps the frozen base in bf16; full fine-tuning keeps fp32 master weights under bf16 autocast
-    # (pure bf16 AdamW loses most updates at SFT learning rates) and the checkpoint is cast to bf16 when saved.
-    if precision == "bf16" and method == "lora":
-        load_dtype = torch.bfloat16
-    else:
-        load_dtype = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(extras["base_model_path"], dtype=load_dtype)
-
-    peft_config = None
-    if method == "lora":
-        peft_config = peft.LoraConfig(
-            task_type="CAUSAL_LM",
-            target_modules="all-linear",
-            r=int(hp["lora_r"]),
-            lora_alpha=int(hp["lora_alpha"]),
-            lora_dropout=float(hp["lora_dropout"]),
-        )
-
-    gradient_checkpointing = bool(hp.get("gradient_checkpointing", torch.cuda.is_available()))
-    config = SFTConfig(
+def sft_config(hp: Mapping[str, Any], setup: TrainingSetup, output_dir: str | os.PathLike, save_steps: int) -> SFTConfig:
+    return SFTConfig(
         output_dir=str(output_dir),
         max_steps=int(hp["max_steps"]),
         num_train_epochs=float(hp["num_train_epochs"]),
         learning_rate=float(hp["learning_rate"]),
-        per_device_train_batch_size=int(hp["per_device_train_batch_size"]),
-        gradient_accumulation_steps=int(hp["gradient_accumulation_steps"]),
-        max_length=int(hp["max_length"]),
+        per_device_train_batch_size=setup.batch_size,
+        gradient_accumulation_steps=setup.gradient_accumulation,
+        max_length=setup.max_length,
         # transformers 5 dropped `warmup_ratio`: a float `warmup_steps` below 1 is the ratio of the total steps.
         warmup_steps=float(hp["warmup_ratio"]),
         seed=int(hp["seed"]),
         logging_steps=hp["logging_steps"],  # an int, or a float below 1 for a ratio of the total steps
         logging_first_step=True,
-        bf16=precision == "bf16",  # TRL's default is bf16=True, even on CPU: always set it
+        bf16=setup.precision == "bf16",  # TRL's default is bf16=True, even on CPU: always set it
         fp16=False,
-        # transformers 5.23 renamed gradient_checkpointing (TRL defaults that one to True) to activation_checkpointing
-        activation_checkpointing=gradient_checkpointing,
+        optim=setup.optimizer,
+        **checkpointing_kwargs(setup.gradient_checkpointing),
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # transformers refuses precision="bf16" on CPU without it
-        assistant_only_loss=True,
+        completion_only_loss=True,  # labels only where completion_mask is 1
         packing=False,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=save_steps,
+        # The newest state only: the older one is deleted after the new one is complete, so a run killed while
+        # saving still has the previous one.
+        save_total_limit=1,
         # Counts attention-mask tokens (prompt and answer, not padding); "all" would count padding too.
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
     )
+
+
+def lora_config(hp: Mapping[str, Any]) -> peft.LoraConfig | None:
+    if hp["method"] != "lora":
+        return None
+    return peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules="all-linear",
+        r=int(hp["lora_r"]),
+        lora_alpha=int(hp["lora_alpha"]),
+        lora_dropout=float(hp["lora_dropout"]),
+    )
+
+
+def build_trainer(
+    extras: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    callbacks: list[TrainerCallback] | None = None,
+    plan: MemoryPlan | None = None,
+) -> tuple[SFTTrainer, Any, dict[str, Any]]:
+    """Plan memory, tokenize the examples, load the model and build the SFTTrainer (saving into output_dir).
+
+    Returns the trainer, the tokenizer to save (with its own chat template, the one generation uses), and facts for
+    the manifest.
+    """
+    extras = check_extras(extras)
+    hp = extras["hyperparameters"]
+    plan = plan or plan_run(extras)
+    rows, train_rows = load_rows(extras["dataset_dir"], examples_needed(hp), int(hp["seed"]))
+    tokenizer = AutoTokenizer.from_pretrained(extras["base_model_path"])
+    if not tokenizer.chat_template:
+        raise TrainingInputError(f"base model {extras['base_model']!r}: its tokenizer has no chat template")
+    examples = tokenize_examples(rows, tokenizer, plan.setup.max_length)
+
     trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=conversations,
+        model=AutoModelForCausalLM.from_pretrained(extras["base_model_path"], dtype=load_dtype(plan.setup)),
+        args=sft_config(hp, plan.setup, output_dir, save_steps(extras)),
+        train_dataset=examples.dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(hp),
         callbacks=callbacks,
     )
     # Progress reaches Dagster through PipesProgress; the trainer's own printer would repeat it as raw dicts.
     trainer.remove_callback(PrinterCallback)
-    # SFTTrainer swaps in the same TRL template itself when the model's has no markers; make sure it did.
-    expected = None if template_source == "model" else train_template
-    if trainer.chat_template != expected:
-        raise RuntimeError(
-            f"base model {base_model!r}: SFTTrainer chose a different training chat template than expected"
-        )
-    used = len(trainer.train_dataset)
-    if used == 0:
-        raise TrainingInputError(
-            f"every training example's prompt fills max_length={hp['max_length']} tokens: nothing to train on"
-        )
     facts = {
-        "precision": precision,
-        "load_dtype": str(load_dtype).removeprefix("torch."),
-        "chat_template_source": template_source,
-        "gradient_checkpointing": gradient_checkpointing,
+        "load_dtype": str(load_dtype(plan.setup)).removeprefix("torch."),
         "train_examples": train_rows,
         # With a step count, a seeded uniform sample of the split big enough for every step (see examples_needed).
-        "train_examples_sampled": len(conversations),
-        # Examples whose prompt alone fills max_length are dropped by TRL (nothing left to learn from).
-        "train_examples_used": used,
-        # Examples cut at max_length: the end of their answer (and its end-of-turn token) is not trained.
-        "train_examples_truncated": sum(
-            len(ids) >= int(hp["max_length"]) for ids in trainer.train_dataset["input_ids"]
-        ),
+        "train_examples_sampled": len(rows["system"]),
+        "train_examples_used": len(trainer.train_dataset),
+        "train_examples_dropped": examples.dropped,
+        "train_examples_truncated": examples.truncated,
+        "completion_sources": examples.completion_sources,
+        "end_of_turn": examples.end_of_turn,
     }
     return trainer, tokenizer, facts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resumable state
+
+
+def last_saved_state(work: Path) -> Path | None:
+    """The newest complete state the trainer saved in work (its trainer_state.json, written last, reads back);
+    incomplete ones (a run killed while saving) are removed, so a new save of the same step starts clean."""
+    complete = []
+    for directory in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        try:
+            complete.append((TrainerState.load_from_json(str(directory / TRAINER_STATE)).global_step, directory))
+        except (OSError, ValueError, TypeError):  # missing, half-written, or another transformers' format
+            shutil.rmtree(directory, ignore_errors=True)
+    return max(complete)[1] if complete else None
+
+
+def run_inputs(extras: Mapping[str, Any], setup: TrainingSetup) -> dict[str, Any]:
+    """What makes two runs the same run: a state saved by one is a valid start for the other."""
+    return {
+        "base_model": extras["base_model"],
+        "base_model_path": str(extras["base_model_path"]),
+        "dataset_version": extras["dataset_version"],
+        "hyperparameters": dict(extras["hyperparameters"]),
+        # The plan may shrink the per-device batch on a smaller GPU; a saved state counts batches of its own size.
+        "per_device_train_batch_size": setup.batch_size,
+        "gradient_accumulation_steps": setup.gradient_accumulation,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,114 +459,181 @@ def _peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _final_model(trainer: SFTTrainer, method: str, precision: str):
+def _final_model(trainer: SFTTrainer, tokenizer, method: str, precision: str, end_of_turn: list[str]):
     model = trainer.accelerator.unwrap_model(trainer.model)
     if method == "lora":
         model = model.merge_and_unload()
     if precision == "bf16" and model.dtype != torch.bfloat16:
         model = model.to(torch.bfloat16)
     model.config.use_cache = True  # gradient checkpointing turns the cache off; generation wants it on
+    _stop_at(model.generation_config, tokenizer.convert_tokens_to_ids(end_of_turn))
     return model
 
 
+def _stop_at(generation_config, token_ids: list[int]) -> None:
+    """Generators stop at the checkpoint's eos ids: the token every trained answer ends with must be one of them
+    (Llama 3's turns end with <|eot_id|> where its eos may be <|end_of_text|>)."""
+    eos = generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids += [token_id for token_id in token_ids if token_id not in ids]
+    generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
 def train(extras: Mapping[str, Any], log: Log = print) -> dict[str, Any]:
-    """Train, publish the checkpoint, and return what the materialization reports."""
+    """Train (resuming a killed run of the same inputs), publish the checkpoint, and return what the
+    materialization reports."""
     started = time.perf_counter()
     extras = check_extras(extras)
-    hp = dict(extras["hyperparameters"])
-    root = Path(extras["checkpoints_root"])
-    slug, checkpoint_id = extras["slug"], extras["checkpoint_id"]
-    if (root / slug / checkpoint_id).exists():
-        raise FileExistsError(f"checkpoint {root / slug / checkpoint_id} already exists")
+    target = Path(extras["checkpoints_root"]) / extras["slug"] / extras["checkpoint_id"]
+    if target.exists():
+        raise FileExistsError(f"checkpoint {target} already exists")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    plan = plan_run(extras)
+    _log_plan(plan, extras, log)
+    work = work_directory(Path(extras["checkpoints_root"]), extras["slug"], run_inputs(extras, plan.setup))
+    work.mkdir(parents=True, exist_ok=True)
+    # One run per work directory: two would overwrite each other's saved states. A killed run's lock dies with it.
+    lock = FileLock(str(work) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"another run of the same inputs is training in {work}") from None
+    try:
+        result = _train_in(work, extras, plan, log, started)
+    finally:
+        lock.release()
+    shutil.rmtree(work, ignore_errors=True)
+    Path(lock.lock_file).unlink(missing_ok=True)
+    return result
 
-    progress = PipesProgress(log)
-    with tempfile.TemporaryDirectory(prefix="qc-student-train-") as scratch:
-        trainer, tokenizer, facts = build_trainer(extras, scratch, callbacks=[progress])
+
+def _log_plan(plan: MemoryPlan, extras: Mapping[str, Any], log: Log) -> None:
+    log(f"memory plan for {extras['base_model']}: {plan.setup.describe()}: {plan.summary()}")
+    configured = int(extras["hyperparameters"]["per_device_train_batch_size"])
+    if plan.setup.batch_size != configured:
         log(
-            f"training {extras['base_model']} ({hp['method']}, {facts['precision']}, device {_device()}) on "
-            f"{facts['train_examples_used']}/{facts['train_examples']} examples"
-            + (f" (a sample of {facts['train_examples_sampled']} for {hp['max_steps']} steps)"
-               if facts["train_examples_sampled"] < facts["train_examples"] else "")
-            + f" ({facts['train_examples_truncated']} cut at max_length {hp['max_length']}), chat template from "
-            f"{facts['chat_template_source']}"
+            f"per-device batch {configured} does not fit: training with {plan.setup.batch_size} x "
+            f"{plan.setup.gradient_accumulation} accumulation, the same effective batch"
         )
-        train_started, train_cpu_started = time.perf_counter(), time.process_time()
-        output = trainer.train()
-        train_seconds = time.perf_counter() - train_started
-        train_cpu_seconds = time.process_time() - train_cpu_started
-        steps = int(trainer.state.global_step)
-        train_tokens = int(trainer.state.num_input_tokens_seen)
-        peak_memory = _peak_memory_bytes()
-        model = _final_model(trainer, hp["method"], facts["precision"])
 
-        staging = staging_directory(root, slug, checkpoint_id)
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)  # its own chat template: the one generation uses
-            loss_curve = progress.loss_curve
-            final_loss = loss_curve[-1][1] if loss_curve else float(output.training_loss)
-            metrics = {
-                "steps": steps,
-                "final_loss": final_loss,
-                "loss_curve": loss_curve,
-                "train_tokens": train_tokens,
-                "tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else 0.0,
-                "train_seconds": train_seconds,
-                "train_cpu_seconds": train_cpu_seconds,
-                "wall_seconds": time.perf_counter() - started,
-                "peak_memory_bytes": peak_memory,
-                "device": _device(),
-                "train_examples": facts["train_examples"],
-                "train_examples_sampled": facts["train_examples_sampled"],
-                "train_examples_used": facts["train_examples_used"],
-                "train_examples_truncated": facts["train_examples_truncated"],
-            }
-            manifest = {
-                "checkpoint": checkpoint_id,
-                "base_model": extras["base_model"],
-                "base_model_path": str(extras["base_model_path"]),
-                "dataset_version": extras["dataset_version"],
-                "hyperparameters": {**hp, "resolved_precision": facts["precision"]},
-                "metrics": metrics,
-                "created_at": datetime.now(UTC).isoformat(),
-                "tiny_model": bool(extras.get("tiny", False)),
-                "chat_template_source": facts["chat_template_source"],
-                "generation_chat_template_kwargs": GENERATION_TEMPLATE_KWARGS,
-                "training": {
-                    "load_dtype": facts["load_dtype"],
-                    "saved_dtype": str(model.dtype).removeprefix("torch."),
-                    "gradient_checkpointing": facts["gradient_checkpointing"],
-                    "assistant_only_loss": True,
-                    "merged_lora": hp["method"] == "lora",
-                },
-                "versions": {
-                    "trl": trl.__version__,
-                    "transformers": transformers.__version__,
-                    "peft": peft.__version__,
-                    "torch": torch.__version__,
-                    "datasets": datasets.__version__,
-                    "dagster_pipes": version("dagster-pipes"),
-                },
-            }
-            target = publish(staging, manifest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    log(f"published checkpoint {checkpoint_id} at {target} ({steps} steps, final loss {final_loss:.4f})")
+
+def _train_in(work: Path, extras: dict[str, Any], plan: MemoryPlan, log: Log, started: float) -> dict[str, Any]:
+    progress = PipesProgress(log)
+    trainer, tokenizer, facts = build_trainer(extras, work, callbacks=[progress], plan=plan)
+    log(_start_line(extras, plan.setup, facts))
+    resume = last_saved_state(work)
+    resumed = None if resume is None else TrainerState.load_from_json(str(resume / TRAINER_STATE))
+    if resumed is not None:
+        log(f"resuming from the state saved at step {resumed.global_step} ({resume})")
+    train_started, train_cpu_started = time.perf_counter(), time.process_time()
+    output = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    train_seconds = time.perf_counter() - train_started
+    tokens = int(trainer.state.num_input_tokens_seen)
+    # On resume the trainer's count includes the killed run's tokens; the rate is this run's own.
+    run_tokens = tokens - (0 if resumed is None else int(resumed.num_input_tokens_seen))
+    final_loss = progress.loss_curve[-1][1] if progress.loss_curve else float(output.training_loss)
+    metrics = {
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": None if resumed is None else resumed.global_step,
+        "final_loss": final_loss,
+        "loss_curve": progress.loss_curve,
+        "train_tokens": tokens,
+        "tokens_per_second": run_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": time.process_time() - train_cpu_started,
+        "peak_memory_bytes": _peak_memory_bytes(),
+        "device": _device(),
+        "train_examples": facts["train_examples"],
+        "train_examples_sampled": facts["train_examples_sampled"],
+        "train_examples_used": facts["train_examples_used"],
+        "train_examples_dropped": facts["train_examples_dropped"],
+        "train_examples_truncated": facts["train_examples_truncated"],
+    }
+    model = _final_model(trainer, tokenizer, extras["hyperparameters"]["method"], plan.setup.precision, facts["end_of_turn"])
+    staging = staging_directory(Path(extras["checkpoints_root"]), extras["slug"], extras["checkpoint_id"])
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)  # its own chat template: the one generation uses
+        metrics["wall_seconds"] = time.perf_counter() - started
+        manifest = _manifest(extras, plan, facts, metrics, model)
+        target = publish(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(
+        f"published checkpoint {extras['checkpoint_id']} at {target} ({metrics['steps']} steps, final loss "
+        f"{final_loss:.4f})"
+    )
     return {"path": str(target), "manifest": manifest}
+
+
+def _start_line(extras: Mapping[str, Any], setup: TrainingSetup, facts: Mapping[str, Any]) -> str:
+    hp = extras["hyperparameters"]
+    sample = (
+        f" (a sample of {facts['train_examples_sampled']} for {hp['max_steps']} steps)"
+        if facts["train_examples_sampled"] < facts["train_examples"] else ""
+    )
+    return (
+        f"training {extras['base_model']} ({setup.method}, {setup.precision}, device {_device()}, per-device batch "
+        f"{setup.batch_size} x {setup.gradient_accumulation}) on {facts['train_examples_used']}/"
+        f"{facts['train_examples']} examples{sample} ({facts['train_examples_truncated']} cut at max_length "
+        f"{setup.max_length}, {facts['train_examples_dropped']} dropped: the prompt alone fills it); completions "
+        f"{facts['completion_sources']}, ending with {', '.join(facts['end_of_turn'])}"
+    )
+
+
+def _manifest(
+    extras: Mapping[str, Any], plan: MemoryPlan, facts: Mapping[str, Any], metrics: dict[str, Any], model
+) -> dict[str, Any]:
+    hp = extras["hyperparameters"]
+    return {
+        "checkpoint": extras["checkpoint_id"],
+        "base_model": extras["base_model"],
+        "base_model_path": str(extras["base_model_path"]),
+        "dataset_version": extras["dataset_version"],
+        "hyperparameters": {**hp, "resolved_precision": plan.setup.precision},
+        "metrics": metrics,
+        "created_at": datetime.now(UTC).isoformat(),
+        "tiny_model": bool(extras.get("tiny", False)),
+        "chat_format": {
+            "loss": "completion only: the prompt's ids as generation builds them, then the completion's",
+            "completion_sources": facts["completion_sources"],
+            "end_of_turn": facts["end_of_turn"],
+            "generation_template_kwargs": GENERATION_TEMPLATE_KWARGS,
+        },
+        "training": {
+            "load_dtype": facts["load_dtype"],
+            "saved_dtype": str(model.dtype).removeprefix("torch."),
+            "gradient_checkpointing": plan.setup.gradient_checkpointing,
+            "optimizer": plan.setup.optimizer,
+            "per_device_train_batch_size": plan.setup.batch_size,
+            "gradient_accumulation_steps": plan.setup.gradient_accumulation,
+            "memory_plan_gib": plan.gib(),
+            "merged_lora": hp["method"] == "lora",
+        },
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "torch": torch.__version__,
+            "datasets": datasets.__version__,
+            "dagster_pipes": version("dagster-pipes"),
+        },
+    }
 
 
 def materialization_metadata(result: Mapping[str, Any]) -> dict[str, Any]:
     manifest = result["manifest"]
     metrics = manifest["metrics"]
+    training = manifest["training"]
     return {
         "checkpoint": manifest["checkpoint"],
         "path": {"raw_value": result["path"], "type": "path"},
         "base_model": manifest["base_model"],
         "dataset_version": manifest["dataset_version"],
         "steps": {"raw_value": metrics["steps"], "type": "int"},
+        "resumed_from_step": _int(metrics["resumed_from_step"]),
         "final_loss": _float(metrics["final_loss"]),
         "loss_curve": {"raw_value": metrics["loss_curve"], "type": "json"},
         "train_tokens": {"raw_value": metrics["train_tokens"], "type": "int"},
@@ -518,11 +642,18 @@ def materialization_metadata(result: Mapping[str, Any]) -> dict[str, Any]:
         "train_cpu_seconds": {"raw_value": metrics["train_cpu_seconds"], "type": "float"},
         "wall_seconds": {"raw_value": metrics["wall_seconds"], "type": "float"},
         "peak_memory_bytes": {"raw_value": metrics["peak_memory_bytes"], "type": "int"},
+        "memory_plan_gib": {"raw_value": training["memory_plan_gib"], "type": "json"},
+        "per_device_train_batch_size": {"raw_value": training["per_device_train_batch_size"], "type": "int"},
+        "gradient_accumulation_steps": {"raw_value": training["gradient_accumulation_steps"], "type": "int"},
         "device": metrics["device"],
         "method": manifest["hyperparameters"]["method"],
         "precision": manifest["hyperparameters"]["resolved_precision"],
         "tiny_model": {"raw_value": manifest["tiny_model"], "type": "bool"},
     }
+
+
+def _int(value: int | None) -> dict[str, Any]:
+    return {"raw_value": value, "type": "int"} if value is not None else {"raw_value": None, "type": "null"}
 
 
 def _float(value: float) -> dict[str, Any]:
