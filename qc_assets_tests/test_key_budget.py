@@ -14,7 +14,7 @@ from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, LabelRequest
 from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
 from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
-from qc_assets.defs.teacher.prices import Price
+from qc_assets.defs.teacher.prices import PRICES
 from qc_assets_tests.teacher_server import run_teacher_server
 
 SLOTS = 4
@@ -24,7 +24,7 @@ LATENCY_MS = 150
 def _label_in_a_process(base_url: str, keys_dir: str | None, start_at: float, prefix: str, results) -> None:
     """A run's labelling: 24 requests at concurrency SLOTS, sharing the key's budget when `keys_dir` is given."""
     budget = KeyBudget(Path(keys_dir), budget_name(base_url, "k"), SLOTS) if keys_dir else None
-    teacher = OpenAITeacher(base_url, "budget-teacher", "k", Price("free", 0.0, 0.0), concurrency=SLOTS, key_budget=budget,
+    teacher = OpenAITeacher(base_url, "budget-teacher", "k", PRICES["free"], concurrency=SLOTS, key_budget=budget,
                             backoff_s=0.05)
     requests = [
         LabelRequest(f"{prefix}-{index}", "s", CATEGORIES["title"], f"{prefix} 文書 {index} の本文です。" * 3)

@@ -519,7 +519,7 @@ def test_thinking_effort_and_response_format_settings_reach_the_wire(environment
 
 def test_prices_default_by_model_charge_the_off_peak_rate_inside_its_window_and_name_their_source():
     flash = resolve_price(None, "deepseek-v4-flash", capped=True)
-    assert (flash.input_per_m, flash.output_per_m, flash.cached_input_per_m) == (0.14, 0.28, 0.0028)
+    assert (flash.rates.input_per_m, flash.rates.output_per_m, flash.rates.cached_input_per_m) == (0.14, 0.28, 0.0028)
     assert resolve_price(None, "my-local-model", capped=False) is PRICES["free"]
     for entry in PRICES.values():
         assert entry.name == "free" or (entry.source and entry.checked), entry.name

@@ -104,14 +104,14 @@ def test_a_slow_consumer_never_leaves_more_answers_unrecorded_than_requests_in_f
 
     from qc_assets.defs.teacher.backends import Budget, LabelRequest
     from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
-    from qc_assets.defs.teacher.prices import Price
+    from qc_assets.defs.teacher.prices import PRICES
 
     concurrency = 3
     requests = [LabelRequest(f"d{index}", SHARD, CATEGORIES["title"], document(index)) for index in range(24)]
     recorded: list = []
     worst = 0
     with run_teacher_server(tmp_path, {"latency_ms": 0, "rules": []}) as server:
-        teacher = OpenAITeacher(server.base_url, "slow-consumer", "k", Price("free", 0.0, 0.0), concurrency=concurrency)
+        teacher = OpenAITeacher(server.base_url, "slow-consumer", "k", PRICES["free"], concurrency=concurrency)
 
         async def label() -> None:
             nonlocal worst

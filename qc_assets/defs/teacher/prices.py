@@ -54,58 +54,62 @@ class UtcWindow:
 
 
 @dataclass(frozen=True)
-class OffPeak:
-    """A provider's daily discount: requests made inside `window` are billed at these rates."""
+class Rates:
+    """USD per million tokens; cached input at the input rate unless the provider discounts it."""
 
-    window: UtcWindow
     input_per_m: float
     output_per_m: float
     cached_input_per_m: float | None = None
+
+    def cost_usd(self, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> float:
+        """Reasoning tokens are billed as output: they are part of the completion count."""
+        cached_rate = self.input_per_m if self.cached_input_per_m is None else self.cached_input_per_m
+        uncached = max(0, input_tokens - cached_input_tokens)
+        return (uncached * self.input_per_m + cached_input_tokens * cached_rate + output_tokens * self.output_per_m) / 1e6
+
+
+@dataclass(frozen=True)
+class OffPeak:
+    """A provider's daily discount: requests made inside `window` are billed at `rates`."""
+
+    window: UtcWindow
+    rates: Rates
 
 
 @dataclass(frozen=True)
 class Price:
     name: str
-    input_per_m: float
-    output_per_m: float
-    cached_input_per_m: float | None = None
+    rates: Rates
     off_peak: OffPeak | None = None
     source: str = ""
     checked: str = ""
 
     def cost_usd(self, input_tokens: int, cached_input_tokens: int, output_tokens: int, at: datetime) -> float:
-        """What a request made at `at` costs. Reasoning tokens are billed as output: they are part of the
-        completion count."""
-        rates = self.off_peak if self.off_peak is not None and self.off_peak.window.contains(at) else self
-        cached_rate = rates.input_per_m if rates.cached_input_per_m is None else rates.cached_input_per_m
-        uncached = max(0, input_tokens - cached_input_tokens)
-        return (
-            uncached * rates.input_per_m + cached_input_tokens * cached_rate + output_tokens * rates.output_per_m
-        ) / 1e6
+        """What a request made at `at` costs."""
+        rates = self.rates
+        if self.off_peak is not None and self.off_peak.window.contains(at):
+            rates = self.off_peak.rates
+        return rates.cost_usd(input_tokens, cached_input_tokens, output_tokens)
 
 
 # DeepSeek-R1 as `deepseek-reasoner` on DeepSeek's API, whose name was retired on 2026-07-24: seed 000 labelled its
 # 100k documents inside the 16:30-00:30 UTC discount window. Kept to price seed 000's run and its labels.
-R1_NIGHT_WINDOW = UtcWindow(time(16, 30), time(0, 30))
+R1_NIGHT = OffPeak(UtcWindow(time(16, 30), time(0, 30)), Rates(0.135, 0.55, cached_input_per_m=0.035))
 R1_SOURCE = f"{DEEPSEEK_PRICING_PAGE} (historical: `deepseek-reasoner` was retired on 2026-07-24)"
 
 PRICES: dict[str, Price] = {
     price.name: price
     for price in (
         Price(
-            "deepseek-v4-flash", input_per_m=0.14, output_per_m=0.28, cached_input_per_m=0.0028,
+            "deepseek-v4-flash", Rates(0.14, 0.28, cached_input_per_m=0.0028),
             source=f"{DEEPSEEK_PRICING_PAGE}; DeepSeek API changelog of 2026-04-24", checked="2026-12",
         ),
         Price(
-            "deepseek-reasoner", input_per_m=0.55, output_per_m=2.19, cached_input_per_m=0.14,
-            off_peak=OffPeak(R1_NIGHT_WINDOW, input_per_m=0.135, output_per_m=0.55, cached_input_per_m=0.035),
+            "deepseek-reasoner", Rates(0.55, 2.19, cached_input_per_m=0.14), off_peak=R1_NIGHT,
             source=R1_SOURCE, checked="seed 000's run",
         ),
-        Price(
-            "deepseek-reasoner-night", input_per_m=0.135, output_per_m=0.55, cached_input_per_m=0.035,
-            source=R1_SOURCE, checked="seed 000's run",
-        ),
-        Price("free", input_per_m=0.0, output_per_m=0.0),
+        Price("deepseek-reasoner-night", R1_NIGHT.rates, source=R1_SOURCE, checked="seed 000's run"),
+        Price("free", Rates(0.0, 0.0)),
     )
 }
 # Only models served under these names today; deepseek-v4-pro has no entry: its published figures disagree.
@@ -151,7 +155,7 @@ def _custom_price(setting: str) -> Price:
             raise PriceError(f"QC_TEACHER_PRICE: {key} must not be negative")
     if "input" not in fields or "output" not in fields:
         raise PriceError("QC_TEACHER_PRICE: give both input= and output= (USD per million tokens)")
-    return Price("custom", fields["input"], fields["output"], fields.get("cached"), source="QC_TEACHER_PRICE")
+    return Price("custom", Rates(fields["input"], fields["output"], fields.get("cached")), source="QC_TEACHER_PRICE")
 
 
 def off_peak_window(setting: str | None, model: str) -> UtcWindow | None:
