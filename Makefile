@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test ui bench clean chromium
+.PHONY: run test ui bench clean chromium postgresql
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ chromium:
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; } \
 		|| echo "WARNING: Debian's chromium could not be installed: the browser test of the UI will be SKIPPED"
 
+# Debian's PostgreSQL server for the tests of the lake's PostgreSQL catalog; the tests start and stop it themselves.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || $(SUDO) apt-get install -y -q postgresql \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q postgresql; }
+
 # Two test processes: most tests wait on servers, subprocesses and sleeps, so two share the two cores well.
-test: $(INSTALLED) chromium
+test: $(INSTALLED) chromium postgresql
 	$(BIN)/pytest -n 2 --dist worksteal --durations=15
 
 ui: $(INSTALLED)

@@ -4,7 +4,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -127,3 +128,43 @@ def build_talkative_student(directory: Path) -> Path:
     model.save_pretrained(directory)
     return directory
 
+
+
+# Imported here, below BIN: lake_servers (through dagster_ui) imports BIN from this module.
+from qc_assets_tests.lake_servers import PostgresServer, S3Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL per test process (xdist worker); tests isolate themselves with a database each."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One S3 server per test process (xdist worker); tests isolate themselves with a prefix each."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def lake_on_postgres_and_s3(postgres_server: PostgresServer, s3_server: S3Server) -> dict[str, str]:
+    """The environment of a fresh lake: its catalog in a new PostgreSQL database, its files under a new S3 prefix."""
+    name = f"lake_{uuid.uuid4().hex[:16]}"
+    return {
+        "QC_LAKE_CATALOG": f"postgres:{postgres_server.create_database(name)}",
+        "QC_LAKE_DATA_PATH": f"s3://{s3_server.bucket('lake')}/{name}/",
+        **s3_server.environment(),
+    }
+
+
+@pytest.fixture
+def lake_on_postgres(postgres_server: PostgresServer, tmp_path: Path) -> dict[str, str]:
+    """The environment of a fresh lake whose catalog is a new PostgreSQL database and whose files are a directory
+    every "machine" of the test shares."""
+    name = f"lake_{uuid.uuid4().hex[:16]}"
+    return {
+        "QC_LAKE_CATALOG": f"postgres:{postgres_server.create_database(name)}",
+        "QC_LAKE_DATA_PATH": f"{tmp_path / name / 'files'}/",
+    }

@@ -2,14 +2,17 @@
 
 A single .duckdb file admits one read-write process and locks every other process out, readers included.
 DuckLake keeps the catalog in SQLite (one machine) or PostgreSQL (many machines) and the rows in parquet
-files, and every DuckDB process attaches it on its own: writers commit optimistically and retry when another
-commit got in first; readers never take a lock that a writer waits on.
+files, and every DuckDB process attaches it on its own. Writers take turns, one transaction at a time: on a SQLite
+catalog through a lock file beside it, on a PostgreSQL catalog through an advisory lock its server holds, so the
+turns reach across machines. Readers never take a lock that a writer waits on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
+import os
 import random
 import sqlite3
 import time
@@ -17,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import duckdb
 from dagster_duckdb import DuckDBResource
@@ -93,14 +97,96 @@ _catalog_write_locks: dict[str, FileLock] = {}
 
 
 def _write_lock(connection: duckdb.DuckDBPyConnection):
-    """One writer at a time on a SQLite catalog, across processes and threads.
+    """One writer at a time on a catalog, across processes, threads and (PostgreSQL) machines.
 
-    DuckLake lets writers commit concurrently and resolves their conflicts itself, but under concurrent commits to
-    one table it lost a commit here: a labelling run's 12 labels were written to a parquet file that the catalog never
-    registered, with no error, while another shard's run committed beside it (bench/reliability.py, the UI
-    scenario). Serialized, no commit ever meets another. Readers take no lock. A PostgreSQL catalog serves several
-    machines, where a file lock cannot reach: its writers still commit concurrently."""
+    DuckLake lets writers commit concurrently and resolves their conflicts itself, and it resolves some wrongly:
+    - on a SQLite catalog it lost a commit here: a labelling run's 12 labels were written to a parquet file that the
+      catalog never registered, with no error, while another shard's run committed beside it (bench/reliability.py);
+    - on a PostgreSQL catalog two transactions that each replace a partition that has no rows yet both commit (a
+      DELETE that removed nothing does not conflict with an INSERT), doubling its rows.
+    Serialized, no commit ever meets another, and a transaction starts from every commit before it. Readers take
+    no lock."""
     return _write_locks.get(id(connection)) or nullcontext()
+
+
+class AdvisoryLock:
+    """A session-level advisory lock on a PostgreSQL server: every machine that reaches the catalog sees it, and the
+    server frees it when the holder's session ends, a killed process included. The session opens on first use and
+    is kept for the DuckDB connection's life; re-entering from the thread that holds it is a no-op, as FileLock's is."""
+
+    def __init__(self, dsn: str, name: str) -> None:
+        self.dsn = dsn
+        self.key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        self._session = None
+        self._depth = 0
+
+    def __enter__(self) -> AdvisoryLock:
+        if self._depth == 0:
+            if self._session is None:
+                import psycopg
+
+                self._session = psycopg.connect(self.dsn, autocommit=True)
+            self._session.execute("SELECT pg_advisory_lock(%s)", (self.key,))
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._session is not None:
+            self._session.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+@contextmanager
+def _held_once(lock: AdvisoryLock) -> Iterator[None]:
+    try:
+        with lock:
+            yield
+    finally:
+        lock.close()
+
+
+def _catalog_lock(catalog: str, purpose: str):
+    """The lock that makes `purpose` ("write" or "init") one process at a time on this catalog. The write lock's
+    PostgreSQL session lasts as long as the connection; the init lock's only as long as it is held."""
+    kind, _, location = catalog.partition(":")
+    if kind == "postgres":
+        lock = AdvisoryLock(location, f"qc_assets lake {purpose}")
+        return lock if purpose == "write" else _held_once(lock)
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    if purpose == "write":
+        # filelock's default lock is per thread (reentrant within one), so a run's writer thread and its main thread
+        # exclude each other as two processes do; one FileLock per catalog, shared by its connections.
+        return _catalog_write_locks.setdefault(location, FileLock(f"{location}.{purpose}.lock"))
+    return FileLock(f"{location}.{purpose}.lock")
+
+
+def s3_secret_sql(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """A temporary (never written) DuckDB secret for a custom S3 endpoint (MinIO, R2, rclone, on-premise), or None.
+
+    DuckDB's httpfs reads AWS keys and region from the environment but not AWS_ENDPOINT_URL[_S3], so without this
+    every request would go to amazonaws.com. Such endpoints are addressed path-style; TLS follows the URL's scheme."""
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise ValueError(f"AWS_ENDPOINT_URL must be http(s)://host[:port], got {endpoint!r}")
+    options = {
+        "KEY_ID": environ.get("AWS_ACCESS_KEY_ID"),
+        "SECRET": environ.get("AWS_SECRET_ACCESS_KEY"),
+        "SESSION_TOKEN": environ.get("AWS_SESSION_TOKEN"),
+        "REGION": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "ENDPOINT": url.netloc,
+        "URL_STYLE": "path",
+    }
+    settings = [f"{name} {sql_literal(value)}" for name, value in options.items() if value]
+    settings.append(f"USE_SSL {'true' if url.scheme == 'https' else 'false'}")
+    return f"CREATE OR REPLACE TEMPORARY SECRET qc_lake_s3 (TYPE s3, {', '.join(settings)})"
 
 
 def _run_in_transaction(connection: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
@@ -133,17 +219,19 @@ class LakeResource(DuckDBResource):
             _load_extension(connection, "sqlite_scanner")
             if not self.read_only:
                 _prepare_sqlite_catalog(Path(location))
-                # filelock's default lock is per thread (reentrant within one), so a run's writer thread and its
-                # main thread exclude each other as two processes do.
-                _write_locks[id(connection)] = _catalog_write_locks.setdefault(location, FileLock(location + ".write.lock"))
             elif not Path(location).exists():
                 raise FileNotFoundError(f"no lake at {location}: nothing has been materialized yet (QC_DATA_DIR)")
         elif kind == "postgres":
             _load_extension(connection, "postgres_scanner")
         else:
             raise ValueError(f"QC_LAKE_CATALOG must start with sqlite: or postgres:, got {self.catalog!r}")
+        if not self.read_only:
+            _write_locks[id(connection)] = _catalog_lock(self.catalog, "write")
         if self.data_path.startswith(("s3://", "gs://", "gcs://", "r2://", "az://", "https://")):
             _load_extension(connection, "httpfs")
+            secret = s3_secret_sql()
+            if secret is not None:
+                connection.execute(secret)
         elif not self.read_only:
             Path(self.data_path).mkdir(parents=True, exist_ok=True)
         options = [f"DATA_PATH {sql_literal(self.data_path)}"]
@@ -178,18 +266,17 @@ class LakeResource(DuckDBResource):
         _tables_ready.add(key)
 
     def _first_use_lock(self):
-        """A lock held while a process first attaches a SQLite catalog and creates the tables.
+        """A lock held while a process first attaches the catalog and creates the tables.
 
         Two processes that attach a new catalog at once both initialise DuckLake's metadata in it, and two that
         create the tables at once can have one of them commit a schema change under the other's running
-        transaction: either way a run fails ("database disk image is malformed", a table not found), which
-        `qc run --parallel` on a fresh QC_DATA_DIR did. Only the first connection of each process takes it.
+        transaction: either way a run fails (SQLite: "database disk image is malformed", a table not found;
+        PostgreSQL: "duplicate key value violates unique constraint", "relation ducklake_metadata already exists"),
+        which `qc run --parallel` on a fresh QC_DATA_DIR did. Only the first connection of each process takes it.
         """
-        kind, _, location = self.catalog.partition(":")
-        if self.read_only or kind != "sqlite" or (self.catalog, self.data_path) in _tables_ready:
+        if self.read_only or (self.catalog, self.data_path) in _tables_ready:
             return nullcontext()
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(location + ".init.lock")
+        return _catalog_lock(self.catalog, "init")
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -204,7 +291,9 @@ class LakeResource(DuckDBResource):
                     self._ensure_tables(connection)
             yield connection
         finally:
-            _write_locks.pop(id(connection), None)
+            write_lock = _write_locks.pop(id(connection), None)
+            if isinstance(write_lock, AdvisoryLock):
+                write_lock.close()
             connection.close()
 
     def transaction(self, work: Callable[[duckdb.DuckDBPyConnection], T], what: str) -> T:

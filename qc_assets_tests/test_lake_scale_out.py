@@ -1,0 +1,157 @@
+"""The lake where users outgrow one machine: its catalog in a real PostgreSQL 15 on 127.0.0.1, started by the suite
+(`lake_on_postgres`). Two "machines" are two processes with their own QC_DATA_DIR (their own Dagster instance,
+journals and locks) sharing only the lake. The files stay local here: on the rclone S3 server, DuckDB's reads stalled
+now and then (see the README's scale-out section); S3 itself is covered by test_lake_servers.py."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from qc_assets.lake.resource import LakeResource, run_transaction, s3_secret_sql
+from qc_assets_tests.analyst import analyst_session, inconsistencies
+from qc_assets_tests.conftest import BIN, run_qc
+
+SAMPLE_DOCUMENTS = 64
+# Read from the files themselves: DuckLake answers count(*) from its catalog, even when the files are unreachable.
+CORPUS_CHECK = "SELECT count(*) AS n, count(DISTINCT doc_id) AS ids, coalesce(sum(length(text)), 0) AS chars FROM corpus"
+
+
+def clean_env(env: dict[str, str]) -> dict[str, str]:
+    outside = {key: value for key, value in os.environ.items() if not key.startswith(("QC_", "AWS_"))}
+    return {**outside, **env}
+
+
+def corpus_check(env: dict[str, str]) -> tuple[int, int, int]:
+    answer = run_qc(["sql", "--format", "csv", CORPUS_CHECK], env)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    return tuple(int(value) for value in answer.stdout.splitlines()[1].split(","))
+
+
+def two_machines_ingest(tmp_path: Path, lake: dict[str, str], round_: int) -> list[subprocess.CompletedProcess]:
+    """`qc run --select corpus` on two machines at once, each with its own QC_DATA_DIR, into one lake."""
+    processes = [
+        subprocess.Popen(
+            [str(BIN / "qc"), "run", "--select", "corpus"],
+            env=clean_env({**lake, "QC_DATA_DIR": str(tmp_path / f"round-{round_}-{machine}")}),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for machine in ("a", "b")
+    ]
+    return [(process.wait(timeout=300), process.stdout.read()) for process in processes]
+
+
+@pytest.fixture
+def sqlite_lake(tmp_path) -> dict[str, str]:
+    shared = tmp_path / "shared-lake"
+    return {"QC_LAKE_CATALOG": f"sqlite:{shared / 'catalog.sqlite'}", "QC_LAKE_DATA_PATH": f"{shared / 'files'}/"}
+
+
+@pytest.mark.long(60)
+@pytest.mark.parametrize("catalog", ["postgres", "sqlite"])
+def test_two_machines_replacing_the_same_new_partitions_leave_exactly_one_copy(
+    catalog, tmp_path, request
+):
+    # Before writers took turns on PostgreSQL, two runs replacing a partition that had no rows yet both committed:
+    # 80, 96 or 128 rows for 64 documents in most rounds. A reader runs `qc sql` throughout.
+    expected_chars = None
+    for round_ in range(3 if catalog == "postgres" else 2):
+        lake = request.getfixturevalue("lake_on_postgres") if catalog == "postgres" else {
+            key: value.replace("shared-lake", f"shared-lake-{round_}") for key, value in request.getfixturevalue("sqlite_lake").items()
+        }
+        reader_env = {**lake, "QC_DATA_DIR": str(tmp_path / f"reader-{round_}")}
+        (tmp_path / f"reader-{round_}").mkdir()
+        with analyst_session(tmp_path / f"reader-{round_}", reader_env, pause_s=0.5) as analyst:
+            outcomes = two_machines_ingest(tmp_path, lake, round_)
+        assert [status for status, _ in outcomes] == [0, 0], [output[-3000:] for _, output in outcomes]
+        rows, ids, chars = corpus_check(reader_env)
+        assert rows == ids == SAMPLE_DOCUMENTS, f"round {round_}: {rows} rows for {ids} documents"
+        expected_chars = expected_chars or chars
+        assert chars == expected_chars
+        assert not analyst.failures, analyst.failures[:2]
+        assert not inconsistencies(analyst.answers, analyst.final_by_shard())
+
+
+def _attach_at(catalog: str, data_path: str, environment: dict[str, str], start_at: float, results) -> None:
+    os.environ.update(environment)
+    lake = LakeResource(catalog=catalog, data_path=data_path)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    try:
+        with lake.get_connection() as connection:
+            results.put(("ok", run_transaction(connection, lambda c: c.execute('SELECT count(*) FROM "corpus"').fetchone()[0], "read")))
+    except Exception as error:  # reported to the test, which names it
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+@pytest.mark.long(30)
+def test_processes_attaching_a_fresh_postgres_catalog_at_once_all_succeed(request):
+    # Four processes starting together failed 30 of 40 attaches ("duplicate key value violates unique constraint",
+    # "relation ducklake_metadata already exists") before the first use took the catalog's init lock.
+    context = multiprocessing.get_context("spawn")
+    for _ in range(3):
+        lake = request.getfixturevalue("lake_on_postgres")
+        environment = {key: value for key, value in lake.items() if key.startswith("AWS_")}
+        results = context.Queue()
+        start_at = time.time() + 5
+        processes = [
+            context.Process(
+                target=_attach_at,
+                args=(lake["QC_LAKE_CATALOG"], lake["QC_LAKE_DATA_PATH"], environment, start_at, results),
+            )
+            for _ in range(4)
+        ]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert outcomes == [("ok", 0)] * 4, outcomes
+
+
+@pytest.mark.long(40)
+def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_doubled(
+    lake_on_postgres, tmp_path
+):
+    # The sample's four shards, killed once the first has committed: the others are being read or committed.
+    env = {**lake_on_postgres, "QC_DATA_DIR": str(tmp_path / "data")}
+    with LakeResource(catalog=env["QC_LAKE_CATALOG"],
+                      data_path=env["QC_LAKE_DATA_PATH"]).get_connection():
+        pass  # the empty lake, so that the test can watch it fill
+    writer = subprocess.Popen([str(BIN / "qc"), "run", "--select", "corpus", "--parallel", "2"], env=clean_env(env),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while corpus_check(env)[0] == 0:
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer ended before anything committed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait()
+    partial_rows = corpus_check(env)[0]
+    assert 0 < partial_rows < SAMPLE_DOCUMENTS, "the kill came after every shard had committed"
+    # The killed writer's session held the catalog's write lock at times: the server frees it with the session.
+    resumed = run_qc(["run", "--select", "corpus"], env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows, ids, _ = corpus_check(env)
+    assert rows == ids == SAMPLE_DOCUMENTS
+
+
+def test_a_custom_s3_endpoint_becomes_a_temporary_path_style_secret_with_tls_from_its_scheme():
+    assert s3_secret_sql({"AWS_ACCESS_KEY_ID": "k"}) is None
+    plain = s3_secret_sql({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    assert plain.startswith("CREATE OR REPLACE TEMPORARY SECRET")
+    assert "ENDPOINT '127.0.0.1:9000'" in plain and "URL_STYLE 'path'" in plain and "USE_SSL false" in plain
+    assert "REGION 'us-east-1'" in plain and "KEY_ID 'k'" in plain and "SECRET 's'" in plain
+    tls = s3_secret_sql({"AWS_ENDPOINT_URL": "http://ignored:1", "AWS_ENDPOINT_URL_S3": "https://r2.example.com",
+                         "AWS_REGION": "auto", "AWS_SESSION_TOKEN": "t"})
+    assert "ENDPOINT 'r2.example.com'" in tls and "USE_SSL true" in tls and "REGION 'auto'" in tls
+    assert "SESSION_TOKEN 't'" in tls
+    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL"):
+        s3_secret_sql({"AWS_ENDPOINT_URL": "127.0.0.1:9000"})
