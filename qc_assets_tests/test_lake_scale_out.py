@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
-from qc_assets.lake.resource import LakeResource, run_transaction, s3_secret_sql
+from qc_assets.lake.resource import LakeResource, s3_secret_sql
 from qc_assets_tests.analyst import analyst_session, inconsistencies
 from qc_assets_tests.conftest import BIN, run_qc
+from qc_assets_tests.test_concurrency import _first_attach
 
 SAMPLE_DOCUMENTS = 64
 # Read from the files themselves: DuckLake answers count(*) from its catalog, even when the files are unreachable.
@@ -80,18 +81,6 @@ def test_two_machines_replacing_the_same_new_partitions_leave_exactly_one_copy(
         assert not inconsistencies(analyst.answers, analyst.final_by_shard())
 
 
-def _attach_at(catalog: str, data_path: str, environment: dict[str, str], start_at: float, results) -> None:
-    os.environ.update(environment)
-    lake = LakeResource(catalog=catalog, data_path=data_path)
-    while time.time() < start_at:
-        time.sleep(0.001)
-    try:
-        with lake.get_connection() as connection:
-            results.put(("ok", run_transaction(connection, lambda c: c.execute('SELECT count(*) FROM "corpus"').fetchone()[0], "read")))
-    except Exception as error:  # reported to the test, which names it
-        results.put(("error", f"{type(error).__name__}: {error}"))
-
-
 @pytest.mark.long(30)
 def test_processes_attaching_a_fresh_postgres_catalog_at_once_all_succeed(request):
     # Four processes starting together failed 30 of 40 attaches ("duplicate key value violates unique constraint",
@@ -99,13 +88,11 @@ def test_processes_attaching_a_fresh_postgres_catalog_at_once_all_succeed(reques
     context = multiprocessing.get_context("spawn")
     for _ in range(3):
         lake = request.getfixturevalue("lake_on_postgres")
-        environment = {key: value for key, value in lake.items() if key.startswith("AWS_")}
         results = context.Queue()
         start_at = time.time() + 5
         processes = [
             context.Process(
-                target=_attach_at,
-                args=(lake["QC_LAKE_CATALOG"], lake["QC_LAKE_DATA_PATH"], environment, start_at, results),
+                target=_first_attach, args=(lake["QC_LAKE_CATALOG"], lake["QC_LAKE_DATA_PATH"], start_at, results)
             )
             for _ in range(4)
         ]
