@@ -121,7 +121,8 @@ class PostgresServer:
 class S3Server:
     """`rclone serve s3` over a local directory: every top-level folder is a bucket, SigV4 with a random key."""
 
-    def __init__(self):
+    def __init__(self, buckets: tuple[str, ...] = ("lake", "smoke")):
+        self.buckets = buckets
         self.port = free_loopback_port()
         self.directory = Path(tempfile.mkdtemp(prefix="qc-s3-", dir="/tmp"))
         self.root = self.directory / "buckets"
@@ -136,13 +137,13 @@ class S3Server:
 
     def __enter__(self) -> Self:
         self.root.mkdir()
+        for bucket in self.buckets:
+            (self.root / bucket).mkdir()
         command = [
             str(BIN / "rclone"), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
             "--auth-key", f"{self.key_id},{self.secret}",
             # An empty config: a developer's own rclone.conf must not change the server.
             "--config", "",
-            # The VFS caches listings for 5 minutes by default: a bucket made on disk after start would stay unseen.
-            "--dir-cache-time", "0s",
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -169,7 +170,11 @@ class S3Server:
                            f"{log_tail(self.log_path)}")
 
     def bucket(self, name: str) -> str:
-        (self.root / name).mkdir(exist_ok=True)
+        """One of the buckets made before the server started. rclone caches directory listings (5 minutes by
+        default), so a bucket made on disk later would stay unseen; turning that cache off (`--dir-cache-time 0s`)
+        makes writes under nested prefixes take seconds each, and DuckDB's uploads time out."""
+        if name not in self.buckets:
+            raise ValueError(f"bucket {name!r} was not made at start; S3Server(buckets=...) has {self.buckets}")
         return name
 
     def environment(self) -> dict[str, str]:

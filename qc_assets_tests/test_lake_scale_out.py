@@ -1,10 +1,10 @@
-"""The lake where users outgrow one machine: its catalog in a real PostgreSQL 15 on 127.0.0.1, started by the suite
-(`lake_on_postgres`). Two "machines" are two processes with their own QC_DATA_DIR (their own Dagster instance,
-journals and locks) sharing only the lake. The files stay local here: on the rclone S3 server, DuckDB's reads stalled
-now and then (see the README's scale-out section); S3 itself is covered by test_lake_servers.py."""
+"""The lake where users outgrow one machine: its catalog in a real PostgreSQL 15 and its files on a real S3 server,
+both on 127.0.0.1 and started by the suite (`lake_on_postgres_and_s3`). Two "machines" are two processes with their
+own QC_DATA_DIR (their own Dagster instance, journals and locks) sharing only the lake."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -12,11 +12,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
-from qc_assets.lake.resource import LakeResource, s3_secret_sql
+from qc_assets.lake.resource import LakeResource, extension_file, s3_secret_sql
+from qc_assets.settings import PROJECT_ROOT
 from qc_assets_tests.analyst import analyst_session, inconsistencies
 from qc_assets_tests.conftest import BIN, run_qc
 from qc_assets_tests.test_concurrency import _first_attach
@@ -32,7 +34,7 @@ def clean_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def corpus_check(env: dict[str, str]) -> tuple[int, int, int]:
-    answer = run_qc(["sql", "--format", "csv", CORPUS_CHECK], env)
+    answer = run_qc(["sql", "--format", "csv", CORPUS_CHECK], clean_env(env))
     assert answer.returncode == 0, answer.stderr[-2000:]
     return tuple(int(value) for value in answer.stdout.splitlines()[1].split(","))
 
@@ -56,7 +58,7 @@ def sqlite_lake(tmp_path) -> dict[str, str]:
     return {"QC_LAKE_CATALOG": f"sqlite:{shared / 'catalog.sqlite'}", "QC_LAKE_DATA_PATH": f"{shared / 'files'}/"}
 
 
-@pytest.mark.long(60)
+@pytest.mark.long(80)
 @pytest.mark.parametrize("catalog", ["postgres", "sqlite"])
 def test_two_machines_replacing_the_same_new_partitions_leave_exactly_one_copy(
     catalog, tmp_path, request
@@ -65,7 +67,7 @@ def test_two_machines_replacing_the_same_new_partitions_leave_exactly_one_copy(
     # 80, 96 or 128 rows for 64 documents in most rounds. A reader runs `qc sql` throughout.
     expected_chars = None
     for round_ in range(3 if catalog == "postgres" else 2):
-        lake = request.getfixturevalue("lake_on_postgres") if catalog == "postgres" else {
+        lake = request.getfixturevalue("lake_on_postgres_and_s3") if catalog == "postgres" else {
             key: value.replace("shared-lake", f"shared-lake-{round_}") for key, value in request.getfixturevalue("sqlite_lake").items()
         }
         reader_env = {**lake, "QC_DATA_DIR": str(tmp_path / f"reader-{round_}")}
@@ -113,7 +115,7 @@ def snapshots(catalog: str) -> int:
 
 
 @pytest.mark.long(40)
-def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_doubled(lake_on_postgres, tmp_path):
+def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_doubled(lake_on_postgres_and_s3, tmp_path):
     # Twelve synthetic shards, one run at a time, killed the moment the first shard's commit lands: the next shard is
     # being read or committed.
     source = tmp_path / "corpus"
@@ -122,7 +124,7 @@ def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_dou
         path = write_fineweb_shard(source / f"shard-{shard:02d}.parquet", count=40, mean_chars=400, seed=shard)
         documents |= {text for text in pq.read_table(path, columns=["text"]).column("text").to_pylist()}
     expected = len({text.strip() for text in documents if 100 <= len(text.strip()) <= 2000})
-    env = {**lake_on_postgres, "QC_DATA_DIR": str(tmp_path / "data"), "QC_CORPUS_SOURCE": str(source)}
+    env = {**lake_on_postgres_and_s3, "QC_DATA_DIR": str(tmp_path / "data"), "QC_CORPUS_SOURCE": str(source)}
     with LakeResource(catalog=env["QC_LAKE_CATALOG"], data_path=env["QC_LAKE_DATA_PATH"]).get_connection():
         pass  # the empty lake, so that its commits can be counted from the start
     before = snapshots(env["QC_LAKE_CATALOG"])
@@ -139,7 +141,7 @@ def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_dou
     partial_rows = corpus_check(env)[0]
     assert 0 < partial_rows < expected, "the kill came after every shard had committed"
     # The killed writer's session may have held the catalog's write lock: the server frees it with the session.
-    resumed = run_qc(["run", "--select", "corpus"], env)
+    resumed = run_qc(["run", "--select", "corpus"], clean_env(env))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows, ids, _ = corpus_check(env)
     assert rows == ids == expected
@@ -157,3 +159,93 @@ def test_a_custom_s3_endpoint_becomes_a_temporary_path_style_secret_with_tls_fro
     assert "SESSION_TOKEN 't'" in tls
     with pytest.raises(ValueError, match="AWS_ENDPOINT_URL"):
         s3_secret_sql({"AWS_ENDPOINT_URL": "127.0.0.1:9000"})
+
+
+# Every value is read from the parquet files: lengths of texts and queries, the scores themselves.
+WHOLE_GRAPH_CHECK = """
+SELECT
+  (SELECT sum(length(text)) FROM corpus) AS corpus_chars,
+  (SELECT count(*) FROM generated_queries) AS generated,
+  (SELECT count(*) FILTER (WHERE length(query) >= 0) FROM generated_queries) AS generated_read,
+  (SELECT count(*) FROM reranker_scores WHERE score BETWEEN 0 AND 1) AS scored,
+  (SELECT count(DISTINCT source) FROM reranker_scores) AS sources,
+  (SELECT sum(n)::BIGINT FROM eval_summary WHERE category = 'all') AS summarised,
+  (SELECT count(*) FROM teacher_vs_student) AS compared
+"""
+
+# The README's "offline and with the project's settings" snippet, on whatever lake the environment names.
+README_PYTHON_SNIPPET = """
+from qc_assets.lake.resource import LakeResource
+from qc_assets.settings import load_settings
+
+settings = load_settings()
+with LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_only=True).get_connection() as con:
+    print(con.sql("SELECT count(*), round(sum(score), 6) FROM reranker_scores").fetchone())
+"""
+
+
+@pytest.mark.long(120)
+def test_the_whole_graph_runs_on_a_postgres_catalog_with_its_files_on_s3(lake_on_postgres_and_s3, s3_server, tmp_path):
+    env = clean_env({
+        **lake_on_postgres_and_s3, "QC_DATA_DIR": str(tmp_path / "data"),
+        "QC_STUDENT_BASE_MODELS": "tiny", "QC_SCORER_MODEL": "tiny",
+    })
+    done = run_qc(["run"], env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    prefix = env["QC_LAKE_DATA_PATH"].removeprefix("s3://").rstrip("/")
+    on_s3 = {path.relative_to(s3_server.root / prefix).parts[1] for path in (s3_server.root / prefix).rglob("*.parquet")}
+    assert {"corpus", "generated_queries", "reranker_scores"} <= on_s3, on_s3
+    assert not list((tmp_path / "data").rglob("ducklake-*.parquet")), "the lake wrote files outside S3"
+    rows, ids, _ = corpus_check(env)
+    assert rows == ids == SAMPLE_DOCUMENTS
+    answer = run_qc(["sql", "--format", "json", WHOLE_GRAPH_CHECK], env)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    (found,) = json.loads(answer.stdout)
+    # The sample's test documents: each checkpoint's queries and the teacher's labels are scored on the same keys.
+    assert found["generated"] == found["generated_read"] > 0
+    assert found["scored"] == 2 * found["generated"] and found["sources"] == 2
+    assert found["summarised"] == found["scored"] and found["compared"] == found["generated"]
+    snippet = subprocess.run([str(BIN / "python"), "-c", README_PYTHON_SNIPPET], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert snippet.returncode == 0, snippet.stderr[-2000:]
+    assert snippet.stdout.startswith(f"({found['scored']}, "), snippet.stdout
+
+
+def readme_scale_out_sql() -> str:
+    """The README's DuckDB snippet for the PostgreSQL + S3 lake, as printed there."""
+    text = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("**The lake on PostgreSQL and S3.**"):]
+    return section[section.index("```sql\n") + len("```sql\n"):section.index("```", section.index("```sql\n") + 6)]
+
+
+def test_the_readmes_duckdb_snippet_reads_a_postgres_and_s3_lake(lake_on_postgres_and_s3, s3_server):
+    lake = lake_on_postgres_and_s3
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in lake.items():
+            patch.setenv(key, value)
+        LakeResource(catalog=lake["QC_LAKE_CATALOG"], data_path=lake["QC_LAKE_DATA_PATH"]).transaction(
+            # Enough rows for a parquet file on S3: DuckLake keeps a handful inline in its catalog.
+            lambda c: c.execute("INSERT INTO teacher_labels (doc_id, category, teacher, query) "
+                                "SELECT 'd' || i, 'keywords', 't', 'q' FROM range(2000) AS r(i)"),
+            "labels",
+        )
+    prefix = s3_server.root / lake["QC_LAKE_DATA_PATH"].removeprefix("s3://")
+    assert list(prefix.rglob("*.parquet")), "the labels were not written to S3"
+    snippet = readme_scale_out_sql()
+    endpoint = s3_server.endpoint.removeprefix("http://")
+    for placeholder, value in {
+        "KEY_ID '...'": f"KEY_ID '{s3_server.key_id}'", "SECRET '...'": f"SECRET '{s3_server.secret}'",
+        "minio.example.com:9000": endpoint, "USE_SSL true": "USE_SSL false",
+        "host=postgresql port=5432 dbname=qc_lake user=qc": lake["QC_LAKE_CATALOG"].removeprefix("postgres:"),
+        "s3://qc-lake/lake/": lake["QC_LAKE_DATA_PATH"],
+    }.items():
+        assert placeholder in snippet, placeholder
+        snippet = snippet.replace(placeholder, value)
+    connection = duckdb.connect()
+    # The DuckDB CLI installs these from the network; offline, the wheels the project installs carry them.
+    for extension in ("ducklake", "postgres_scanner", "httpfs"):
+        connection.execute(f"LOAD '{extension_file(extension)}'")
+    statements = [statement for statement in snippet.split(";") if statement.strip() and not statement.strip().startswith("LOAD")]
+    for statement in statements[:-1]:
+        connection.execute(statement)
+    assert connection.execute(statements[-1]).fetchall() == [("keywords", 2000)]

@@ -40,7 +40,7 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _extension_file(name: str) -> str:
+def extension_file(name: str) -> str:
     """DuckDB cannot download extensions here; the duckdb-extension-* wheels carry them."""
     package = f"duckdb_extension_{name}"
     try:
@@ -58,7 +58,7 @@ def _extension_file(name: str) -> str:
 
 
 def _load_extension(connection: duckdb.DuckDBPyConnection, name: str) -> None:
-    connection.execute(f"LOAD {sql_literal(_extension_file(name))}")
+    connection.execute(f"LOAD {sql_literal(extension_file(name))}")
 
 
 def is_retryable(error: Exception) -> bool:
