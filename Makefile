@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test ui bench clean chromium postgresql
+.PHONY: run test test-scenarios check ui bench clean chromium postgresql
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,19 @@ postgresql:
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q postgresql; }
 
 # Two test processes: most tests wait on servers, subprocesses and sleeps, so two share the two cores well.
-test: $(INSTALLED) chromium postgresql
-	$(BIN)/pytest -n 2 --dist worksteal --durations=15
+# `make test`: behaviour, in process or through short `qc` commands. `make test-scenarios`: the end-to-end scenarios
+# (tests marked `long`: kills per stage, the UI session, concurrency rounds, real vLLM, benchmarks' smoke runs).
+test: $(INSTALLED) postgresql
+	$(BIN)/pytest -n 2 --dist worksteal -m "not long" --durations=15
+
+test-scenarios: $(INSTALLED) chromium postgresql
+	$(BIN)/pytest -n 2 --dist worksteal -m long --durations=15
+
+# The linter, the formatter (check only: `ruff format` fixes) and the type checker, as CI runs them.
+check: $(INSTALLED)
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy
 
 ui: $(INSTALLED)
 	$(EMBEDDED) $(BIN)/qc ui

@@ -87,13 +87,25 @@ try:  # `qc bench`'s helpers; they import qc_assets.settings, hence pydantic, wh
 except ImportError:  # pragma: no cover - the same rows and file, written here
 
     def figure(measure, value, unit, reference=None, reference_value=None, ratio=None, goal=None, goal_met=None):
-        return {"measure": measure, "value": value, "unit": unit, "reference": reference,
-                "reference_value": reference_value, "ratio": ratio, "goal": goal, "goal_met": goal_met}
+        return {
+            "measure": measure,
+            "value": value,
+            "unit": unit,
+            "reference": reference,
+            "reference_value": reference_value,
+            "ratio": ratio,
+            "goal": goal,
+            "goal_met": goal_met,
+        }
 
     def machine() -> dict:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                "device": device}
+        return {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "device": device,
+        }
 
     def write_results(path: Path, payload: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +118,7 @@ def sample_texts() -> list[str]:
     pydantic."""
     return [
         json.loads(line)["text"]
-        for path in sorted((ROOT / "data" / "sample" / "corpus").glob("*.jsonl"))
+        for path in sorted((ROOT / "qc_assets" / "sample" / "corpus").glob("*.jsonl"))
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
@@ -135,9 +147,19 @@ def qwen3_1_7b_shaped(tokenizer_dir: Path, target: Path) -> Path:
     """Random weights with Qwen3-1.7B's shape (verified facts), the tiny tokenizer (its ids fit the real vocab)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen3Config(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
-        max_position_embeddings=40960, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -156,9 +178,18 @@ def bge_reranker_v2_m3_shaped(tokenizer_dir: Path, target: Path) -> Path:
     """Random weights with bge-reranker-v2-m3's shape (verified facts), the tiny cross-encoder's tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = XLMRobertaConfig(
-        vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-        max_position_embeddings=8194, type_vocab_size=1, layer_norm_eps=1e-5, num_labels=1,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=250002,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=8194,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -236,12 +267,20 @@ class PlainGenerateLoop:
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start : start + self.batch_size]
             encoded = self.tokenizer.apply_chat_template(
-                [messages_for(r.category, r.text) for r in batch], add_generation_prompt=True, tokenize=True,
-                return_dict=True, padding=True, return_tensors="pt", **GENERATION_TEMPLATE_KWARGS,
+                [messages_for(r.category, r.text) for r in batch],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                padding=True,
+                return_tensors="pt",
+                **GENERATION_TEMPLATE_KWARGS,
             ).to(DEVICE)
             with torch.inference_mode():
                 output = self.model.generate(
-                    **encoded, max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.stop_ids,
+                    **encoded,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=self.stop_ids,
                     pad_token_id=self.tokenizer.pad_token_id,
                     min_new_tokens=self.max_new_tokens if self.fixed_length else None,
                 )
@@ -272,8 +311,11 @@ def force_fixed_length(generator, max_new_tokens: int) -> str | None:
         def fixed_length(category: str):
             old = plain(category)
             return vllm.SamplingParams(
-                temperature=old.temperature, max_tokens=old.max_tokens, min_tokens=max_new_tokens,
-                stop_token_ids=old.stop_token_ids, detokenize=old.detokenize,
+                temperature=old.temperature,
+                max_tokens=old.max_tokens,
+                min_tokens=max_new_tokens,
+                stop_token_ids=old.stop_token_ids,
+                detokenize=old.detokenize,
             )
 
         generator.sampling_params = fixed_length
@@ -312,8 +354,12 @@ def time_backend(generator, requests: list[GenerationRequest]) -> tuple[float, l
     results = generator.generate(requests)
     _sync()
     seconds = time.perf_counter() - started
-    return (seconds, [r.query for r in results], sum(r.input_tokens for r in results),
-            sum(r.output_tokens for r in results))
+    return (
+        seconds,
+        [r.query for r in results],
+        sum(r.input_tokens for r in results),
+        sum(r.output_tokens for r in results),
+    )
 
 
 def time_reference(
@@ -331,13 +377,23 @@ def generation_benchmark(model_dir: Path, shape: str, args) -> dict:
     warmup = test_like_requests(max(1, -(-args.gen_batch_size // CATEGORIES_PER_DOCUMENT)), args.doc_chars, seed=2)
     warmup = warmup[: args.gen_batch_size]
     fixed = not args.natural_length
-    common = {"batch_size": args.gen_batch_size, "max_new_tokens": args.max_new_tokens, "temperature": 0.0,
-              "max_input_tokens": args.max_input_tokens}
+    common = {
+        "batch_size": args.gen_batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": 0.0,
+        "max_input_tokens": args.max_input_tokens,
+    }
     section: dict = {
-        "backend": "transformers", "model_shape": shape, "requests": len(requests), "documents": args.documents,
-        "requests_per_document": CATEGORIES_PER_DOCUMENT, "document_chars": args.doc_chars,
-        "batch_size": args.gen_batch_size, "max_new_tokens": args.max_new_tokens,
-        "max_input_tokens": args.max_input_tokens, "repeats": args.repeats,
+        "backend": "transformers",
+        "model_shape": shape,
+        "requests": len(requests),
+        "documents": args.documents,
+        "requests_per_document": CATEGORIES_PER_DOCUMENT,
+        "document_chars": args.doc_chars,
+        "batch_size": args.gen_batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "max_input_tokens": args.max_input_tokens,
+        "repeats": args.repeats,
     }
     generator = open_generator("transformers", str(model_dir), **common)
     why_not = force_fixed_length(generator, args.max_new_tokens) if fixed else "--natural-length"
@@ -398,14 +454,14 @@ def vllm_benchmark(model_dir: Path, requests, warmup, common: dict, section: dic
         generator = open_generator("vllm", str(model_dir), **common)
     except GeneratorUnavailable as error:
         return {"skipped": str(error)}
-    except Exception as error:  # noqa: BLE001 - an optional extra: its failure is reported, the rest still counts
+    except Exception as error:
         return {"failed": f"{type(error).__name__}: {error}"}
     try:
         if fixed:
             force_fixed_length(generator, common["max_new_tokens"])
         generator.generate(warmup)
         runs = [time_backend(generator, requests) for _ in range(section["repeats"])]
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         return {"failed": f"{type(error).__name__}: {error}"}
     finally:
         generator.close()
@@ -453,8 +509,12 @@ class PlainSequenceClassifier:
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start : start + self.batch_size]
             encoded = self.tokenizer(
-                [q for q, _ in batch], [d for _, d in batch], padding=True, truncation="longest_first",
-                max_length=self.max_length, return_tensors="pt",
+                [q for q, _ in batch],
+                [d for _, d in batch],
+                padding=True,
+                truncation="longest_first",
+                max_length=self.max_length,
+                return_tensors="pt",
             ).to(DEVICE)
             with torch.inference_mode():
                 logits = self.model(**encoded).logits[:, 0]
@@ -493,11 +553,17 @@ def scoring_benchmark(model_dir: Path, shape: str, args) -> dict:
         reference.close()
     best, best_reference = min(runs["scorer"]), min(runs["reference"])
     section: dict = {
-        "scorer": "sentence-transformers CrossEncoder (open_scorer)", "model_shape": shape, "pairs": len(pairs),
-        "batch_size": args.score_batch_size, "max_length": args.max_length, "repeats": args.repeats,
+        "scorer": "sentence-transformers CrossEncoder (open_scorer)",
+        "model_shape": shape,
+        "pairs": len(pairs),
+        "batch_size": args.score_batch_size,
+        "max_length": args.max_length,
+        "repeats": args.repeats,
         "mean_tokens_per_pair": round(tokens / len(pairs), 1),
-        "seconds": round(best, 3), "pairs_per_s": _sig(len(pairs) / best),
-        "reference_seconds": round(best_reference, 3), "reference_pairs_per_s": _sig(len(pairs) / best_reference),
+        "seconds": round(best, 3),
+        "pairs_per_s": _sig(len(pairs) / best),
+        "reference_seconds": round(best_reference, 3),
+        "reference_pairs_per_s": _sig(len(pairs) / best_reference),
         "run_seconds": [round(t, 3) for t in runs["scorer"]],
         "reference_run_seconds": [round(t, 3) for t in runs["reference"]],
     }
@@ -523,52 +589,87 @@ def figures_for(results: dict) -> list[dict]:
     generation = results.get("generation")
     if generation:
         label = f"{generation['model_shape']} Qwen3, {where}"
-        rows.append(figure(
-            f"generation, transformers backend ({label})", generation["requests_per_s"], "req/s",
-            "plain model.generate loop", generation["reference_requests_per_s"], generation["ratio_requests_per_s"],
-        ))
+        rows.append(
+            figure(
+                f"generation, transformers backend ({label})",
+                generation["requests_per_s"],
+                "req/s",
+                "plain model.generate loop",
+                generation["reference_requests_per_s"],
+                generation["ratio_requests_per_s"],
+            )
+        )
         for kind, anchor in (("input", SEED000_INPUT_TOKENS_PER_S), ("output", SEED000_OUTPUT_TOKENS_PER_S)):
             ratio = generation.get(f"ratio_{kind}_tokens_per_s_to_seed000")
             reference = "seed 000 vLLM on RTX 5090"
             if ratio is None:  # no ratio, and the anchor in words only: it is not comparable here
                 reference += f" ({anchor:,.0f}): {generation['seed000_note']}"
-            rows.append(figure(
-                f"generation, transformers backend, {kind} tokens ({label})", generation[f"{kind}_tokens_per_s"],
-                "tok/s", reference, anchor if ratio is not None else None, ratio,
-            ))
+            rows.append(
+                figure(
+                    f"generation, transformers backend, {kind} tokens ({label})",
+                    generation[f"{kind}_tokens_per_s"],
+                    "tok/s",
+                    reference,
+                    anchor if ratio is not None else None,
+                    ratio,
+                )
+            )
         vllm = generation.get("vllm", {})
         if "requests_per_s" in vllm:
-            rows.append(figure(
-                f"generation, vllm backend ({label})", vllm["requests_per_s"], "req/s", "plain model.generate loop",
-                generation["reference_requests_per_s"], vllm["ratio_requests_per_s"],
-            ))
+            rows.append(
+                figure(
+                    f"generation, vllm backend ({label})",
+                    vllm["requests_per_s"],
+                    "req/s",
+                    "plain model.generate loop",
+                    generation["reference_requests_per_s"],
+                    vllm["ratio_requests_per_s"],
+                )
+            )
             if "ratio_output_tokens_per_s_to_seed000" in vllm:
-                rows.append(figure(
-                    f"generation, vllm backend, output tokens ({label})", vllm["output_tokens_per_s"], "tok/s",
-                    "seed 000 vLLM on RTX 5090", SEED000_OUTPUT_TOKENS_PER_S,
-                    vllm["ratio_output_tokens_per_s_to_seed000"],
-                ))
+                rows.append(
+                    figure(
+                        f"generation, vllm backend, output tokens ({label})",
+                        vllm["output_tokens_per_s"],
+                        "tok/s",
+                        "seed 000 vLLM on RTX 5090",
+                        SEED000_OUTPUT_TOKENS_PER_S,
+                        vllm["ratio_output_tokens_per_s_to_seed000"],
+                    )
+                )
     scoring = results.get("scoring")
     if scoring:
         label = f"{scoring['model_shape']} XLM-R, {where}"
-        rows.append(figure(
-            f"scoring, cross-encoder scorer ({label})", scoring["pairs_per_s"], "pairs/s",
-            "plain AutoModelForSequenceClassification + sigmoid", scoring["reference_pairs_per_s"],
-            scoring["ratio_pairs_per_s"],
-        ))
+        rows.append(
+            figure(
+                f"scoring, cross-encoder scorer ({label})",
+                scoring["pairs_per_s"],
+                "pairs/s",
+                "plain AutoModelForSequenceClassification + sigmoid",
+                scoring["reference_pairs_per_s"],
+                scoring["ratio_pairs_per_s"],
+            )
+        )
         if "ratio_pairs_per_s_to_h100_limit" in scoring:
-            rows.append(figure(
-                f"scoring, cross-encoder scorer vs physical limit ({label})", scoring["pairs_per_s"], "pairs/s",
-                f"H100 at 100% use, ~{H100_RERANKER_PAIR_TOKENS}-token pairs", H100_RERANKER_PAIRS_PER_S,
-                scoring["ratio_pairs_per_s_to_h100_limit"],
-            ))
+            rows.append(
+                figure(
+                    f"scoring, cross-encoder scorer vs physical limit ({label})",
+                    scoring["pairs_per_s"],
+                    "pairs/s",
+                    f"H100 at 100% use, ~{H100_RERANKER_PAIR_TOKENS}-token pairs",
+                    H100_RERANKER_PAIRS_PER_S,
+                    scoring["ratio_pairs_per_s_to_h100_limit"],
+                )
+            )
     return rows
 
 
 def print_summary(results: dict) -> None:
     generation, scoring = results.get("generation"), results.get("scoring")
-    print(f"device {results['device']} ({results['torch_threads']} torch threads), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(
+        f"device {results['device']} ({results['torch_threads']} torch threads), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     if generation:
         g = generation
         length = f"exactly {g['max_new_tokens']}" if g["fixed_output_length"] else f"up to {g['max_new_tokens']}"
@@ -577,8 +678,9 @@ def print_summary(results: dict) -> None:
             f"{CATEGORIES_PER_DOCUMENT} categories, ~{g['document_chars']} chars/document, batch {g['batch_size']}, "
             f"{length} new tokens, greedy, best of {g['repeats']}"
         )
-        print(f"  {'':36}{'req/s':>10}{'docs/s':>10}{'input tok/s':>13}{'output tok/s':>14}   "
-              "in/out tokens per request")
+        print(
+            f"  {'':36}{'req/s':>10}{'docs/s':>10}{'input tok/s':>13}{'output tok/s':>14}   in/out tokens per request"
+        )
         rows = [("plain model.generate loop (ref)", "reference_"), ("transformers backend", "")]
         vllm = g.get("vllm", {})
         for title, prefix in rows:
@@ -658,29 +760,41 @@ def _memory(section: dict) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny",
-                        help="tiny (default), or a comma-separated choice of qwen3-1.7b (generation) and "
-                             "bge-reranker-v2-m3 (scoring); the stage not named uses its tiny model")
+    parser.add_argument(
+        "--shape",
+        default="tiny",
+        help="tiny (default), or a comma-separated choice of qwen3-1.7b (generation) and "
+        "bge-reranker-v2-m3 (scoring); the stage not named uses its tiny model",
+    )
     parser.add_argument("--only", choices=("generation", "scoring"), help="run one of the two benchmarks")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (well under 30 s on CPU)")
-    parser.add_argument("--documents", type=int,
-                        help="generation documents, 7 category requests each (quick 2, CPU 32, GPU 256)")
+    parser.add_argument(
+        "--documents", type=int, help="generation documents, 7 category requests each (quick 2, CPU 32, GPU 256)"
+    )
     parser.add_argument("--doc-chars", type=int, default=1000, help="characters per document (default 1000)")
-    parser.add_argument("--gen-batch-size", type=int,
-                        help="generation batch size, both sides (quick 14, CPU 16, GPU 64)")
+    parser.add_argument(
+        "--gen-batch-size", type=int, help="generation batch size, both sides (quick 14, CPU 16, GPU 64)"
+    )
     parser.add_argument("--max-new-tokens", type=int, help="new tokens per query, both sides (quick 16, else 32)")
     parser.add_argument("--max-input-tokens", type=int, default=2048, help="the backend's prompt cap (default 2048)")
-    parser.add_argument("--natural-length", action="store_true",
-                        help="let each side stop at its stop token instead of forcing max_new_tokens")
+    parser.add_argument(
+        "--natural-length",
+        action="store_true",
+        help="let each side stop at its stop token instead of forcing max_new_tokens",
+    )
     parser.add_argument("--pairs", type=int, help="scoring pairs (quick 32, CPU 512, GPU 4096)")
-    parser.add_argument("--score-batch-size", type=int, default=32,
-                        help="scoring batch size (default 32, as QC_SCORER_BATCH_SIZE)")
-    parser.add_argument("--max-length", type=int, default=512,
-                        help="scoring max_length (default 512, as QC_SCORER_MAX_LENGTH)")
-    parser.add_argument("--repeats", type=int,
-                        help="timed runs per side, alternately; the fastest counts (quick 1, CPU 3, GPU 2)")
-    parser.add_argument("--threads", type=int,
-                        help="torch intra-op threads (default: torch's own, one per core); both sides alike")
+    parser.add_argument(
+        "--score-batch-size", type=int, default=32, help="scoring batch size (default 32, as QC_SCORER_BATCH_SIZE)"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=512, help="scoring max_length (default 512, as QC_SCORER_MAX_LENGTH)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="timed runs per side, alternately; the fastest counts (quick 1, CPU 3, GPU 2)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's own, one per core); both sides alike"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "generation_scoring.json")
     args = parser.parse_args()
     shapes = {name.strip() for name in args.shape.split(",") if name.strip()}
@@ -701,8 +815,16 @@ def parse_args() -> argparse.Namespace:
     for name, (quick, cpu, cuda) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else cuda if gpu else cpu)
-    for name in ("documents", "gen_batch_size", "max_new_tokens", "pairs", "repeats", "doc_chars", "score_batch_size",
-                 "threads"):
+    for name in (
+        "documents",
+        "gen_batch_size",
+        "max_new_tokens",
+        "pairs",
+        "repeats",
+        "doc_chars",
+        "score_batch_size",
+        "threads",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -717,8 +839,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     big = [s for s in (args.generation_shape, args.scoring_shape) if s != "tiny"]
     if big and DEVICE == "cpu":
-        print(f"warning: {', '.join(big)} on a CPU: random weights of the real size, expect many minutes and "
-              "several GiB of memory per copy (two copies are loaded: the backend's and the reference's)")
+        print(
+            f"warning: {', '.join(big)} on a CPU: random weights of the real size, expect many minutes and "
+            "several GiB of memory per copy (two copies are loaded: the backend's and the reference's)"
+        )
     results: dict = {
         "machine": machine(),
         "device": f"cuda: {torch.cuda.get_device_name(0)}" if DEVICE == "cuda" else "cpu",

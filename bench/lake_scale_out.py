@@ -34,16 +34,17 @@ from qc_assets_tests.lake_servers import PostgresServer, S3Server  # noqa: E402
 QC = Path(sys.executable).parent / "qc"
 TABLES = ("corpus", "teacher_labels", "generated_queries", "reranker_scores", "eval_summary")
 # Reads every row's text or query from the files, not only the catalog's statistics.
-ROW_CHECK = " UNION ALL ".join(
-    f"SELECT '{table}' AS t, count(*) AS n FROM {table}" for table in TABLES
-)
+ROW_CHECK = " UNION ALL ".join(f"SELECT '{table}' AS t, count(*) AS n FROM {table}" for table in TABLES)
 
 
 def run_environment(lake: dict[str, str], data_dir: Path) -> dict[str, str]:
     outside = {key: value for key, value in os.environ.items() if not key.startswith(("QC_", "AWS_"))}
     return {
-        **outside, **lake, "QC_DATA_DIR": str(data_dir),
-        "QC_STUDENT_BASE_MODELS": "tiny", "QC_SCORER_MODEL": "tiny",
+        **outside,
+        **lake,
+        "QC_DATA_DIR": str(data_dir),
+        "QC_STUDENT_BASE_MODELS": "tiny",
+        "QC_SCORER_MODEL": "tiny",
     }
 
 
@@ -93,14 +94,28 @@ def main() -> None:
             )
     reference, scale_out = statistics.median(times["sqlite"]), statistics.median(times["postgres+s3"])
     print(f"median over {args.rounds} rounds: {scale_out:.1f}s vs {reference:.1f}s, ratio {scale_out / reference:.2f}")
-    print("rows per table, sqlite / postgres+s3:", {table: (rows["sqlite"][table], rows["postgres+s3"][table]) for table in TABLES})
-    write_results(args.json, {
-        "rounds": args.rounds, "times_s": times, "rows": rows,
-        "figures": [figure(
-            "whole graph `qc run`, PostgreSQL catalog + S3 files", scale_out, "s",
-            reference="SQLite catalog + local files", reference_value=reference, ratio=scale_out / reference,
-        )],
-    })
+    print(
+        "rows per table, sqlite / postgres+s3:",
+        {table: (rows["sqlite"][table], rows["postgres+s3"][table]) for table in TABLES},
+    )
+    write_results(
+        args.json,
+        {
+            "rounds": args.rounds,
+            "times_s": times,
+            "rows": rows,
+            "figures": [
+                figure(
+                    "whole graph `qc run`, PostgreSQL catalog + S3 files",
+                    scale_out,
+                    "s",
+                    reference="SQLite catalog + local files",
+                    reference_value=reference,
+                    ratio=scale_out / reference,
+                )
+            ],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
     # concurrency / latency requests a second, which one process sustains while that stays under its capacity.
     # One labelling process's rate: labels over the time its request loops ran (runs of shards go in parallel).
     loop_seconds = labels.get("request_loop_seconds_sum")
-    client_capacity = measured["documents"] * per_document / loop_seconds if loop_seconds else labels["labels_per_second"]
+    client_capacity = (
+        measured["documents"] * per_document / loop_seconds if loop_seconds else labels["labels_per_second"]
+    )
     concurrency_one_process_sustains = client_capacity * R1_SECONDS_PER_REQUEST
     teacher_hours = requests * R1_SECONDS_PER_REQUEST / SEED_R1_CONCURRENCY / 3600
     teacher_usd = requests * R1_USD_PER_REQUEST
@@ -84,18 +86,34 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
     inputs = {
         "documents": documents,
         "requests_per_document": {"value": per_document, "source": "this pipeline (one per category)"},
-        "r1_seconds_per_request": {"value": round(R1_SECONDS_PER_REQUEST, 2), "source": "seed 000 (7 h for 100,000 at 100 at once)"},
+        "r1_seconds_per_request": {
+            "value": round(R1_SECONDS_PER_REQUEST, 2),
+            "source": "seed 000 (7 h for 100,000 at 100 at once)",
+        },
         "r1_usd_per_request": {"value": R1_USD_PER_REQUEST, "source": "seed 000 ($40 for 100,000, night discount)"},
         "r1_concurrency": {"value": SEED_R1_CONCURRENCY, "source": "seed 000"},
         "generation_requests_per_second_per_gpu": {"value": rate, "source": rate_source},
-        "teacher_client_labels_per_second": {"value": round(client_capacity, 1), "source": f"measured here, one process, {measured['documents']:,} documents, latency 0"},
-        "teacher_client_cpu_ms_per_request": {"value": round(client_cpu_per_request * 1000, 3), "source": "measured here"},
-        "overhead_ms_per_document": {"value": measured["overhead_without_teacher_ms_per_document"], "source": "measured here (wall − model compute − labelling)"},
-        "lake_bytes_per_document": {"value": round(measured["lake_bytes"] / measured["documents"]), "source": "measured here"},
+        "teacher_client_labels_per_second": {
+            "value": round(client_capacity, 1),
+            "source": f"measured here, one process, {measured['documents']:,} documents, latency 0",
+        },
+        "teacher_client_cpu_ms_per_request": {
+            "value": round(client_cpu_per_request * 1000, 3),
+            "source": "measured here",
+        },
+        "overhead_ms_per_document": {
+            "value": measured["overhead_without_teacher_ms_per_document"],
+            "source": "measured here (wall − model compute − labelling)",
+        },
+        "lake_bytes_per_document": {
+            "value": round(measured["lake_bytes"] / measured["documents"]),
+            "source": "measured here",
+        },
         "peak_rss_bytes": {"value": measured["peak_rss_bytes"], "source": "measured here"},
     }
     projection = {
-        "teacher_hours": round(teacher_hours), "teacher_usd": round(teacher_usd),
+        "teacher_hours": round(teacher_hours),
+        "teacher_usd": round(teacher_usd),
         "teacher_hours_one_query_per_document": round(teacher_hours / per_document),
         "teacher_usd_one_query_per_document": round(teacher_usd / per_document),
         "concurrency_one_client_process_sustains": round(concurrency_one_process_sustains),
@@ -106,35 +124,70 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
         "lake_gib": round(lake_bytes / 2**30, 1),
     }
     rows = [
-        figure(f"{documents:,} documents: teacher (R1 API), 7 queries a document", projection["teacher_hours"], "h",
-               "seed 000's projection (1 query a document)", SEED_PROJECTED_R1_HOURS,
-               round(teacher_hours / SEED_PROJECTED_R1_HOURS, 3)),
-        figure(f"{documents:,} documents: teacher cost, 7 queries a document", projection["teacher_usd"], "USD",
-               "seed 000's projection (1 query a document)", SEED_PROJECTED_R1_USD,
-               round(teacher_usd / SEED_PROJECTED_R1_USD, 3)),
-        figure(f"{documents:,} documents: teacher, 1 query a document (seed 000's unit)",
-               projection["teacher_hours_one_query_per_document"], "h", "seed 000's projection",
-               SEED_PROJECTED_R1_HOURS, round(teacher_hours / per_document / SEED_PROJECTED_R1_HOURS, 3)),
-        figure("requests in flight one labelling process can keep up with at R1's latency",
-               projection["concurrency_one_client_process_sustains"], "requests", "seed 000's concurrency",
-               SEED_R1_CONCURRENCY, round(concurrency_one_process_sustains / SEED_R1_CONCURRENCY, 1)),
+        figure(
+            f"{documents:,} documents: teacher (R1 API), 7 queries a document",
+            projection["teacher_hours"],
+            "h",
+            "seed 000's projection (1 query a document)",
+            SEED_PROJECTED_R1_HOURS,
+            round(teacher_hours / SEED_PROJECTED_R1_HOURS, 3),
+        ),
+        figure(
+            f"{documents:,} documents: teacher cost, 7 queries a document",
+            projection["teacher_usd"],
+            "USD",
+            "seed 000's projection (1 query a document)",
+            SEED_PROJECTED_R1_USD,
+            round(teacher_usd / SEED_PROJECTED_R1_USD, 3),
+        ),
+        figure(
+            f"{documents:,} documents: teacher, 1 query a document (seed 000's unit)",
+            projection["teacher_hours_one_query_per_document"],
+            "h",
+            "seed 000's projection",
+            SEED_PROJECTED_R1_HOURS,
+            round(teacher_hours / per_document / SEED_PROJECTED_R1_HOURS, 3),
+        ),
+        figure(
+            "requests in flight one labelling process can keep up with at R1's latency",
+            projection["concurrency_one_client_process_sustains"],
+            "requests",
+            "seed 000's concurrency",
+            SEED_R1_CONCURRENCY,
+            round(concurrency_one_process_sustains / SEED_R1_CONCURRENCY, 1),
+        ),
     ]
     for n, hours in generation_hours.items():
-        rows.append(figure(
-            f"{documents:,} documents: student generation on {n} GPU{'s' if n > 1 else ''}, 7 queries a document",
-            round(hours, 1), "h", "seed 000's projection (1 GPU, 1 query a document)", SEED_PROJECTED_STUDENT_HOURS,
-            round(hours / SEED_PROJECTED_STUDENT_HOURS, 3),
-        ))
-    rows.append(figure(
-        f"{documents:,} documents: student generation on 1 GPU, 1 query a document (seed 000's unit)",
-        round(seed_unit_generation_hours, 1), "h", "seed 000's projection", SEED_PROJECTED_STUDENT_HOURS,
-        round(seed_unit_generation_hours / SEED_PROJECTED_STUDENT_HOURS, 3),
-    ))
-    rows.append(figure(
-        f"{documents:,} documents: orchestration and storage overhead (one lane)", projection["orchestration_overhead_hours"],
-        "h", "student generation on 1 GPU, 7 queries a document", round(generation_hours[gpus[0]] * gpus[0], 1),
-        round(overhead_hours / (generation_hours[gpus[0]] * gpus[0]), 3),
-    ))
+        rows.append(
+            figure(
+                f"{documents:,} documents: student generation on {n} GPU{'s' if n > 1 else ''}, 7 queries a document",
+                round(hours, 1),
+                "h",
+                "seed 000's projection (1 GPU, 1 query a document)",
+                SEED_PROJECTED_STUDENT_HOURS,
+                round(hours / SEED_PROJECTED_STUDENT_HOURS, 3),
+            )
+        )
+    rows.append(
+        figure(
+            f"{documents:,} documents: student generation on 1 GPU, 1 query a document (seed 000's unit)",
+            round(seed_unit_generation_hours, 1),
+            "h",
+            "seed 000's projection",
+            SEED_PROJECTED_STUDENT_HOURS,
+            round(seed_unit_generation_hours / SEED_PROJECTED_STUDENT_HOURS, 3),
+        )
+    )
+    rows.append(
+        figure(
+            f"{documents:,} documents: orchestration and storage overhead (one lane)",
+            projection["orchestration_overhead_hours"],
+            "h",
+            "student generation on 1 GPU, 7 queries a document",
+            round(generation_hours[gpus[0]] * gpus[0], 1),
+            round(overhead_hours / (generation_hours[gpus[0]] * gpus[0]), 3),
+        )
+    )
     rows.append(figure(f"{documents:,} documents: lake size", projection["lake_gib"], "GiB"))
     return {"inputs": inputs, "projection": projection, "figures": rows}
 
@@ -143,8 +196,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "projection.json", help="Where the results go.")
     parser.add_argument("--scaling", type=Path, default=None, help="scaling.json (default: next to --json)")
-    parser.add_argument("--generation", type=Path, default=None,
-                        help="generation_scoring.json, for a measured GPU rate (default: next to --json, if there)")
+    parser.add_argument(
+        "--generation",
+        type=Path,
+        default=None,
+        help="generation_scoring.json, for a measured GPU rate (default: next to --json, if there)",
+    )
     parser.add_argument("--documents", type=int, default=SEED_DOCUMENTS)
     parser.add_argument("--gpus", default="1,8", help="comma-separated GPU counts for the student")
     args = parser.parse_args()

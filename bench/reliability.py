@@ -99,20 +99,34 @@ def command_line_kills(work: Path) -> tuple[dict, bool]:
     for stage in planned:
         print(f"{stage:<22} {planned[stage]:>13} {landed[stage]:>12}")
     print(f"final qc run exit status: {report.final_exit}")
-    print(f"differences from the uninterrupted lake: {len(report.differences)}"
-          + "".join(f"\n  {difference}" for difference in report.differences))
-    print(f"rows compared: {sum(report.rows.values())} ({', '.join(f'{name} {count}' for name, count in report.rows.items())})")
-    print(f"teacher keys paid twice: {report.keys_paid_twice} (bound: {report.in_flight_bound}, the answers in flight "
-          "at the kills in labelling)")
+    print(
+        f"differences from the uninterrupted lake: {len(report.differences)}"
+        + "".join(f"\n  {difference}" for difference in report.differences)
+    )
+    print(
+        f"rows compared: {sum(report.rows.values())} ({', '.join(f'{name} {count}' for name, count in report.rows.items())})"
+    )
+    print(
+        f"teacher keys paid twice: {report.keys_paid_twice} (bound: {report.in_flight_bound}, the answers in flight "
+        "at the kills in labelling)"
+    )
     print(f"planted secrets found: {len(report.secret_leaks)}" + "".join(f"\n  {leak}" for leak in report.secret_leaks))
     print(f"took {time.perf_counter() - started:.0f} s\n")
-    passed = not (report.final_exit != 0 or report.differences or report.secret_leaks
-                  or report.keys_paid_twice > report.in_flight_bound)
+    passed = not (
+        report.final_exit != 0
+        or report.differences
+        or report.secret_leaks
+        or report.keys_paid_twice > report.in_flight_bound
+    )
     return {
-        "kills_planned": dict(planned), "kills_landed": dict(landed),
+        "kills_planned": dict(planned),
+        "kills_landed": dict(landed),
         "kills": [{"stage": kill.point.stage, "killed": kill.killed, "seconds": kill.seconds} for kill in report.kills],
-        "final_exit": report.final_exit, "differences": report.differences, "rows": report.rows,
-        "keys_paid_twice": report.keys_paid_twice, "in_flight_bound": report.in_flight_bound,
+        "final_exit": report.final_exit,
+        "differences": report.differences,
+        "rows": report.rows,
+        "keys_paid_twice": report.keys_paid_twice,
+        "in_flight_bound": report.in_flight_bound,
         "secret_leaks": report.secret_leaks,
     }, passed
 
@@ -124,27 +138,53 @@ def ui_kills(work: Path) -> tuple[dict, bool]:
     print(f"{'stage':<22} {'webserver killed':>16} {'daemon killed':>13}")
     landed = {(kill.point.stage, kill.point.victim): kill.killed for kill in report.kills}
     for stage in dict.fromkeys(point.stage for point in EVERY_UI_KILL):
-        print(f"{stage:<22} {'yes' if landed[stage, 'webserver'] else 'missed':>16} "
-              f"{'yes' if landed[stage, 'daemon'] else 'missed':>13}")
-    failed_runs = [f"{run.run_id} {run.status} {','.join(run.assets)} {run.partition}" for run in report.runs
-                   if run.status != "SUCCESS"]
-    print(f"runs: {len(report.runs)}, not successful: {len(failed_runs)}" + "".join(f"\n  {run}" for run in failed_runs))
-    print(f"backfill: {report.backfill_status}; the sensor's runs ran beside labelling: {report.sensor_fired_during_labelling}")
+        print(
+            f"{stage:<22} {'yes' if landed[stage, 'webserver'] else 'missed':>16} "
+            f"{'yes' if landed[stage, 'daemon'] else 'missed':>13}"
+        )
+    failed_runs = [
+        f"{run.run_id} {run.status} {','.join(run.assets)} {run.partition}"
+        for run in report.runs
+        if run.status != "SUCCESS"
+    ]
+    print(
+        f"runs: {len(report.runs)}, not successful: {len(failed_runs)}" + "".join(f"\n  {run}" for run in failed_runs)
+    )
+    print(
+        f"backfill: {report.backfill_status}; the sensor's runs ran beside labelling: {report.sensor_fired_during_labelling}"
+    )
     print(f"teacher keys paid twice: {report.keys_paid_twice}")
-    print(f"analyst queries: {report.analyst_queries}, failed: {len(report.analyst_failures)}, "
-          f"inconsistent answers: {len(report.analyst_inconsistencies)}")
-    print(f"problems in the final lake: {len(report.lake_problems)}" + "".join(f"\n  {p}" for p in report.lake_problems))
+    print(
+        f"analyst queries: {report.analyst_queries}, failed: {len(report.analyst_failures)}, "
+        f"inconsistent answers: {len(report.analyst_inconsistencies)}"
+    )
+    print(
+        f"problems in the final lake: {len(report.lake_problems)}" + "".join(f"\n  {p}" for p in report.lake_problems)
+    )
     print(f"took {report.seconds:.0f} s\n")
-    passed = not (failed_runs or report.keys_paid_twice or report.analyst_failures or report.analyst_inconsistencies
-                  or report.lake_problems or report.backfill_status != "COMPLETED_SUCCESS")
+    passed = not (
+        failed_runs
+        or report.keys_paid_twice
+        or report.analyst_failures
+        or report.analyst_inconsistencies
+        or report.lake_problems
+        or report.backfill_status != "COMPLETED_SUCCESS"
+    )
     return {
-        "kills": [{"stage": kill.point.stage, "victim": kill.point.victim, "killed": kill.killed,
-                   "seconds": kill.at_seconds} for kill in report.kills],
-        "runs": len(report.runs), "failed_runs": failed_runs, "backfill_status": report.backfill_status,
+        "kills": [
+            {"stage": kill.point.stage, "victim": kill.point.victim, "killed": kill.killed, "seconds": kill.at_seconds}
+            for kill in report.kills
+        ],
+        "runs": len(report.runs),
+        "failed_runs": failed_runs,
+        "backfill_status": report.backfill_status,
         "sensor_fired_during_labelling": report.sensor_fired_during_labelling,
-        "keys_paid_twice": report.keys_paid_twice, "analyst_queries": report.analyst_queries,
-        "analyst_failures": report.analyst_failures, "analyst_inconsistencies": report.analyst_inconsistencies,
-        "lake_problems": report.lake_problems, "seconds": report.seconds,
+        "keys_paid_twice": report.keys_paid_twice,
+        "analyst_queries": report.analyst_queries,
+        "analyst_failures": report.analyst_failures,
+        "analyst_inconsistencies": report.analyst_inconsistencies,
+        "lake_problems": report.lake_problems,
+        "seconds": report.seconds,
     }, passed
 
 

@@ -34,7 +34,6 @@ Writes bench/results/scaling.json (or --json PATH). Not a test: nothing here ass
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -146,18 +145,25 @@ def write_corpus(directory: Path, documents: int, shard_docs: int, mean_chars: i
 def build_tiny_models(directory: Path, env: dict[str, str]) -> Path:
     models = directory / "data" / "models"
     if not models.exists():
-        subprocess.run([str(QC), "models", "tiny"], env={**env, "QC_DATA_DIR": str(directory / "data")}, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(QC), "models", "tiny"],
+            env={**env, "QC_DATA_DIR": str(directory / "data")},
+            check=True,
+            capture_output=True,
+        )
     return models
 
 
-def run_qc(env: dict[str, str], log_path: Path, parallel: int, code: Path) -> tuple[int, float, int, float, MemorySampler]:
+def run_qc(
+    env: dict[str, str], log_path: Path, parallel: int, code: Path
+) -> tuple[int, float, int, float, MemorySampler]:
     """`qc run` as a subprocess; (exit status, wall seconds, max RSS of it and its descendants in bytes, their CPU
     seconds, sampler)."""
     started = time.perf_counter()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(QC), "run", "--parallel", str(parallel)], env=env, cwd=code, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(QC), "run", "--parallel", str(parallel)], env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT
+        )
         sampler = MemorySampler(process.pid)
         sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
@@ -187,8 +193,18 @@ def instance_figures(dagster_home: Path) -> dict:
             run = record.dagster_run
             keys = sorted(key.to_user_string() for key in (run.asset_selection or ()))
             label = ", ".join(keys)
-            stage = stages.setdefault(label, {"runs": 0, "start": float("inf"), "end": 0.0, "create": float("inf"),
-                                              "run_seconds": 0.0, "step_seconds": 0.0, "statuses": defaultdict(int)})
+            stage = stages.setdefault(
+                label,
+                {
+                    "runs": 0,
+                    "start": float("inf"),
+                    "end": 0.0,
+                    "create": float("inf"),
+                    "run_seconds": 0.0,
+                    "step_seconds": 0.0,
+                    "statuses": defaultdict(int),
+                },
+            )
             stage["runs"] += 1
             stage["statuses"][run.status.value] += 1
             created = record.create_timestamp.timestamp()
@@ -213,8 +229,11 @@ def instance_figures(dagster_home: Path) -> dict:
             for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
                 materialization = event.asset_materialization
                 asset = materialization.asset_key.to_user_string()
-                values = {key: value.value for key, value in materialization.metadata.items()
-                          if isinstance(value.value, (int, float, str, bool))}
+                values = {
+                    key: value.value
+                    for key, value in materialization.metadata.items()
+                    if isinstance(value.value, (int, float, str, bool))
+                }
                 metadata[asset].append(values)
                 # A partition-range run records its run-wide compute on every partition's materialization.
                 if (run.run_id, asset) in counted:
@@ -225,8 +244,14 @@ def instance_figures(dagster_home: Path) -> dict:
                         compute[asset] += float(values[key])
                 if isinstance(values.get(COMPUTE_CPU_KEYS.get(asset, "")), (int, float)):
                     compute_cpu[asset] += float(values[COMPUTE_CPU_KEYS[asset]])
-        return {"stages": stages, "steps": dict(steps), "compute": dict(compute), "compute_cpu": dict(compute_cpu),
-                "metadata": dict(metadata), "step_processes": step_processes}
+        return {
+            "stages": stages,
+            "steps": dict(steps),
+            "compute": dict(compute),
+            "compute_cpu": dict(compute_cpu),
+            "metadata": dict(metadata),
+            "step_processes": step_processes,
+        }
     finally:
         instance.dispose()
 
@@ -261,19 +286,29 @@ def fill_compute_fallbacks(figures: dict, log: str) -> None:
     if "generated_queries" not in compute:
         compute["generated_queries"] = sum(
             values["documents"] / values["documents_per_second"]
-            for values in metadata.get("generated_queries", []) if values.get("documents_per_second")
+            for values in metadata.get("generated_queries", [])
+            if values.get("documents_per_second")
         )
     if "student_checkpoints" not in compute:
         compute["student_checkpoints"] = sum(
             values["train_tokens"] / values["tokens_per_second"]
-            for values in metadata.get("student_checkpoints", []) if values.get("tokens_per_second")
+            for values in metadata.get("student_checkpoints", [])
+            if values.get("tokens_per_second")
         )
     if "reranker_scores" not in compute:
         compute["reranker_scores"] = sum(float(seconds) for seconds in re.findall(r"pairs scored in ([0-9.]+)s", log))
 
 
-def measure(size: int, shard_docs: int, mean_chars: int, parallel: int, work: Path, models: Path | None,
-            base_env: dict, code: Path) -> dict:
+def measure(
+    size: int,
+    shard_docs: int,
+    mean_chars: int,
+    parallel: int,
+    work: Path,
+    models: Path | None,
+    base_env: dict,
+    code: Path,
+) -> dict:
     directory = work / f"size-{size}"
     if directory.exists():
         shutil.rmtree(directory)
@@ -304,8 +339,12 @@ def measure(size: int, shard_docs: int, mean_chars: int, parallel: int, work: Pa
     # The teacher's side of labelling: at latency 0 the exchange costs the client's CPU (the openai SDK, about 1 ms
     # a request; see bench/teacher_client.py) and the test server's. The wall time while any teacher_labels step
     # ran, and what its requests loop took (metadata `seconds`), summed over shards.
-    teacher_steps = [interval for key, step in figures["steps"].items() if key.endswith("teacher_labels")
-                     for interval in step["intervals"]]
+    teacher_steps = [
+        interval
+        for key, step in figures["steps"].items()
+        if key.endswith("teacher_labels")
+        for interval in step["intervals"]
+    ]
     teacher_wall = union_seconds(teacher_steps)
     teacher_loop = sum(values.get("seconds", 0.0) for values in figures["metadata"].get("teacher_labels", []))
     teacher_step_sum = sum(stop - start for start, stop in teacher_steps)
@@ -332,9 +371,12 @@ def measure(size: int, shard_docs: int, mean_chars: int, parallel: int, work: Pa
         },
         "outside_stages_seconds": round(wall - sum(stage_spans.values()), 2),
         "steps": {
-            step: {"seconds_sum": round(value["seconds"], 2), "runs": value["count"],
-                   "wall_seconds": round(union_seconds(value["intervals"]), 2),
-                   "ms_per_document": round(1000 * value["seconds"] / size, 3)}
+            step: {
+                "seconds_sum": round(value["seconds"], 2),
+                "runs": value["count"],
+                "wall_seconds": round(union_seconds(value["intervals"]), 2),
+                "ms_per_document": round(1000 * value["seconds"] / size, 3),
+            }
             for step, value in figures["steps"].items()
         },
         "compute_seconds": {asset: round(seconds, 2) for asset, seconds in figures["compute"].items()},
@@ -353,8 +395,9 @@ def measure(size: int, shard_docs: int, mean_chars: int, parallel: int, work: Pa
             "teacher_labelling_cpu_seconds": round(teacher_cpu, 2),
             "overhead_cpu_seconds": round(cpu - compute_cpu_s, 2) if cpu_account else None,
             "overhead_cpu_ms_per_document": round(1000 * (cpu - compute_cpu_s) / size, 3) if cpu_account else None,
-            "overhead_without_teacher_cpu_ms_per_document":
-                round(1000 * (cpu - compute_cpu_s - teacher_cpu) / size, 3) if cpu_account else None,
+            "overhead_without_teacher_cpu_ms_per_document": round(1000 * (cpu - compute_cpu_s - teacher_cpu) / size, 3)
+            if cpu_account
+            else None,
         },
         "overhead_without_teacher_seconds": round(wall - compute_s - teacher_wall, 2),
         "overhead_without_teacher_ms_per_document": round(1000 * (wall - compute_s - teacher_wall) / size, 3),
@@ -374,38 +417,56 @@ def mib(value: int) -> str:
 
 def print_size(result: dict) -> None:
     size = result["documents"]
-    print(f"\n{size:,} documents, {result['shards']} shards: wall {result['wall_seconds']:.1f} s = "
-          f"{result['ms_per_document']:.3f} ms/document")
+    print(
+        f"\n{size:,} documents, {result['shards']} shards: wall {result['wall_seconds']:.1f} s = "
+        f"{result['ms_per_document']:.3f} ms/document"
+    )
     print(f"  {'stage (qc run)':<42} {'runs':>4} {'wall s':>8} {'ms/doc':>8} {'step s (sum)':>12}")
     for label, stage in result["stages"].items():
-        print(f"  {label:<42} {stage['runs']:>4} {stage['wall_seconds']:>8.1f} {stage['ms_per_document']:>8.3f} "
-              f"{stage['step_seconds_sum']:>12.1f}")
-    print(f"  {'(start-up, planning, between stages, summary)':<42} {'':>4} {result['outside_stages_seconds']:>8.1f} "
-          f"{1000 * result['outside_stages_seconds'] / size:>8.3f}")
+        print(
+            f"  {label:<42} {stage['runs']:>4} {stage['wall_seconds']:>8.1f} {stage['ms_per_document']:>8.3f} "
+            f"{stage['step_seconds_sum']:>12.1f}"
+        )
+    print(
+        f"  {'(start-up, planning, between stages, summary)':<42} {'':>4} {result['outside_stages_seconds']:>8.1f} "
+        f"{1000 * result['outside_stages_seconds'] / size:>8.3f}"
+    )
     print(f"  {'asset step':<42} {'runs':>4} {'s (sum)':>8} {'ms/doc':>8} {'compute s':>12}")
     for step, value in sorted(result["steps"].items()):
         asset = step.split(".")[-1]
         compute = result["compute_seconds"].get(asset)
-        print(f"  {step:<42} {value['runs']:>4} {value['seconds_sum']:>8.1f} {value['ms_per_document']:>8.3f} "
-              f"{'' if compute is None else f'{compute:12.1f}'}")
-    print(f"  model compute {sum(result['compute_seconds'].values()):.1f} s; overhead {result['overhead_seconds']:.1f} s "
-          f"= {result['overhead_ms_per_document']:.3f} ms/document (goal < {OVERHEAD_GOAL_MS} at 100,000); "
-          f"teacher server CPU {result['teacher_server_cpu_seconds']:.1f} s (counted in the overhead)")
+        print(
+            f"  {step:<42} {value['runs']:>4} {value['seconds_sum']:>8.1f} {value['ms_per_document']:>8.3f} "
+            f"{'' if compute is None else f'{compute:12.1f}'}"
+        )
+    print(
+        f"  model compute {sum(result['compute_seconds'].values()):.1f} s; overhead {result['overhead_seconds']:.1f} s "
+        f"= {result['overhead_ms_per_document']:.3f} ms/document (goal < {OVERHEAD_GOAL_MS} at 100,000); "
+        f"teacher server CPU {result['teacher_server_cpu_seconds']:.1f} s (counted in the overhead)"
+    )
     teacher = result["teacher_labels"]
-    print(f"  teacher_labels: {teacher['wall_seconds']:.1f} s of wall time ({teacher['labels_per_second']} labels/s; request "
-          f"loops {teacher['request_loop_seconds_sum']:.1f} s of {teacher['step_seconds_sum']:.1f} s of steps, summed over "
-          f"shards); overhead without it {result['overhead_without_teacher_seconds']:.1f} s = "
-          f"{result['overhead_without_teacher_ms_per_document']:.3f} ms/document")
+    print(
+        f"  teacher_labels: {teacher['wall_seconds']:.1f} s of wall time ({teacher['labels_per_second']} labels/s; request "
+        f"loops {teacher['request_loop_seconds_sum']:.1f} s of {teacher['step_seconds_sum']:.1f} s of steps, summed over "
+        f"shards); overhead without it {result['overhead_without_teacher_seconds']:.1f} s = "
+        f"{result['overhead_without_teacher_ms_per_document']:.3f} ms/document"
+    )
     cpu = result["cpu"]
     if cpu["overhead_cpu_ms_per_document"] is not None:
-        print(f"  CPU: qc run and its descendants {cpu['qc_run_tree_cpu_seconds']:.1f} s, model compute "
-              f"{sum(cpu['model_compute_cpu_seconds'].values()):.1f} s, teacher labelling {cpu['teacher_labelling_cpu_seconds']:.1f} s; "
-              f"overhead {cpu['overhead_cpu_ms_per_document']:.3f} ms CPU/document, without the teacher's labelling "
-              f"{cpu['overhead_without_teacher_cpu_ms_per_document']:.3f}")
-    kinds = ", ".join(f"{kind} {mib(rss)}" for kind, rss in sorted(result["peak_rss_by_process_kind"].items(),
-                                                                   key=lambda item: -item[1]))
-    print(f"  peak RSS {mib(result['peak_rss_bytes'])} (largest process; sampled: {kinds}; "
-          f"whole tree at once {mib(result['peak_rss_tree_sum_bytes'])})")
+        print(
+            f"  CPU: qc run and its descendants {cpu['qc_run_tree_cpu_seconds']:.1f} s, model compute "
+            f"{sum(cpu['model_compute_cpu_seconds'].values()):.1f} s, teacher labelling {cpu['teacher_labelling_cpu_seconds']:.1f} s; "
+            f"overhead {cpu['overhead_cpu_ms_per_document']:.3f} ms CPU/document, without the teacher's labelling "
+            f"{cpu['overhead_without_teacher_cpu_ms_per_document']:.3f}"
+        )
+    kinds = ", ".join(
+        f"{kind} {mib(rss)}"
+        for kind, rss in sorted(result["peak_rss_by_process_kind"].items(), key=lambda item: -item[1])
+    )
+    print(
+        f"  peak RSS {mib(result['peak_rss_bytes'])} (largest process; sampled: {kinds}; "
+        f"whole tree at once {mib(result['peak_rss_tree_sum_bytes'])})"
+    )
     steps = ", ".join(f"{step.split('.')[-1]} {mib(rss)}" for step, rss in sorted(result["peak_rss_by_step"].items()))
     print(f"  peak RSS by step (its process and children): {steps}")
     print(f"  storage: lake {mib(result['lake_bytes'])}, QC_DATA_DIR {mib(result['data_dir_bytes'])}")
@@ -416,11 +477,14 @@ def comparisons(results: list[dict]) -> tuple[list[dict], list[dict]]:
     rows, pairs = [], []
     for previous, current in zip(results, results[1:]):
         pair = {
-            "from": previous["documents"], "to": current["documents"],
+            "from": previous["documents"],
+            "to": current["documents"],
             "ms_per_document_ratio": round(current["ms_per_document"] / previous["ms_per_document"], 3),
             "overhead_ms_per_document_ratio": round(
                 current["overhead_ms_per_document"] / previous["overhead_ms_per_document"], 3
-            ) if previous["overhead_ms_per_document"] > 0 else None,
+            )
+            if previous["overhead_ms_per_document"] > 0
+            else None,
             "peak_rss_ratio": round(current["peak_rss_bytes"] / previous["peak_rss_bytes"], 3),
             "stage_ms_per_document_ratio": {
                 label: round(stage["ms_per_document"] / previous["stages"][label]["ms_per_document"], 3)
@@ -430,34 +494,55 @@ def comparisons(results: list[dict]) -> tuple[list[dict], list[dict]]:
         }
         pairs.append(pair)
         reference = f"same at {previous['documents']:,} documents"
-        rows.append(figure(
-            f"whole graph, {current['documents']:,} documents: time per document", current["ms_per_document"], "ms",
-            reference, previous["ms_per_document"], pair["ms_per_document_ratio"],
-            f"≤ {LINEARITY_GOAL}x the per-document cost at {previous['documents']:,}",
-            pair["ms_per_document_ratio"] <= LINEARITY_GOAL,
-        ))
+        rows.append(
+            figure(
+                f"whole graph, {current['documents']:,} documents: time per document",
+                current["ms_per_document"],
+                "ms",
+                reference,
+                previous["ms_per_document"],
+                pair["ms_per_document_ratio"],
+                f"≤ {LINEARITY_GOAL}x the per-document cost at {previous['documents']:,}",
+                pair["ms_per_document_ratio"] <= LINEARITY_GOAL,
+            )
+        )
         # Memory should not grow with the number of shards; a bigger shard is a bigger working set, so the goal
         # holds between sizes whose shards are the same size.
         same_shard_size = previous["documents"] // previous["shards"] == current["documents"] // current["shards"]
-        rows.append(figure(
-            f"whole graph, {current['documents']:,} documents: peak RSS", round(current["peak_rss_bytes"] / 2**20), "MiB",
-            reference, round(previous["peak_rss_bytes"] / 2**20), pair["peak_rss_ratio"],
-            "flat (≤ 1.1x) with shards of the same size" if same_shard_size else None,
-            pair["peak_rss_ratio"] <= 1.1 if same_shard_size else None,
-        ))
+        rows.append(
+            figure(
+                f"whole graph, {current['documents']:,} documents: peak RSS",
+                round(current["peak_rss_bytes"] / 2**20),
+                "MiB",
+                reference,
+                round(previous["peak_rss_bytes"] / 2**20),
+                pair["peak_rss_ratio"],
+                "flat (≤ 1.1x) with shards of the same size" if same_shard_size else None,
+                pair["peak_rss_ratio"] <= 1.1 if same_shard_size else None,
+            )
+        )
     for result in results:
         at_goal_size = result["documents"] >= 100_000
         for key, what in (
             ("overhead_ms_per_document", "overhead (wall − model compute) per document"),
-            ("overhead_without_teacher_ms_per_document",
-             "overhead without the teacher's labelling (wall − model compute − teacher_labels) per document"),
+            (
+                "overhead_without_teacher_ms_per_document",
+                "overhead without the teacher's labelling (wall − model compute − teacher_labels) per document",
+            ),
         ):
             met = result[key] < OVERHEAD_GOAL_MS if at_goal_size else None
-            rows.append(figure(
-                f"whole graph, {result['documents']:,} documents: {what}", result[key], "ms",
-                "wall time per document", result["ms_per_document"], round(result[key] / result["ms_per_document"], 3),
-                f"< {OVERHEAD_GOAL_MS} ms at 100,000 documents" if at_goal_size else None, met,
-            ))
+            rows.append(
+                figure(
+                    f"whole graph, {result['documents']:,} documents: {what}",
+                    result[key],
+                    "ms",
+                    "wall time per document",
+                    result["ms_per_document"],
+                    round(result[key] / result["ms_per_document"], 3),
+                    f"< {OVERHEAD_GOAL_MS} ms at 100,000 documents" if at_goal_size else None,
+                    met,
+                )
+            )
     return pairs, rows
 
 
@@ -467,30 +552,45 @@ def main() -> None:
     parser.add_argument("--shard-docs", type=int, default=10_000, help="documents per shard")
     parser.add_argument("--mean-chars", type=int, default=1000, help="mean characters per document")
     parser.add_argument("--parallel", type=int, default=2, help="qc run --parallel")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: one size of 100 documents, light models, 3 training steps, the tiny models "
-                        "built by the run itself")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one size of 100 documents, light models, 3 training steps, the tiny models "
+        "built by the run itself",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temporary dir)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scaling.json", help="Where the results go.")
     parser.add_argument(
-        "--light-models", action="store_true",
+        "--light-models",
+        action="store_true",
         help=f"less model compute: {', '.join(f'{k}={v}' for k, v in LIGHT_MODELS.items())} (the orchestration and "
         "storage paths are the same; compare sizes measured with the same setting)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="OMP_NUM_THREADS for the run (torch's threads per process). On a machine other work shares, 1 avoids "
         "OpenMP threads waiting on each other, which can make the model compute ten times slower",
     )
-    parser.add_argument("--code", type=Path, default=ROOT,
-                        help="run `qc` on the qc_assets package of this checkout (e.g. an earlier commit, for before/after)")
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=ROOT,
+        help="run `qc` on the qc_assets package of this checkout (e.g. an earlier commit, for before/after)",
+    )
     args = parser.parse_args()
     sizes = [100] if args.quick else [int(size) for size in args.sizes.split(",")]
     base_env = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
-    base_env.update({
-        "QC_STUDENT_BASE_MODELS": "tiny", "QC_SCORER_MODEL": "tiny",
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-    })
+    base_env.update(
+        {
+            "QC_STUDENT_BASE_MODELS": "tiny",
+            "QC_SCORER_MODEL": "tiny",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     if args.light_models or args.quick:
         base_env.update(LIGHT_MODELS)
     if args.threads:
@@ -508,7 +608,9 @@ def main() -> None:
         # Built once and copied into each size's data directory, so that no size's time includes building them.
         models = None if args.quick else build_tiny_models(work / "models", base_env)
         for size in sizes:
-            print(f"== {size:,} documents ({-(-size // args.shard_docs)} shards of up to {args.shard_docs:,})", flush=True)
+            print(
+                f"== {size:,} documents ({-(-size // args.shard_docs)} shards of up to {args.shard_docs:,})", flush=True
+            )
             result = measure(size, args.shard_docs, args.mean_chars, args.parallel, work, models, base_env, code)
             print_size(result)
             results.append(result)
@@ -517,15 +619,24 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     pairs, rows = comparisons(results)
     for pair in pairs:
-        print(f"\n{pair['to']:,} vs {pair['from']:,} documents: per-document cost {pair['ms_per_document_ratio']:.3f}x "
-              f"(goal ≤ {LINEARITY_GOAL}), overhead per document {pair['overhead_ms_per_document_ratio']}x, "
-              f"peak RSS {pair['peak_rss_ratio']:.3f}x (goal flat)")
+        print(
+            f"\n{pair['to']:,} vs {pair['from']:,} documents: per-document cost {pair['ms_per_document_ratio']:.3f}x "
+            f"(goal ≤ {LINEARITY_GOAL}), overhead per document {pair['overhead_ms_per_document_ratio']}x, "
+            f"peak RSS {pair['peak_rss_ratio']:.3f}x (goal flat)"
+        )
         for label, ratio in pair["stage_ms_per_document_ratio"].items():
             print(f"    {label:<42} {ratio:.3f}x")
     payload = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "code": str(code), "light_models": LIGHT_MODELS if args.light_models or args.quick else None, "threads": args.threads, "shard_documents": args.shard_docs, "mean_chars": args.mean_chars, "parallel": args.parallel,
-        "sizes": results, "comparisons": pairs, "figures": rows,
+        "code": str(code),
+        "light_models": LIGHT_MODELS if args.light_models or args.quick else None,
+        "threads": args.threads,
+        "shard_documents": args.shard_docs,
+        "mean_chars": args.mean_chars,
+        "parallel": args.parallel,
+        "sizes": results,
+        "comparisons": pairs,
+        "figures": rows,
     }
     write_results(args.json, payload)
     print(f"wrote {args.json}")

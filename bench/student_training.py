@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM  # noqa: E
 from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
 from qc_assets.defs.student.train import train  # noqa: E402
 from qc_assets.models.tiny import build_tiny_student, sample_texts  # noqa: E402
-from qc_assets.settings import SAMPLE_TEACHER_LABELS  # noqa: E402
+from qc_assets.settings import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS  # noqa: E402
 
 H100_BF16_FLOPS = 790e12
 QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN = 3 * 3.4e9
@@ -39,8 +39,16 @@ QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN = 3 * 3.4e9
 def qwen3_1_7b_shaped(tokenizer_dir: Path, target: Path) -> Path:
     """Random weights with Qwen3-1.7B's shape (verified facts); the tiny tokenizer, since only FLOPs matter."""
     config = Qwen3Config(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
         max_position_embeddings=40960,
     )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -52,7 +60,7 @@ def qwen3_1_7b_shaped(tokenizer_dir: Path, target: Path) -> Path:
 
 def sft_dataset(directory: Path) -> Path:
     texts = {}
-    for path in sorted((ROOT / "data" / "sample" / "corpus").glob("*.jsonl")):
+    for path in sorted(SAMPLE_CORPUS.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             texts[record["id"]] = record["text"].strip()
@@ -66,7 +74,9 @@ def sft_dataset(directory: Path) -> Path:
     return directory
 
 
-def plain_loop_tokens_per_second(model_dir: Path, dataset_dir: Path, steps: int, batch_size: int, max_length: int) -> float:
+def plain_loop_tokens_per_second(
+    model_dir: Path, dataset_dir: Path, steps: int, batch_size: int, max_length: int
+) -> float:
     """The reference: tokenize with the chat template, pad, and run forward/backward/AdamW by hand."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -76,16 +86,24 @@ def plain_loop_tokens_per_second(model_dir: Path, dataset_dir: Path, steps: int,
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rows = datasets.load_from_disk(str(dataset_dir))["train"]
     conversations = [
-        [{"role": "system", "content": r["system"]}, {"role": "user", "content": r["user"]},
-         {"role": "assistant", "content": r["assistant"]}]
+        [
+            {"role": "system", "content": r["system"]},
+            {"role": "user", "content": r["user"]},
+            {"role": "assistant", "content": r["assistant"]},
+        ]
         for r in rows
     ]
     tokens = 0
     started = None
     for step in range(steps + 1):  # step 0 warms up and is not timed
-        batch = conversations[(step * batch_size) % len(conversations):][:batch_size]
+        batch = conversations[(step * batch_size) % len(conversations) :][:batch_size]
         encoded = tokenizer.apply_chat_template(
-            batch, tokenize=True, return_dict=True, padding=True, truncation=True, max_length=max_length,
+            batch,
+            tokenize=True,
+            return_dict=True,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
             return_tensors="pt",
         ).to(device)
         labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
@@ -111,7 +129,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--methods", default="full,lora")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "student_training.json", help="Where the results go.")
+    parser.add_argument(
+        "--json", type=Path, default=RESULTS_DIR / "student_training.json", help="Where the results go."
+    )
     args = parser.parse_args()
     results: dict = {"shape": args.shape, "device": "cuda" if torch.cuda.is_available() else "cpu", "steps": args.steps}
     figures: list[dict] = []
@@ -127,14 +147,29 @@ def main() -> None:
         for method in args.methods.split(","):
             metrics = train(
                 {
-                    "base_model": args.shape, "base_model_path": str(model_dir), "dataset_dir": str(dataset_dir),
-                    "dataset_version": "bench", "checkpoints_root": str(work / "checkpoints"), "slug": args.shape,
-                    "checkpoint_id": f"bench-{method}", "tiny": args.shape == "tiny",
+                    "base_model": args.shape,
+                    "base_model_path": str(model_dir),
+                    "dataset_dir": str(dataset_dir),
+                    "dataset_version": "bench",
+                    "checkpoints_root": str(work / "checkpoints"),
+                    "slug": args.shape,
+                    "checkpoint_id": f"bench-{method}",
+                    "tiny": args.shape == "tiny",
                     "hyperparameters": {
-                        "method": method, "max_steps": args.steps, "num_train_epochs": 1.0, "learning_rate": 1e-4,
-                        "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
-                        "max_length": args.max_length, "warmup_ratio": 0.0, "lora_r": 16, "lora_alpha": 32,
-                        "lora_dropout": 0.05, "seed": 0, "logging_steps": max(1, args.steps // 4), "precision": "auto",
+                        "method": method,
+                        "max_steps": args.steps,
+                        "num_train_epochs": 1.0,
+                        "learning_rate": 1e-4,
+                        "per_device_train_batch_size": args.batch_size,
+                        "gradient_accumulation_steps": 1,
+                        "max_length": args.max_length,
+                        "warmup_ratio": 0.0,
+                        "lora_r": 16,
+                        "lora_alpha": 32,
+                        "lora_dropout": 0.05,
+                        "seed": 0,
+                        "logging_steps": max(1, args.steps // 4),
+                        "precision": "auto",
                     },
                 },
                 log=lambda _line: None,
@@ -151,22 +186,36 @@ def main() -> None:
             results[method] = entry
             figures.append(
                 figure(
-                    f"training script, {method}, {args.shape} on {results['device']}", round(rate, 1), "tokens/s",
-                    "plain PyTorch loop", round(reference, 1), entry["vs_plain_loop"],
+                    f"training script, {method}, {args.shape} on {results['device']}",
+                    round(rate, 1),
+                    "tokens/s",
+                    "plain PyTorch loop",
+                    round(reference, 1),
+                    entry["vs_plain_loop"],
                 )
             )
             if "vs_h100_physical_limit" in entry:
                 figures.append(
                     figure(
-                        f"training script, {method}, share of the H100's bf16 limit", round(rate, 1), "tokens/s",
-                        "H100 physical limit", round(H100_BF16_FLOPS / QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN), entry["vs_h100_physical_limit"],
+                        f"training script, {method}, share of the H100's bf16 limit",
+                        round(rate, 1),
+                        "tokens/s",
+                        "H100 physical limit",
+                        round(H100_BF16_FLOPS / QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN),
+                        entry["vs_h100_physical_limit"],
                     )
                 )
-            figures.append(figure(f"training script, {method}, peak memory", round(metrics["peak_memory_bytes"] / 2**30, 2), "GiB"))
+            figures.append(
+                figure(f"training script, {method}, peak memory", round(metrics["peak_memory_bytes"] / 2**30, 2), "GiB")
+            )
             print(
                 f"  training script, {method:<4}            {rate:10.1f} tokens/s = {entry['vs_plain_loop']:.3f} x reference, "
                 f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
-                + (f", {entry['vs_h100_physical_limit']:.3f} of the H100 limit" if "vs_h100_physical_limit" in entry else "")
+                + (
+                    f", {entry['vs_h100_physical_limit']:.3f} of the H100 limit"
+                    if "vs_h100_physical_limit" in entry
+                    else ""
+                )
             )
     results["figures"] = figures
     write_results(args.json, results)

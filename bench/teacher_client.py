@@ -46,8 +46,14 @@ def documents(count: int, tag: str) -> list[tuple[str, str]]:
 def backend_for(base_url: str, work: Path) -> OpenAITeacher:
     """As the teacher asset opens it, the key's budget shared between runs included."""
     return OpenAITeacher(
-        base_url=base_url, model="bench-teacher", api_key="bench", price=PRICES["deepseek-v4-flash"],
-        concurrency=CONCURRENCY, max_attempts=3, timeout_s=30, backoff_s=0.05,
+        base_url=base_url,
+        model="bench-teacher",
+        api_key="bench",
+        price=PRICES["deepseek-v4-flash"],
+        concurrency=CONCURRENCY,
+        max_attempts=3,
+        timeout_s=30,
+        backoff_s=0.05,
         key_budget=KeyBudget(work / "keys", budget_name(base_url, "bench"), CONCURRENCY),
     )
 
@@ -55,7 +61,9 @@ def backend_for(base_url: str, work: Path) -> OpenAITeacher:
 def backend_rate(base_url: str, docs: list[tuple[str, str]], work: Path) -> tuple[float, int]:
     """Requests per second through the backend alone (no journal, no lake)."""
     backend = backend_for(base_url, work)
-    requests = [LabelRequest(doc_id, "bench", category, text) for doc_id, text in docs for category in CATEGORIES.values()]
+    requests = [
+        LabelRequest(doc_id, "bench", category, text) for doc_id, text in docs for category in CATEGORIES.values()
+    ]
 
     async def drive() -> int:
         labelled = 0
@@ -87,7 +95,8 @@ def raw_reference_rate(server, docs: list[tuple[str, str]], seconds: float) -> f
     for index, (_, text) in enumerate(docs[:300]):
         category = list(CATEGORIES.values())[index % len(CATEGORIES)]
         body = json.dumps(
-            {"model": "bench-teacher", "messages": [{"role": "user", "content": category.prompt(text)}]}, ensure_ascii=False
+            {"model": "bench-teacher", "messages": [{"role": "user", "content": category.prompt(text)}]},
+            ensure_ascii=False,
         ).encode()
         head = (
             "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
@@ -137,24 +146,63 @@ def main() -> None:
     zero, slow = results["latency_0"], results["latency_200ms"]
     print(f"latency 0, concurrency {CONCURRENCY} ({zero_docs * 7} requests):")
     print(f"  raw HTTP client (reference)  {zero['raw_http_client_req_per_s']:8.1f} req/s")
-    print(f"  openai backend               {zero['backend_req_per_s']:8.1f} req/s  = {zero['backend_vs_raw']:.3f} x reference (goal >= 500 req/s)")
-    print(f"  whole labelling path         {zero['full_path_labels_per_s']:8.1f} labels/s = {zero['full_path_vs_raw']:.3f} x reference ({zero['full_path_lake_writes']} lake writes)")
-    print(f"latency 200 ms, concurrency {CONCURRENCY} ({slow_docs * 7} requests), ideal {slow['ideal_req_per_s']:.0f} req/s:")
-    print(f"  openai backend               {slow['backend_req_per_s']:8.1f} req/s  = {slow['backend_vs_ideal']:.3f} x ideal (goal >= 0.9)")
-    print(f"  whole labelling path         {slow['full_path_labels_per_s']:8.1f} labels/s = {slow['full_path_vs_ideal']:.3f} x ideal")
+    print(
+        f"  openai backend               {zero['backend_req_per_s']:8.1f} req/s  = {zero['backend_vs_raw']:.3f} x reference (goal >= 500 req/s)"
+    )
+    print(
+        f"  whole labelling path         {zero['full_path_labels_per_s']:8.1f} labels/s = {zero['full_path_vs_raw']:.3f} x reference ({zero['full_path_lake_writes']} lake writes)"
+    )
+    print(
+        f"latency 200 ms, concurrency {CONCURRENCY} ({slow_docs * 7} requests), ideal {slow['ideal_req_per_s']:.0f} req/s:"
+    )
+    print(
+        f"  openai backend               {slow['backend_req_per_s']:8.1f} req/s  = {slow['backend_vs_ideal']:.3f} x ideal (goal >= 0.9)"
+    )
+    print(
+        f"  whole labelling path         {slow['full_path_labels_per_s']:8.1f} labels/s = {slow['full_path_vs_ideal']:.3f} x ideal"
+    )
     raw = zero["raw_http_client_req_per_s"]
     results["figures"] = [
-        figure("openai backend, latency 0", zero["backend_req_per_s"], "req/s", "raw HTTP client, same server", raw,
-               zero["backend_vs_raw"], "≥ 500 req/s", zero["backend_req_per_s"] >= 500),
-        figure("whole labelling path, latency 0", zero["full_path_labels_per_s"], "labels/s", "raw HTTP client, same server",
-               raw, zero["full_path_vs_raw"]),
-        figure("openai backend, 200 ms, concurrency 100", slow["backend_req_per_s"], "req/s", "ideal 100 / 0.2 s",
-               slow["ideal_req_per_s"], slow["backend_vs_ideal"], "≥ 0.9 of ideal", slow["backend_vs_ideal"] >= 0.9),
-        figure("whole labelling path, 200 ms, concurrency 100", slow["full_path_labels_per_s"], "labels/s",
-               "ideal 100 / 0.2 s", slow["ideal_req_per_s"], slow["full_path_vs_ideal"]),
+        figure(
+            "openai backend, latency 0",
+            zero["backend_req_per_s"],
+            "req/s",
+            "raw HTTP client, same server",
+            raw,
+            zero["backend_vs_raw"],
+            "≥ 500 req/s",
+            zero["backend_req_per_s"] >= 500,
+        ),
+        figure(
+            "whole labelling path, latency 0",
+            zero["full_path_labels_per_s"],
+            "labels/s",
+            "raw HTTP client, same server",
+            raw,
+            zero["full_path_vs_raw"],
+        ),
+        figure(
+            "openai backend, 200 ms, concurrency 100",
+            slow["backend_req_per_s"],
+            "req/s",
+            "ideal 100 / 0.2 s",
+            slow["ideal_req_per_s"],
+            slow["backend_vs_ideal"],
+            "≥ 0.9 of ideal",
+            slow["backend_vs_ideal"] >= 0.9,
+        ),
+        figure(
+            "whole labelling path, 200 ms, concurrency 100",
+            slow["full_path_labels_per_s"],
+            "labels/s",
+            "ideal 100 / 0.2 s",
+            slow["ideal_req_per_s"],
+            slow["full_path_vs_ideal"],
+        ),
     ]
     write_results(args.json, results)
     print(f"wrote {args.json}")
+
 
 if __name__ == "__main__":
     main()

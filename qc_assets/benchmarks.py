@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from qc_assets.settings import PROJECT_ROOT
@@ -69,8 +69,14 @@ def figure(
 ) -> dict:
     """One row of the performance table: a measured value, the reference it is compared with, and the goal."""
     return {
-        "measure": measure, "value": value, "unit": unit, "reference": reference, "reference_value": reference_value,
-        "ratio": ratio, "goal": goal, "goal_met": goal_met,
+        "measure": measure,
+        "value": value,
+        "unit": unit,
+        "reference": reference,
+        "reference_value": reference_value,
+        "ratio": ratio,
+        "goal": goal,
+        "goal_met": goal_met,
     }
 
 
@@ -89,19 +95,22 @@ def machine() -> dict:
     except ImportError:
         pass
     return {
-        "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(), "device": device,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "device": device,
     }
 
 
-def run_benchmarks(
-    quick: bool, names: tuple[str, ...], results_dir: Path, echo: Callable[[str], None]
-) -> dict:
+def run_benchmarks(quick: bool, names: tuple[str, ...], results_dir: Path, echo: Callable[[str], None]) -> dict:
     chosen = [benchmark for benchmark in BENCHMARKS if not names or benchmark.name in names]
     unknown = set(names) - {benchmark.name for benchmark in BENCHMARKS}
     if unknown:
         raise ValueError(f"unknown benchmark {sorted(unknown)}; known: {', '.join(b.name for b in BENCHMARKS)}")
     summary: dict = {
-        "quick": quick, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "quick": quick,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
         "benchmarks": {},
     }
     earlier = _earlier_entries(results_dir, quick, summary["machine"]) if names else {}
@@ -111,21 +120,33 @@ def run_benchmarks(
             future.result()
         output = results_dir / f"{benchmark.name}.json"
         output.unlink(missing_ok=True)
-        command = [sys.executable, str(benchmark.script), *(benchmark.quick_args if quick else benchmark.full_args),
-                   "--json", str(output)]
+        command = [
+            sys.executable,
+            str(benchmark.script),
+            *(benchmark.quick_args if quick else benchmark.full_args),
+            "--json",
+            str(output),
+        ]
         heading = f"\n== {benchmark.title}: {' '.join(command[1:])}"
         if not quick:
             echo(heading)
         started = time.perf_counter()
         # The libraries' progress bars would bury the figures each script prints. Side by side, each script's
         # output is shown whole when it ends rather than interleaved.
-        finished = subprocess.run(command, cwd=PROJECT_ROOT, check=False, env={**os.environ, "TQDM_DISABLE": "1"},
-                                  capture_output=quick, text=True)
+        finished = subprocess.run(
+            command,
+            cwd=PROJECT_ROOT,
+            check=False,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+            capture_output=quick,
+            text=True,
+        )
         if quick:
             echo(heading + "\n" + finished.stdout + finished.stderr)
         entry: dict = {
-            "seconds": round(time.perf_counter() - started, 1), "exit_status": finished.returncode,
-            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 1),
+            "exit_status": finished.returncode,
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if finished.returncode == 0 and output.exists():
             entry["status"] = "ok"

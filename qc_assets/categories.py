@@ -83,7 +83,9 @@ class Category:
             pattern = rf"^\S+( \S+){{0,{self.max_terms - 1}}}$"
         return {
             "type": "object",
-            "properties": {"query": {"type": "string", "minLength": 1, "maxLength": self.max_chars, "pattern": pattern}},
+            "properties": {
+                "query": {"type": "string", "minLength": 1, "maxLength": self.max_chars, "pattern": pattern}
+            },
             "required": ["query"],
             "additionalProperties": False,
         }

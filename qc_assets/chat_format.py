@@ -63,7 +63,7 @@ def training_example(tokenizer, category: str, text: str, answer: str) -> Traini
     prompt = render_prompt(tokenizer, category, text)
     full = render_conversation(tokenizer, category, text, answer)
     if full.startswith(prompt):
-        completion_ids = _without_tail_after_end_of_turn(tokenizer, encode_rendered(tokenizer, full[len(prompt):]))
+        completion_ids = _without_tail_after_end_of_turn(tokenizer, encode_rendered(tokenizer, full[len(prompt) :]))
         source = "template"
     else:
         completion_ids = encode_rendered(tokenizer, answer)

@@ -46,8 +46,10 @@ def _recover_abandoned_runs(instance) -> None:
 
     recovered = recover_abandoned_runs(instance)
     if recovered:
-        click.echo(f"{len(recovered)} runs whose process was killed marked failed, their GPU slots freed: "
-                   f"{', '.join(recovered)}")
+        click.echo(
+            f"{len(recovered)} runs whose process was killed marked failed, their GPU slots freed: "
+            f"{', '.join(recovered)}"
+        )
 
 
 @click.group()
@@ -59,11 +61,17 @@ def main() -> None:
 @click.option("--select", default=None, help="Dagster asset selection, e.g. 'corpus' or 'key:corpus+'. Default: all.")
 @click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64), help="Runs at once.")
 @click.option(
-    "--executor", default="in_process", show_default=True, type=click.Choice(["in_process", "multiprocess"]),
+    "--executor",
+    default="in_process",
+    show_default=True,
+    type=click.Choice(["in_process", "multiprocess"]),
     help="Executor inside each run.",
 )
 @click.option(
-    "--shard", "shard_patterns", multiple=True, metavar="GLOB",
+    "--shard",
+    "shard_patterns",
+    multiple=True,
+    metavar="GLOB",
     help="Only these shards (glob, repeatable), e.g. 'data/train-0000*'; base-model partitions are not filtered.",
 )
 def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[str, ...]) -> None:
@@ -98,16 +106,21 @@ def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[
             click.echo(f"           {error}", err=outcome.status != "success")
 
     from qc_assets.defs.student.sensors import register_checkpoint_partitions
+
     with dg.DagsterInstance.get() as instance:
         _recover_abandoned_runs(instance)
         # Checkpoints copied into the store by hand are evaluated too, as the sensor would have them.
-        register_checkpoint_partitions(instance, settings.data_root / "checkpoints", lambda message: click.echo(message, err=True))
+        register_checkpoint_partitions(
+            instance, settings.data_root / "checkpoints", lambda message: click.echo(message, err=True)
+        )
         for stage in stages:
             click.echo(f"stage {stage.label}")
         shard_partitions = definitions.resolve_assets_def("corpus").partitions_def
         outcomes = run_stages(stages, instance, parallel, executor, report, shard_partitions, shard_patterns)
     elapsed = time.perf_counter() - started
-    counts = {status: sum(outcome.status == status for outcome in outcomes) for status in ("success", "failure", "skipped")}
+    counts = {
+        status: sum(outcome.status == status for outcome in outcomes) for status in ("success", "failure", "skipped")
+    }
     click.echo(
         f"\n{len(outcomes)} runs in {elapsed:.1f}s: {counts['success']} succeeded, "
         f"{counts['failure']} failed, {counts['skipped']} skipped"
@@ -127,7 +140,9 @@ def _print_summary(settings: Settings) -> None:
             click.echo(f"\n{table}:")
             click.echo(str(relation))
             if table.startswith("eval_summary") and any(row[-1] for row in relation.fetchall()):
-                click.echo("Tiny random-weight models took part: these scores mean nothing; they only show the pipeline works.")
+                click.echo(
+                    "Tiny random-weight models took part: these scores mean nothing; they only show the pipeline works."
+                )
 
 
 def _read_sql(sql: str | None, file: str | None) -> str:
@@ -144,7 +159,9 @@ def _read_sql(sql: str | None, file: str | None) -> str:
 @main.command()
 @click.argument("sql", required=False)
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False), help="Read the SQL from a file.")
-@click.option("--format", "output_format", default="table", type=click.Choice(["table", "csv", "json"]), show_default=True)
+@click.option(
+    "--format", "output_format", default="table", type=click.Choice(["table", "csv", "json"]), show_default=True
+)
 @click.option("--max-rows", default=100, show_default=True, help="Rows shown in table format.")
 def sql(sql: str | None, file: str | None, output_format: str, max_rows: int) -> None:
     """Query the lake read-only; safe while runs are writing."""
@@ -168,7 +185,13 @@ def sql(sql: str | None, file: str | None, output_format: str, max_rows: int) ->
 
 
 @main.command()
-@click.option("--documents", default=20, show_default=True, type=click.IntRange(1), help="Pilot documents; each gets all 7 categories.")
+@click.option(
+    "--documents",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Pilot documents; each gets all 7 categories.",
+)
 @click.option("--shard", default=None, help="Shard the pilot comes from. Default: the first materialized shard.")
 def estimate(documents: int, shard: str | None) -> None:
     """Label a pilot sample with the configured teacher and project cost and hours for the whole corpus.
@@ -191,10 +214,18 @@ def estimate(documents: int, shard: str | None) -> None:
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="Small sizes: a smoke run of every benchmark in about a minute; its figures mean little.")
-@click.option("--only", multiple=True, metavar="NAME", help="Run only this benchmark (repeatable), e.g. --only scaling.")
 @click.option(
-    "--results-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--quick",
+    is_flag=True,
+    help="Small sizes: a smoke run of every benchmark in about a minute; its figures mean little.",
+)
+@click.option(
+    "--only", multiple=True, metavar="NAME", help="Run only this benchmark (repeatable), e.g. --only scaling."
+)
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Where the JSON files go. Default: bench/results/.",
 )
 def bench(quick: bool, only: tuple[str, ...], results_dir: Path | None) -> None:
@@ -215,7 +246,9 @@ def bench(quick: bool, only: tuple[str, ...], results_dir: Path | None) -> None:
     if is_complete(summary) and results_dir is None:
         update_readme(table)
         click.echo("\nREADME.md's performance table rewritten.")
-    click.echo(f"\n{len(summary['benchmarks'])} benchmarks in {summary['seconds']:.0f}s; results in {(results_dir or RESULTS_DIR) / 'results.json'}")
+    click.echo(
+        f"\n{len(summary['benchmarks'])} benchmarks in {summary['seconds']:.0f}s; results in {(results_dir or RESULTS_DIR) / 'results.json'}"
+    )
     if failed:
         raise click.ClickException(f"benchmarks failed: {', '.join(failed)}")
 
@@ -258,8 +291,16 @@ def ui(port: int, host: str) -> None:
     with dg.DagsterInstance.get() as instance:
         _recover_abandoned_runs(instance)
     command = [
-        sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-        "-h", host, "-p", str(port),
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
+        "-h",
+        host,
+        "-p",
+        str(port),
     ]
     click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
     # The code server resolves a relative QC_DATA_DIR against its own working directory; pin it to this one's.

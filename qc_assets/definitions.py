@@ -21,6 +21,7 @@ from qc_assets.defs.sft.assets import SftResource, sft_dataset
 from qc_assets.defs.student.assets import StudentResource, build_student_asset
 from qc_assets.defs.student.sensors import CHECKPOINT_PARTITIONS, build_checkpoint_sensor
 from qc_assets.defs.teacher.assets import TeacherResource, build_discount_schedule, build_teacher_asset
+from qc_assets.execution import Environment, executor_for
 from qc_assets.lake.resource import LakeResource
 from qc_assets.recovery import abandoned_runs_sensor
 from qc_assets.settings import Settings, load_settings
@@ -31,8 +32,11 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
-def build_definitions(settings: Settings, shards: list[Shard] | None = None) -> dg.Definitions:
-    """The graph for `settings`, partitioned by `shards` (default: the corpus source's shards as listed now)."""
+def build_definitions(
+    settings: Settings, shards: list[Shard] | None = None, environment: Environment = "local"
+) -> dg.Definitions:
+    """The graph for `settings`, partitioned by `shards` (default: the corpus source's shards as listed now), with
+    `environment`'s executor (qc_assets.execution)."""
     corpus_source = CorpusResource.from_settings(settings)
     if shards is None:
         shards = corpus_source.open().shards()
@@ -58,12 +62,16 @@ def build_definitions(settings: Settings, shards: list[Shard] | None = None) -> 
         jobs=[teacher_job],
         schedules=[
             build_discount_schedule(
-                teacher_job, shard_partitions.get_partition_keys(), TeacherResource.from_settings(settings).discount_window()
+                teacher_job,
+                shard_partitions.get_partition_keys(),
+                TeacherResource.from_settings(settings).discount_window(),
             )
         ],
         sensors=[
             build_checkpoint_sensor(
-                checkpoint_partitions, shard_partitions.get_partition_keys(), settings.data_root / "checkpoints",
+                checkpoint_partitions,
+                shard_partitions.get_partition_keys(),
+                settings.data_root / "checkpoints",
                 [generated_queries, reranker_scores],
             ),
             dg.AutomationConditionSensorDefinition(
@@ -82,6 +90,7 @@ def build_definitions(settings: Settings, shards: list[Shard] | None = None) -> 
             "scoring": ScoringResource.from_settings(settings),
             "report": ReportResource.from_settings(settings),
         },
+        executor=executor_for(environment),
     )
 
 
@@ -99,4 +108,3 @@ def defs() -> dg.Definitions:
     if key not in _built:
         _built[key] = build_definitions(settings, list(shards))
     return _built[key]
-

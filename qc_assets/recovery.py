@@ -44,8 +44,9 @@ def recover_abandoned_runs(instance: dg.DagsterInstance) -> list[str]:
         if not _worker_is_gone(pid, starts[-1].timestamp):
             continue
         instance.report_run_failed(
-            run, f"the process running it (pid {pid}) is gone: it was killed or its machine went down. "
-                 "Re-execute the run, or run its partitions again (`qc run` does)."
+            run,
+            f"the process running it (pid {pid}) is gone: it was killed or its machine went down. "
+            "Re-execute the run, or run its partitions again (`qc run` does).",
         )
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         recovered.append(run.run_id)

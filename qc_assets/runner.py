@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import dagster as dg
-from filelock import FileLock
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from filelock import FileLock
 
 from qc_assets.defs.generation.assets import SHARD_DIMENSION
-from qc_assets.deploy import GPU_POOL
+from qc_assets.execution import GPU_POOL
 from qc_assets.settings import PROJECT_ROOT, Settings
 
 DEFINITIONS_MODULE = "qc_assets.definitions"
@@ -81,9 +81,7 @@ class RunOutcome:
 
 def plan_stages(definitions: dg.Definitions, selection: str | None) -> list[Stage]:
     graph = definitions.resolve_asset_graph()
-    chosen = (
-        dg.AssetSelection.from_string(selection) if selection else dg.AssetSelection.all()
-    ).resolve(graph)
+    chosen = (dg.AssetSelection.from_string(selection) if selection else dg.AssetSelection.all()).resolve(graph)
     stages: list[Stage] = []
     for key in graph.toposorted_asset_keys:
         if key not in chosen or not graph.get(key).is_materializable:
@@ -185,7 +183,10 @@ def _limit_threads(threads: int) -> None:
 
 
 def _execute_partition(
-    asset_keys: tuple[dg.AssetKey, ...], partition: str | None, executor: str, range_end: str | None = None,
+    asset_keys: tuple[dg.AssetKey, ...],
+    partition: str | None,
+    executor: str,
+    range_end: str | None = None,
     threads: int = 1,
 ) -> tuple[str | None, bool, list[str]]:
     """Runs in a worker process: one Dagster run of one stage and partition, or of the partition range
@@ -253,7 +254,8 @@ def select_shards(
         return key if partitions_def == shard_partitions else None
 
     return [
-        key for key in keys
+        key
+        for key in keys
         if (shard := shard_of(key)) is None or any(fnmatch.fnmatchcase(shard, pattern) for pattern in shard_patterns)
     ]
 

@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from qc_assets.defs.teacher.prices import UtcWindow
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_CORPUS = PROJECT_ROOT / "data" / "sample" / "corpus"
-SAMPLE_TEACHER_LABELS = PROJECT_ROOT / "data" / "sample" / "teacher" / "handwritten-sample.jsonl"
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def _is_checkout(directory: Path) -> bool:
+    pyproject = directory / "pyproject.toml"
+    return pyproject.is_file() and 'name = "qc_assets"' in pyproject.read_text(encoding="utf-8")
+
+
+# The repository when the package runs from a checkout (editable install or PYTHONPATH). Installed, the package's
+# project/ folder: the repository's dagster.yaml and workspace.yaml, which qc_assets/project/ links to and a
+# build copies in, so `qc run` and `qc ui` read the same instance settings from any working directory.
+PROJECT_ROOT = PACKAGE_ROOT.parent if _is_checkout(PACKAGE_ROOT.parent) else PACKAGE_ROOT / "project"
+# The embedded default's inputs are package data, found beside the code in a checkout and an install alike.
+SAMPLE_CORPUS = PACKAGE_ROOT / "sample" / "corpus"
+SAMPLE_TEACHER_LABELS = PACKAGE_ROOT / "sample" / "teacher" / "handwritten-sample.jsonl"
 ENV_PREFIX = "QC_"
 SEED_STUDENT_BASE_MODELS = (
     "Qwen/Qwen3-1.7B",
@@ -87,7 +98,9 @@ class Settings(BaseModel):
     teacher_api_key: SecretStr | None = Field(default=None, description="API key (openai); never logged or stored.")
     teacher_concurrency: int = Field(default=100, ge=1, le=2000, description="Requests in flight at most.")
     teacher_max_attempts: int = Field(default=6, ge=1, le=50, description="Attempts per key before quarantine.")
-    teacher_timeout_s: float = Field(default=600.0, gt=0, description="Per-request timeout; a thinking model can take minutes.")
+    teacher_timeout_s: float = Field(
+        default=600.0, gt=0, description="Per-request timeout; a thinking model can take minutes."
+    )
     teacher_backoff_s: float = Field(
         default=1.0, ge=0, description="Longest wait before the first retry; doubles per attempt, with jitter."
     )
@@ -99,7 +112,9 @@ class Settings(BaseModel):
     )
     teacher_max_usd: float | None = Field(default=None, gt=0, description="Hard spend cap per run, in USD.")
     teacher_batch_size: int = Field(default=256, ge=1, description="Labels per lake write while labelling.")
-    teacher_flush_seconds: float = Field(default=5.0, gt=0, description="Longest wait before buffered labels are written.")
+    teacher_flush_seconds: float = Field(
+        default=5.0, gt=0, description="Longest wait before buffered labels are written."
+    )
     teacher_replay_source: str = Field(
         default=str(SAMPLE_TEACHER_LABELS),
         description="Labels to import (replay): a parquet/jsonl file or `hf:<dataset name>`.",
@@ -129,7 +144,9 @@ class Settings(BaseModel):
         default=None, gt=0, description="Default 1e-5 (full), 2e-4 (LoRA), 3e-3 (`tiny`)."
     )
     student_batch_size: int = Field(
-        default=8, ge=1, description="Per-device batch size; smaller (more accumulation) where the memory plan needs it."
+        default=8,
+        ge=1,
+        description="Per-device batch size; smaller (more accumulation) where the memory plan needs it.",
     )
     student_gradient_accumulation: int = Field(default=4, ge=1, description="Gradient accumulation steps.")
     student_max_length: int = Field(default=2048, ge=32, description="Tokens per example; longer ones are cut.")
@@ -143,11 +160,15 @@ class Settings(BaseModel):
         default=500, ge=1, description="Optimizer steps between resumable training states (killed runs resume there)."
     )
     student_memory_limit_gib: float | None = Field(
-        default=None, gt=0, description="Accelerator memory the training plan must fit; default the GPU's (no check on CPU)."
+        default=None,
+        gt=0,
+        description="Accelerator memory the training plan must fit; default the GPU's (no check on CPU).",
     )
 
     gpu_slots: int = Field(
-        default=1, ge=1, le=64,
+        default=1,
+        ge=1,
+        le=64,
         description="Steps that use the GPU (training, local generation, scoring) at once across all runs: the "
         "limit of Dagster's `gpu` pool. One per GPU.",
     )
@@ -159,11 +180,14 @@ class Settings(BaseModel):
     generation_base_url: str | None = Field(default=None, description="Server for the `openai` generation backend.")
     generation_batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
     generation_max_new_tokens: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Answer cap in tokens for every category; default per category: twice its character cap plus 8.",
     )
     generation_max_empty_rate: float = Field(
-        default=0.05, ge=0, le=1,
+        default=0.05,
+        ge=0,
+        le=1,
         description="Share of empty generated queries (per checkpoint and category) above which the "
         "`empty_queries` check fails and blocks scoring.",
     )
@@ -231,9 +255,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     known = {env_name(name): name for name in Settings.model_fields}
     unknown = sorted(key for key in source if key.startswith(ENV_PREFIX) and key not in known)
     if unknown:
-        raise SettingsError(
-            f"unknown setting {', '.join(unknown)}; the known ones are {', '.join(sorted(known))}"
-        )
+        raise SettingsError(f"unknown setting {', '.join(unknown)}; the known ones are {', '.join(sorted(known))}")
     values = {name: source[key] for key, name in known.items() if key in source and source[key] != ""}
     try:
         return Settings.model_validate(values)

@@ -97,13 +97,20 @@ def run_qc(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Complet
 
 
 def materialize_asset(
-    settings: Settings, asset: str, instance: dg.DagsterInstance, partition: str | None = None, run_config: dict | None = None
+    settings: Settings,
+    asset: str,
+    instance: dg.DagsterInstance,
+    partition: str | None = None,
+    run_config: dict | None = None,
 ) -> dg.ExecuteInProcessResult:
     """One run of one asset (and partition), as `qc run --select <asset>` would launch it."""
     repository = build_definitions(settings).get_repository_def()
     job = repository.get_implicit_job_def_for_assets([dg.AssetKey(asset)])
     return job.execute_in_process(
-        instance=instance, partition_key=partition, asset_selection=[dg.AssetKey(asset)], raise_on_error=False,
+        instance=instance,
+        partition_key=partition,
+        asset_selection=[dg.AssetKey(asset)],
+        raise_on_error=False,
         run_config=run_config,
     )
 
@@ -127,7 +134,6 @@ def build_talkative_student(directory: Path) -> Path:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.25)
     model.save_pretrained(directory)
     return directory
-
 
 
 # Imported here, below BIN: lake_servers (through dagster_ui) imports BIN from this module.

@@ -106,8 +106,13 @@ def graph_environment(data_dir: Path, corpus: Path, server) -> dict[str, str]:
 def _start(env: dict[str, str], output: list[str]) -> tuple[subprocess.Popen, threading.Thread]:
     clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
     process = subprocess.Popen(
-        [str(BIN / "qc"), "run"], env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", start_new_session=True,
+        [str(BIN / "qc"), "run"],
+        env={**clean, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
     )
 
     def read() -> None:
@@ -161,6 +166,7 @@ def lake_state(data_dir: Path) -> dict[str, list]:
     checkpoints = list_checkpoints(data_dir / "checkpoints")
     by_name = {c.checkpoint: f"{c.manifest.get('base_model')}@{c.manifest.get('dataset_version')}" for c in checkpoints}
     with lake.get_connection() as connection:
+
         def rows(query: str) -> list:
             return sorted(connection.execute(query).fetchall())
 
@@ -168,11 +174,14 @@ def lake_state(data_dir: Path) -> dict[str, list]:
             "corpus": rows("SELECT doc_id, shard, text FROM corpus"),
             "teacher_labels": rows("SELECT doc_id, shard, category, query, teacher FROM teacher_labels"),
             "teacher_quarantine": rows("SELECT doc_id, category FROM teacher_quarantine"),
-            "checkpoints": sorted(by_name.get(name, f"unlisted:{name}") for (name,) in rows("SELECT checkpoint FROM checkpoints")),
+            "checkpoints": sorted(
+                by_name.get(name, f"unlisted:{name}") for (name,) in rows("SELECT checkpoint FROM checkpoints")
+            ),
             "generated_queries": sorted(
                 (by_name.get(checkpoint, checkpoint), doc_id, shard, category)
                 for checkpoint, doc_id, shard, category in rows(
-                    "SELECT checkpoint, doc_id, shard, category FROM generated_queries")
+                    "SELECT checkpoint, doc_id, shard, category FROM generated_queries"
+                )
             ),
             "reranker_scores": sorted(
                 (by_name.get(source, source), doc_id, category)
@@ -205,8 +214,11 @@ def compare(expected: dict[str, list], actual: dict[str, list]) -> list[str]:
 
 
 def keys_paid_twice(server) -> int:
-    delivered = Counter((entry["category"], entry["text_key"]) for entry in chat_requests(server) if entry["delivered"]
-                        and entry.get("status") == 200)
+    delivered = Counter(
+        (entry["category"], entry["text_key"])
+        for entry in chat_requests(server)
+        if entry["delivered"] and entry.get("status") == 200
+    )
     return sum(count - 1 for count in delivered.values())
 
 
@@ -248,7 +260,9 @@ def crash_and_resume(work: Path, points: tuple[KillPoint, ...] = KILL_POINTS) ->
 
     def run_reference() -> None:
         with run_teacher_server(work / "reference", plan, api_key=PLANTED_KEY) as server:
-            reference["exit"], reference["output"] = run_to_end(graph_environment(work / "reference" / "data", corpus, server))
+            reference["exit"], reference["output"] = run_to_end(
+                graph_environment(work / "reference" / "data", corpus, server)
+            )
 
     uninterrupted = threading.Thread(target=run_reference)
     uninterrupted.start()
@@ -265,7 +279,9 @@ def crash_and_resume(work: Path, points: tuple[KillPoint, ...] = KILL_POINTS) ->
     finally:
         uninterrupted.join()
     if reference.get("exit") != 0:
-        raise RuntimeError(f"the uninterrupted run failed ({reference.get('exit')}):\n{reference.get('output', '')[-4000:]}")
+        raise RuntimeError(
+            f"the uninterrupted run failed ({reference.get('exit')}):\n{reference.get('output', '')[-4000:]}"
+        )
     report.outputs.insert(0, reference["output"])
     labelling_kills = sum(kill.killed for kill in report.kills if kill.point.stage == "teacher_labels")
     report.in_flight_bound = labelling_kills * TEACHER_CONCURRENCY

@@ -19,7 +19,10 @@ from qc_assets_tests.conftest import BIN
 
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 # How each child of `dagster dev` shows in its command line.
-UI_PROCESS_NAMES = {"webserver": (b"dagster-webserver", b"dagster_webserver"), "daemon": (b"dagster._daemon", b"dagster-daemon")}
+UI_PROCESS_NAMES = {
+    "webserver": (b"dagster-webserver", b"dagster_webserver"),
+    "daemon": (b"dagster._daemon", b"dagster-daemon"),
+}
 
 WORKSPACE_QUERY = """
 {
@@ -55,7 +58,9 @@ LAUNCH_RESULT = """
     ... on InvalidSubsetError { message }
     ... on RunConfigValidationInvalid { errors { message } }
 """
-LAUNCH_MUTATION = "mutation Launch($params: ExecutionParams!) { launchRun(executionParams: $params) {" + LAUNCH_RESULT + "} }"
+LAUNCH_MUTATION = (
+    "mutation Launch($params: ExecutionParams!) { launchRun(executionParams: $params) {" + LAUNCH_RESULT + "} }"
+)
 REEXECUTE_MUTATION = (
     "mutation Reexecute($parentRunId: String!) { launchRunReexecution(reexecutionParams: "
     "{parentRunId: $parentRunId, strategy: FROM_FAILURE}) {" + LAUNCH_RESULT + "} }"
@@ -137,7 +142,10 @@ class DagsterUI:
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(
                     [str(BIN / "qc"), "ui", "--port", str(self.port)],
-                    env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
         finally:
@@ -202,13 +210,16 @@ class DagsterUI:
             if errors:
                 raise RuntimeError("code location failed to load:\n" + "\n".join(errors))
             if entries and all(
-                entry["loadStatus"] == "LOADED" and (entry["locationOrLoadError"] or {}).get("__typename") == "RepositoryLocation"
+                entry["loadStatus"] == "LOADED"
+                and (entry["locationOrLoadError"] or {}).get("__typename") == "RepositoryLocation"
                 for entry in entries
             ):
                 return
             last = f"locations {[(entry['name'], entry['loadStatus']) for entry in entries]}"
             time.sleep(0.5)
-        raise TimeoutError(f"the UI at {self.url} was not ready after {timeout:.0f}s ({last}); its output:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"the UI at {self.url} was not ready after {timeout:.0f}s ({last}); its output:\n{self.log_tail()}"
+        )
 
     def run(self, run_id: str) -> dict:
         result = self.graphql(RUN_QUERY, {"runId": run_id})["runOrError"]
@@ -219,8 +230,12 @@ class DagsterUI:
     def launch(self, assets: list[str], partition: str) -> str:
         """Materialize one partition of the assets, as the Materialize button does; returns the run id."""
         params = {
-            "selector": {"repositoryLocationName": "qc_assets", "repositoryName": "__repository__",
-                         "pipelineName": "__ASSET_JOB", "assetSelection": [{"path": [asset]} for asset in assets]},
+            "selector": {
+                "repositoryLocationName": "qc_assets",
+                "repositoryName": "__repository__",
+                "pipelineName": "__ASSET_JOB",
+                "assetSelection": [{"path": [asset]} for asset in assets],
+            },
             "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
             "mode": "default",
         }
@@ -234,9 +249,16 @@ class DagsterUI:
         """The assets' partitions launched as a backfill, as the "Materialize selected" dialog does (every partition
         of every asset, in dependency order, when `partitions` is None); its id."""
         chosen = {"allPartitions": True} if partitions is None else {"partitionNames": partitions}
-        result = self.graphql(BACKFILL_MUTATION, {"params": {
-            **chosen, "assetSelection": [{"path": [asset]} for asset in assets], "fromFailure": False,
-        }})["launchPartitionBackfill"]
+        result = self.graphql(
+            BACKFILL_MUTATION,
+            {
+                "params": {
+                    **chosen,
+                    "assetSelection": [{"path": [asset]} for asset in assets],
+                    "fromFailure": False,
+                }
+            },
+        )["launchPartitionBackfill"]
         if result["__typename"] != "LaunchBackfillSuccess":
             raise RuntimeError(f"the backfill was refused: {result}")
         return result["backfillId"]
@@ -330,7 +352,7 @@ class DagsterUI:
                 for descriptor in Path(f"/proc/{pid}/fd").iterdir():
                     target = os.readlink(descriptor)
                     if target.startswith("socket:["):
-                        inodes.add(target[len("socket:["):-1])
+                        inodes.add(target[len("socket:[") : -1])
             except OSError:
                 continue
         listening = set()
@@ -343,7 +365,7 @@ class DagsterUI:
                 address, port = local.split(":")
                 raw = bytes.fromhex(address)
                 # The kernel prints each 32-bit word in host (little-endian) order.
-                raw = b"".join(raw[index:index + 4][::-1] for index in range(0, len(raw), 4))
+                raw = b"".join(raw[index : index + 4][::-1] for index in range(0, len(raw), 4))
                 listening.add((socket.inet_ntop(family, raw), int(port, 16)))
         return listening
 

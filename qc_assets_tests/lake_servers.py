@@ -67,9 +67,7 @@ class PostgresServer:
         """Run a PostgreSQL tool; on failure, raise with its output and the server's log."""
         prefix = AS_POSTGRES if as_postgres else []
         # cwd: the postgres user may not be allowed into the test's working directory.
-        done = subprocess.run(
-            [*prefix, *command], cwd=self.directory, capture_output=True, text=True, timeout=timeout
-        )
+        done = subprocess.run([*prefix, *command], cwd=self.directory, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(
                 f"{Path(command[0]).name} failed ({done.returncode}): {done.stdout}{done.stderr}\n"
@@ -79,21 +77,55 @@ class PostgresServer:
     def _sql(self, statement: str) -> None:
         """As the superuser, over TCP (trusted on loopback), so it needs no switch of user."""
         self._run(
-            str(self.bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(self.port),
-            "-U", "postgres", "-d", "postgres", "-c", statement,
+            str(self.bin / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            statement,
         )
 
     def __enter__(self) -> Self:
         try:
             self._run(
-                str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync",
-                "-E", "UTF8", "--locale=C.UTF-8", as_postgres=True,
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                as_postgres=True,
             )
             options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.directory} -c fsync=off"
             # -w: pg_ctl returns once the server accepts connections, or fails after -t seconds.
             self._run(
-                str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path), "-w",
-                "-t", str(START_TIMEOUT_S), "-o", options, "start", as_postgres=True, timeout=START_TIMEOUT_S + 10,
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log_path),
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+                "-o",
+                options,
+                "start",
+                as_postgres=True,
+                timeout=START_TIMEOUT_S + 10,
             )
             self._sql(f"CREATE ROLE {self.ROLE} LOGIN")
         except BaseException:
@@ -113,7 +145,9 @@ class PostgresServer:
             # fast: roll back open sessions (a test's leftover connections) instead of waiting for them to end.
             subprocess.run(
                 [*AS_POSTGRES, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-                cwd=self.directory, capture_output=True, timeout=60,
+                cwd=self.directory,
+                capture_output=True,
+                timeout=60,
             )
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -140,10 +174,17 @@ class S3Server:
         for bucket in self.buckets:
             (self.root / bucket).mkdir()
         command = [
-            str(BIN / "rclone"), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
-            "--auth-key", f"{self.key_id},{self.secret}",
+            str(BIN / "rclone"),
+            "serve",
+            "s3",
+            str(self.root),
+            "--addr",
+            f"127.0.0.1:{self.port}",
+            "--auth-key",
+            f"{self.key_id},{self.secret}",
             # An empty config: a developer's own rclone.conf must not change the server.
-            "--config", "",
+            "--config",
+            "",
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -166,8 +207,9 @@ class S3Server:
             ):
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"rclone serve s3 not listening on {self.endpoint} after {START_TIMEOUT_S}s:\n"
-                           f"{log_tail(self.log_path)}")
+        raise TimeoutError(
+            f"rclone serve s3 not listening on {self.endpoint} after {START_TIMEOUT_S}s:\n{log_tail(self.log_path)}"
+        )
 
     def bucket(self, name: str) -> str:
         """One of the buckets made before the server started. rclone caches directory listings (5 minutes by

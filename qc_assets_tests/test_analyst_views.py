@@ -14,7 +14,9 @@ TEACHER = "deepseek-reasoner"
 
 def lake_for(tmp_path, read_only: bool = False) -> LakeResource:
     return LakeResource(
-        catalog=f"sqlite:{tmp_path / 'lake' / 'catalog.sqlite'}", data_path=str(tmp_path / "lake" / "data"), read_only=read_only
+        catalog=f"sqlite:{tmp_path / 'lake' / 'catalog.sqlite'}",
+        data_path=str(tmp_path / "lake" / "data"),
+        read_only=read_only,
     )
 
 
@@ -28,8 +30,12 @@ def insert(connection, table: str, rows: list[dict]) -> None:
 
 def spend(attempts: int, cost: float) -> dict:
     return {
-        "attempts": attempts, "cost_usd": cost, "input_tokens": 100 * attempts, "cached_input_tokens": 10 * attempts,
-        "output_tokens": 50 * attempts, "reasoning_tokens": 40 * attempts,
+        "attempts": attempts,
+        "cost_usd": cost,
+        "input_tokens": 100 * attempts,
+        "cached_input_tokens": 10 * attempts,
+        "output_tokens": 50 * attempts,
+        "reasoning_tokens": 40 * attempts,
     }
 
 
@@ -45,23 +51,78 @@ def lake(tmp_path):
         {"doc_id": "d0", "shard": "s0", "category": "faq", "teacher": TEACHER, "query": "問0", **spend(3, 0.03)},
         {"doc_id": "d1", "shard": "s0", "category": "title", "teacher": TEACHER, "query": "題1", **spend(2, 0.02)},
         {"doc_id": "d2", "shard": "s1", "category": "title", "teacher": TEACHER, "query": "題2", **spend(1, 0.01)},
-        {"doc_id": "d2", "shard": "s1", "category": "title", "teacher": "other-teacher", "query": "別", **spend(1, 0.5)},
+        {
+            "doc_id": "d2",
+            "shard": "s1",
+            "category": "title",
+            "teacher": "other-teacher",
+            "query": "別",
+            **spend(1, 0.5),
+        },
     ]
     quarantined = [
-        {"doc_id": "d1", "shard": "s0", "category": "faq", "teacher": TEACHER, "error": "summary exceeds the cap",
-         "raw_output": '{"query": "長すぎる"}', "run_id": "run-1", **spend(6, 0.06)},
+        {
+            "doc_id": "d1",
+            "shard": "s0",
+            "category": "faq",
+            "teacher": TEACHER,
+            "error": "summary exceeds the cap",
+            "raw_output": '{"query": "長すぎる"}',
+            "run_id": "run-1",
+            **spend(6, 0.06),
+        },
     ]
     scores = [
-        {"doc_id": "d0", "shard": "s0", "category": "title", "source": f"teacher:{TEACHER}", "scorer": "bge@512",
-         "score": 0.9, "query": "題0", "bm25_rank": 1},
-        {"doc_id": "d0", "shard": "s0", "category": "title", "source": "ckpt-a", "scorer": "bge@512", "score": 0.95,
-         "query": "生徒0", "bm25_rank": 2},
-        {"doc_id": "d0", "shard": "s0", "category": "title", "source": "ckpt-b", "scorer": "bge@512", "score": 0.7,
-         "query": "生徒0b", "bm25_rank": 4},
-        {"doc_id": "d0", "shard": "s0", "category": "title", "source": "ckpt-a", "scorer": "other@512", "score": 0.1,
-         "query": "生徒0", "bm25_rank": 2},
-        {"doc_id": "d2", "shard": "s1", "category": "title", "source": "ckpt-a", "scorer": "bge@512", "score": 0.4,
-         "query": "生徒2", "bm25_rank": 1},
+        {
+            "doc_id": "d0",
+            "shard": "s0",
+            "category": "title",
+            "source": f"teacher:{TEACHER}",
+            "scorer": "bge@512",
+            "score": 0.9,
+            "query": "題0",
+            "bm25_rank": 1,
+        },
+        {
+            "doc_id": "d0",
+            "shard": "s0",
+            "category": "title",
+            "source": "ckpt-a",
+            "scorer": "bge@512",
+            "score": 0.95,
+            "query": "生徒0",
+            "bm25_rank": 2,
+        },
+        {
+            "doc_id": "d0",
+            "shard": "s0",
+            "category": "title",
+            "source": "ckpt-b",
+            "scorer": "bge@512",
+            "score": 0.7,
+            "query": "生徒0b",
+            "bm25_rank": 4,
+        },
+        {
+            "doc_id": "d0",
+            "shard": "s0",
+            "category": "title",
+            "source": "ckpt-a",
+            "scorer": "other@512",
+            "score": 0.1,
+            "query": "生徒0",
+            "bm25_rank": 2,
+        },
+        {
+            "doc_id": "d2",
+            "shard": "s1",
+            "category": "title",
+            "source": "ckpt-a",
+            "scorer": "bge@512",
+            "score": 0.4,
+            "query": "生徒2",
+            "bm25_rank": 1,
+        },
     ]
 
     def fill(connection) -> None:
@@ -83,12 +144,20 @@ def rows(lake: LakeResource, sql: str) -> list[dict]:
 def test_label_costs_counts_labels_quarantine_and_every_dollar_per_shard_category_and_teacher(lake):
     costs = {(row["shard"], row["category"], row["teacher"]): row for row in rows(lake, "SELECT * FROM label_costs")}
     assert set(costs) == {
-        ("s0", "faq", TEACHER), ("s0", "title", TEACHER), ("s1", "title", TEACHER), ("s1", "title", "other-teacher"),
+        ("s0", "faq", TEACHER),
+        ("s0", "title", TEACHER),
+        ("s1", "title", TEACHER),
+        ("s1", "title", "other-teacher"),
     }
     faq = costs[("s0", "faq", TEACHER)]
     assert (faq["labels"], faq["quarantined"], faq["requests"]) == (1, 1, 9)
     assert faq["cost_usd"] == pytest.approx(0.09) and faq["usd_per_label"] == pytest.approx(0.09)
-    assert (faq["input_tokens"], faq["cached_input_tokens"], faq["output_tokens"], faq["reasoning_tokens"]) == (900, 90, 450, 360)
+    assert (faq["input_tokens"], faq["cached_input_tokens"], faq["output_tokens"], faq["reasoning_tokens"]) == (
+        900,
+        90,
+        450,
+        360,
+    )
     title = costs[("s0", "title", TEACHER)]
     assert (title["labels"], title["quarantined"], title["cost_usd"]) == (2, 0, pytest.approx(0.03))
     assert costs[("s1", "title", "other-teacher")]["cost_usd"] == pytest.approx(0.5)
@@ -100,7 +169,8 @@ def test_teacher_vs_student_pairs_each_student_query_with_the_teachers_under_the
     pairs = rows(lake, "SELECT * FROM teacher_vs_student ORDER BY checkpoint")
     # d2 has no teacher score and `other@512` scored no teacher query: neither can be compared.
     assert [(row["doc_id"], row["checkpoint"], row["scorer"]) for row in pairs] == [
-        ("d0", "ckpt-a", "bge@512"), ("d0", "ckpt-b", "bge@512"),
+        ("d0", "ckpt-a", "bge@512"),
+        ("d0", "ckpt-b", "bge@512"),
     ]
     first, second = pairs
     assert (first["teacher"], first["teacher_query"], first["student_query"]) == (f"teacher:{TEACHER}", "題0", "生徒0")
@@ -112,7 +182,12 @@ def test_teacher_vs_student_pairs_each_student_query_with_the_teachers_under_the
 
 def test_quarantine_shows_why_with_the_document_start(lake):
     (row,) = rows(lake, "SELECT * FROM quarantine")
-    assert (row["doc_id"], row["category"], row["error"], row["attempts"]) == ("d1", "faq", "summary exceeds the cap", 6)
+    assert (row["doc_id"], row["category"], row["error"], row["attempts"]) == (
+        "d1",
+        "faq",
+        "summary exceeds the cap",
+        6,
+    )
     assert row["raw_output"] == '{"query": "長すぎる"}' and row["document_start"].startswith("文書1の本文。")
     assert len(row["document_start"]) == 200
 

@@ -11,7 +11,7 @@ import dagster as dg
 
 from qc_assets.definitions import build_definitions
 from qc_assets.runner import partition_blocks, plan_stages, select_shards, threads_per_run
-from qc_assets.settings import PROJECT_ROOT, load_settings
+from qc_assets.settings import PROJECT_ROOT, SAMPLE_CORPUS, load_settings
 from qc_assets_tests.conftest import BIN, document, run_qc, write_jsonl
 
 
@@ -41,7 +41,9 @@ def test_qc_run_materializes_every_partition_keeps_going_past_a_bad_shard_and_ex
     assert result.returncode == 1
     assert "2 succeeded, 1 failed" in result.stdout
     assert str(source / "s2.parquet") in result.stdout + result.stderr
-    counts = run_qc(["sql", "SELECT shard, count(*) AS n FROM corpus GROUP BY shard ORDER BY shard", "--format", "json"], env)
+    counts = run_qc(
+        ["sql", "SELECT shard, count(*) AS n FROM corpus GROUP BY shard ORDER BY shard", "--format", "json"], env
+    )
     assert json.loads(counts.stdout) == [{"shard": "s0", "n": 3}, {"shard": "s1", "n": 3}]
 
     with dg.DagsterInstance.from_config(str(tmp_path / "data" / "dagster")) as instance:
@@ -78,10 +80,14 @@ def test_qc_sql_formats_inputs_and_refuses_writes(environment, tmp_path):
 
 
 def test_dg_check_defs_loads_the_code_location(environment, tmp_path):
-    env = environment(PROJECT_ROOT / "data" / "sample" / "corpus")
+    env = environment(SAMPLE_CORPUS)
     result = subprocess.run(
-        [str(BIN / "dg"), "check", "defs"], cwd=PROJECT_ROOT, env={"PATH": f"{BIN}:/usr/bin:/bin", **env},
-        capture_output=True, text=True, timeout=300,
+        [str(BIN / "dg"), "check", "defs"],
+        cwd=PROJECT_ROOT,
+        env={"PATH": f"{BIN}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All definitions loaded successfully" in result.stdout + result.stderr
@@ -120,12 +126,17 @@ def test_single_run_stages_go_in_partition_ranges_that_cover_exactly_the_selecte
     stages = {stage.label: stage.single_run for stage in plan_stages(definitions, None)}
     # Generation and scoring load a model: their whole stage is one run; every other stage is a run per partition.
     assert stages == {
-        "corpus, teacher_labels": False, "sft_dataset": False, "student_checkpoints": False,
-        "generated_queries, reranker_scores": True, "eval_summary": False,
+        "corpus, teacher_labels": False,
+        "sft_dataset": False,
+        "student_checkpoints": False,
+        "generated_queries, reranker_scores": True,
+        "eval_summary": False,
     }
 
     shards = dg.StaticPartitionsDefinition(["a0", "a1", "b0", "b1"])
-    evaluation = dg.MultiPartitionsDefinition({"checkpoint": dg.StaticPartitionsDefinition(["c1", "c2"]), "shard": shards})
+    evaluation = dg.MultiPartitionsDefinition(
+        {"checkpoint": dg.StaticPartitionsDefinition(["c1", "c2"]), "shard": shards}
+    )
     with dg.DagsterInstance.ephemeral() as instance:
         for patterns, expected in [
             ((), [("c1|a0", "c2|b1", 8)]),
@@ -141,7 +152,10 @@ def test_single_run_stages_go_in_partition_ranges_that_cover_exactly_the_selecte
             assert sorted(key for block in blocks for key in block.keys) == sorted(map(str, keys))
         uneven = partition_blocks(evaluation, ["c1|a0", "c1|a1", "c2|a1"], instance)
         assert [(block.start, block.end) for block in uneven] == [("c1|a0", "c1|a0"), ("c1|a1", "c2|a1")]
-        assert [block.keys for block in partition_blocks(shards, ["a0", "a1", "b1"], instance)] == [("a0", "a1"), ("b1",)]
+        assert [block.keys for block in partition_blocks(shards, ["a0", "a1", "b1"], instance)] == [
+            ("a0", "a1"),
+            ("b1",),
+        ]
 
 
 def test_runs_at_once_share_the_cores_and_a_users_omp_num_threads_wins(monkeypatch):

@@ -37,17 +37,38 @@ def test_writers_and_an_open_reader_never_lock_each_other_out(tmp_path, environm
     clean_env = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
     stop_file = tmp_path / "stop"
     reader = subprocess.Popen(
-        [sys.executable, "-m", "qc_assets_tests.lake_reader", settings.catalog, settings.data_path, str(stop_file), str(ROWS)],
-        env={**clean_env, **env}, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "qc_assets_tests.lake_reader",
+            settings.catalog,
+            settings.data_path,
+            str(stop_file),
+            str(ROWS),
+        ],
+        env={**clean_env, **env},
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         dagster_home = prepare_dagster_home(settings)
         writers = [
             subprocess.Popen(
-                [str(BIN / "dagster"), "asset", "materialize", "-m", "qc_assets.definitions",
-                 "--select", "corpus", "--partition", f"shard-{index}"],
+                [
+                    str(BIN / "dagster"),
+                    "asset",
+                    "materialize",
+                    "-m",
+                    "qc_assets.definitions",
+                    "--select",
+                    "corpus",
+                    "--partition",
+                    f"shard-{index}",
+                ],
                 env={**clean_env, **env, "DAGSTER_HOME": dagster_home},
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
             for index in range(3)
         ]
@@ -80,8 +101,13 @@ def test_qc_sql_in_a_loop_reads_consistent_counts_while_runs_write(tmp_path, env
     # analyst's queries land in the middle of it.
     with run_teacher_server(tmp_path, {"latency_ms": 300, "rules": []}) as server:
         env = openai_environment(
-            environment, source, server, QC_TEACHER_CONCURRENCY="4", QC_TEACHER_BATCH_SIZE="8",
-            QC_TEACHER_FLUSH_SECONDS="0.05", QC_TEACHER_TIMEOUT_S="10",
+            environment,
+            source,
+            server,
+            QC_TEACHER_CONCURRENCY="4",
+            QC_TEACHER_BATCH_SIZE="8",
+            QC_TEACHER_FLUSH_SECONDS="0.05",
+            QC_TEACHER_TIMEOUT_S="10",
         )
         with analyst_session(tmp_path, env) as analyst:
             writes = run_qc(["run", "--select", "key:corpus or key:teacher_labels", "--parallel", "2"], env)
@@ -90,7 +116,9 @@ def test_qc_sql_in_a_loop_reads_consistent_counts_while_runs_write(tmp_path, env
     assert analyst.failures == []
     assert len(analyst.answers) >= 5
 
-    assert len(final) == 2 and sum(row["labels"] for row in final.values()) == 7 * sum(row["documents"] for row in final.values())
+    assert len(final) == 2 and sum(row["labels"] for row in final.values()) == 7 * sum(
+        row["documents"] for row in final.values()
+    )
     assert inconsistencies(analyst.answers, final) == []
     assert any(0 < row["labels"] < final[row["shard"]]["labels"] for answer in analyst.answers for row in answer), (
         "no query caught a shard half-labelled: the test did not overlap the writes"
@@ -108,6 +136,7 @@ def _first_attach(catalog: str, data_path: str, start_at: float, results) -> Non
         time.sleep(0.001)
     try:
         with lake.get_connection() as connection:
+
             def work(connection):
                 connection.execute("CREATE OR REPLACE TEMP TABLE staged AS SELECT 1 AS x")
                 time.sleep(0.2)
@@ -132,7 +161,10 @@ def test_processes_that_open_a_new_lake_at_the_same_moment_all_succeed(tmp_path)
         results = context.Queue()
         start_at = time.time() + 4
         processes = [
-            context.Process(target=_first_attach, args=(f"sqlite:{root / 'catalog.sqlite'}", f"{root / 'files'}/", start_at, results))
+            context.Process(
+                target=_first_attach,
+                args=(f"sqlite:{root / 'catalog.sqlite'}", f"{root / 'files'}/", start_at, results),
+            )
             for _ in range(3)
         ]
         for process in processes:
@@ -164,13 +196,20 @@ def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(lock_path):
             runs = [
-                subprocess.Popen([str(BIN / "qc"), "run", "--select", "teacher_labels"], env={**clean, **env},
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                subprocess.Popen(
+                    [str(BIN / "qc"), "run", "--select", "teacher_labels"],
+                    env={**clean, **env},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
                 for _ in range(2)
             ]
             outputs = [[] for _ in runs]
-            readers = [threading.Thread(target=lambda run=run, lines=lines: lines.extend(run.stdout), daemon=True)
-                       for run, lines in zip(runs, outputs)]
+            readers = [
+                threading.Thread(target=lambda run=run, lines=lines: lines.extend(run.stdout), daemon=True)
+                for run, lines in zip(runs, outputs)
+            ]
             for reader in readers:
                 reader.start()
             deadline = time.monotonic() + 240

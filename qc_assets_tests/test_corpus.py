@@ -91,7 +91,9 @@ def test_fineweb_parquet_shard_and_hf_layout(settings_for, tmp_path):
             for shard in ("train-00000-of-00002", "train-00001-of-00002"):
                 result = materialize(settings, shard, instance)
                 assert result.success, shard
-        (count, distinct, shards), = lake_rows(settings, "SELECT count(*), count(DISTINCT doc_id), count(DISTINCT shard) FROM corpus")
+        ((count, distinct, shards),) = lake_rows(
+            settings, "SELECT count(*), count(DISTINCT doc_id), count(DISTINCT shard) FROM corpus"
+        )
         assert (count, distinct, shards) == (500, 500, 2)
         assert lake_rows(settings, "SELECT doc_id FROM corpus WHERE source_row = 0 AND shard LIKE '%00000%'") == [
             ("<urn:uuid:00000001-0000-4000-8000-000000000000>",)

@@ -3,12 +3,16 @@ client's own parsers validate them, and the references between files (names, por
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from dagster_webserver.cli import dagster_webserver as webserver_cli
 
 from qc_assets.definitions import build_definitions
-from qc_assets.settings import PROJECT_ROOT, SAMPLE_CORPUS, load_settings
+from qc_assets.settings import PROJECT_ROOT, SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS, load_settings
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -91,8 +95,7 @@ def deploy_environment(monkeypatch, environment) -> None:
     """The sample corpus and tiny models, as the only QC_* variables in os.environ (code locations read it)."""
     for key in [key for key in os.environ if key.startswith("QC_")]:
         monkeypatch.delenv(key)
-    sample = PROJECT_ROOT / "data" / "sample" / "corpus"
-    for key, value in environment(sample, QC_STUDENT_BASE_MODELS="tiny", QC_SCORER_MODEL="tiny").items():
+    for key, value in environment(SAMPLE_CORPUS, QC_STUDENT_BASE_MODELS="tiny", QC_SCORER_MODEL="tiny").items():
         monkeypatch.setenv(key, value)
 
 
@@ -155,7 +158,10 @@ def test_gpu_stages_and_only_they_request_a_gpu(deploy_repository):
         assert pools[asset] is None, f"{asset} is CPU work but waits for the gpu pool"
 
 
-@pytest.mark.parametrize(("backend", "kind", "gpu"), [("vllm", "vllm", "1"), ("transformers", "huggingface", "1"), ("openai", "openai", None)])
+@pytest.mark.parametrize(
+    ("backend", "kind", "gpu"),
+    [("vllm", "vllm", "1"), ("transformers", "huggingface", "1"), ("openai", "openai", None)],
+)
 def test_generation_shows_its_engine_and_asks_for_a_gpu_unless_a_served_model_does_the_work(
     settings_for, backend, kind, gpu
 ):
@@ -292,3 +298,94 @@ def test_webserver_and_daemon_commands_parse_and_find_the_mounted_instance_and_w
 def volume_of(volume: dict) -> str:
     """The ConfigMap or claim behind a pod volume."""
     return volume["configMap"]["name"] if "configMap" in volume else volume["persistentVolumeClaim"]["claimName"]
+
+
+def test_asset_modules_import_no_code_location():
+    """Imports flow one way: the code locations import the assets, the assets import qc_assets.execution for their
+    tags, and no module under qc_assets/defs imports a code location, even inside a function."""
+    code_locations = {"qc_assets.definitions", "qc_assets.deploy"}
+    for path in (PROJECT_ROOT / "qc_assets" / "defs").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            assert not code_locations & set(names), f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} imports {names}"
+    source = (PROJECT_ROOT / "qc_assets" / "execution.py").read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(from|import) qc_assets", source, re.MULTILINE), "qc_assets.execution must stay a leaf"
+
+
+@pytest.mark.long(40)
+def test_a_non_editable_install_runs_the_embedded_sample_from_any_directory(tmp_path):
+    """`pip install .` (not editable) carries the sample corpus and labels and dagster.yaml: `qc run` finds them in
+    the installed package, from a directory outside the checkout, with the checkout not on the path."""
+    source = tmp_path / "source"  # a copy, so that the build's own files (build/, egg-info) stay out of the checkout
+    shutil.copytree(
+        PROJECT_ROOT / "qc_assets", source / "qc_assets", symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md", "dagster.yaml", "workspace.yaml"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    target = tmp_path / "installed"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("QC_") and key != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(target)  # ahead of the venv's editable finder, which only answers what the path cannot
+
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import qc_assets.settings as s; print(s.__file__, s.PROJECT_ROOT, s.SAMPLE_CORPUS, "
+            "s.SAMPLE_TEACHER_LABELS, s.load_settings().data_root, sep='\\n')",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0, probe.stderr
+    package = target / "qc_assets"
+    assert probe.stdout.split() == [
+        str(package / "settings.py"),
+        str(package / "project"),
+        str(package / "sample" / "corpus"),
+        str(package / "sample" / "teacher" / SAMPLE_TEACHER_LABELS.name),
+        str(elsewhere / "data"),
+    ]
+
+    # The corpus and teacher stage of the default run, on every sample shard: the rest of the graph reads only the lake.
+    result = subprocess.run(
+        [sys.executable, str(target / "bin" / "qc"), "run", "--select", "key:corpus or key:teacher_labels"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "4 runs in" in result.stdout and "4 succeeded, 0 failed" in result.stdout, result.stdout
+    assert f"from {package / 'sample' / 'corpus'}" in output, "the corpus was not read from the installed package"
+    labels = len(SAMPLE_TEACHER_LABELS.read_text(encoding="utf-8").splitlines())
+    assert re.search(rf"handwritten-sample\s*│\s*{labels}\s*│\s*64\s*│", result.stdout), result.stdout
+    assert str(PROJECT_ROOT / "qc_assets") not in output, "something ran from the checkout"
+    instance_config = elsewhere / "data" / "dagster" / "dagster.yaml"
+    assert instance_config.read_bytes() == (PROJECT_ROOT / "dagster.yaml").read_bytes()

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import dagster as dg
+import pytest
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.definitions import build_definitions
@@ -16,6 +17,7 @@ from qc_assets_tests.conftest import lake_rows, materialization_metadata, materi
 SHARDS = ("sample-00000", "sample-00001")
 
 
+@pytest.mark.long(110)
 def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replace(settings_for, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     source = tmp_path / "corpus"
@@ -23,7 +25,10 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
     for shard in SHARDS:
         shutil.copy(SAMPLE_CORPUS / f"{shard}.jsonl", source)
     settings = settings_for(
-        source, QC_STUDENT_BASE_MODELS="tiny", QC_SCORER_MODEL="tiny", QC_SFT_TEST_FRACTION="0.3",
+        source,
+        QC_STUDENT_BASE_MODELS="tiny",
+        QC_SCORER_MODEL="tiny",
+        QC_SFT_TEST_FRACTION="0.3",
         QC_GENERATION_MAX_NEW_TOKENS="12",
     )
     with dg.instance_for_test() as instance:
@@ -65,7 +70,10 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         (recomputed,) = lake_rows(
             settings, "SELECT avg(score), stddev_pop(score) FROM reranker_scores WHERE source = ?", [checkpoint]
         )
-        assert abs(recomputed[0] - by_source[checkpoint][1]) < 1e-9 and abs(recomputed[1] - by_source[checkpoint][2]) < 1e-9
+        assert (
+            abs(recomputed[0] - by_source[checkpoint][1]) < 1e-9
+            and abs(recomputed[1] - by_source[checkpoint][2]) < 1e-9
+        )
         pairs = lake_rows(
             settings,
             "SELECT s.doc_id, s.category FROM reranker_scores s WHERE source = ? EXCEPT "
@@ -76,10 +84,17 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         per_category = lake_rows(settings, "SELECT count(DISTINCT category) FROM eval_summary WHERE category <> 'all'")
         assert per_category == [(len(CATEGORIES),)]
 
-        counts = lake_rows(settings, "SELECT (SELECT count(*) FROM generated_queries), (SELECT count(*) FROM reranker_scores)")
+        counts = lake_rows(
+            settings, "SELECT (SELECT count(*) FROM generated_queries), (SELECT count(*) FROM reranker_scores)"
+        )
         assert materialize_asset(settings, "generated_queries", instance, partition=partition).success
         assert materialize_asset(settings, "reranker_scores", instance, partition=partition).success
-        assert lake_rows(settings, "SELECT (SELECT count(*) FROM generated_queries), (SELECT count(*) FROM reranker_scores)") == counts
+        assert (
+            lake_rows(
+                settings, "SELECT (SELECT count(*) FROM generated_queries), (SELECT count(*) FROM reranker_scores)"
+            )
+            == counts
+        )
     assert (settings.data_root / "reports" / "eval_percentiles.png").stat().st_size > 1000
 
 
@@ -89,18 +104,27 @@ def fake_checkpoint(root, slug: str, version: str, minute: int, complete: bool =
     (staging / "config.json").write_text("{}")
     if not complete:
         return checkpoint, staging
-    manifest = {"checkpoint": checkpoint, "base_model": slug, "dataset_version": version, "hyperparameters": {},
-                "metrics": {}, "created_at": f"2026-01-01T00:{minute:02d}:00+00:00"}
+    manifest = {
+        "checkpoint": checkpoint,
+        "base_model": slug,
+        "dataset_version": version,
+        "hyperparameters": {},
+        "metrics": {},
+        "created_at": f"2026-01-01T00:{minute:02d}:00+00:00",
+    }
     return checkpoint, publish(staging, manifest)
 
 
-def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run_over_every_shard(settings_for, tmp_path):
+def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run_over_every_shard(
+    settings_for, tmp_path
+):
     settings = settings_for(SAMPLE_CORPUS)
     repository = build_definitions(settings).get_repository_def()
     sensor = repository.get_sensor_def("new_checkpoints")
     root = settings.data_root / "checkpoints"
     shards = sorted(path.stem for path in SAMPLE_CORPUS.glob("*.jsonl"))
     with dg.instance_for_test() as instance:
+
         def tick(cursor):
             # The sensor's own function: evaluate_tick would validate run requests against partitions that
             # build_sensor_context never adds to the instance.
@@ -110,13 +134,24 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run
         def requested(run: dg.RunRequest) -> list[str]:
             """The partitions of the run's range: one checkpoint, every shard."""
             partitions = repository.assets_defs_by_key[dg.AssetKey("generated_queries")].partitions_def
-            return sorted(partitions.get_partition_keys_in_range(run.partition_key_range, dynamic_partitions_store=instance))
+            return sorted(
+                partitions.get_partition_keys_in_range(run.partition_key_range, dynamic_partitions_store=instance)
+            )
 
         assert isinstance(tick(None), dg.SkipReason)
         first, staging = fake_checkpoint(root, "tiny", "aaaaaaaa", 1, complete=False)
         assert isinstance(tick(None), dg.SkipReason)  # half-written: invisible until its manifest lands
-        publish(staging, {"checkpoint": first, "base_model": "tiny", "dataset_version": "aaaaaaaa",
-                          "hyperparameters": {}, "metrics": {}, "created_at": "2026-01-01T00:01:00+00:00"})
+        publish(
+            staging,
+            {
+                "checkpoint": first,
+                "base_model": "tiny",
+                "dataset_version": "aaaaaaaa",
+                "hyperparameters": {},
+                "metrics": {},
+                "created_at": "2026-01-01T00:01:00+00:00",
+            },
+        )
         result = tick(None)
         (request,) = result.dynamic_partitions_requests
         assert list(request.partition_keys) == [first]
@@ -140,11 +175,15 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run
         third, _ = fake_checkpoint(root, "tiny", "cccccccc", 3)
         instance.add_dynamic_partitions("checkpoint", [third])
         for shard in shards[: len(shards) // 2]:
-            instance.report_runless_asset_event(dg.AssetMaterialization("generated_queries", partition=f"{third}|{shard}"))
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("generated_queries", partition=f"{third}|{shard}")
+            )
         (run,) = tick(cursor).run_requests
         assert requested(run) == [f"{third}|{shard}" for shard in shards]
-        for shard in shards[len(shards) // 2:]:
-            instance.report_runless_asset_event(dg.AssetMaterialization("generated_queries", partition=f"{third}|{shard}"))
+        for shard in shards[len(shards) // 2 :]:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("generated_queries", partition=f"{third}|{shard}")
+            )
         result = tick(cursor)
         assert result.run_requests == [] and set(json.loads(result.cursor)) == {first, second, third}
         cursor = result.cursor

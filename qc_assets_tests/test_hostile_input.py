@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qc_assets.categories import CATEGORIES, LabelError
+from qc_assets.definitions import build_definitions
 from qc_assets.defs.corpus.cleaning import STAGED, LengthWindow, stage_shard
 from qc_assets.defs.corpus.sources import read_jsonl
-from qc_assets.definitions import build_definitions
 from qc_assets_tests.conftest import document, lake_rows, materialization_metadata, materialize, write_jsonl
 
 WINDOW = LengthWindow(min_chars=4, max_chars=60)
@@ -49,7 +49,7 @@ line = st.one_of(
     good_object.map(lambda value: ("object", json.dumps(value, ensure_ascii=False).encode())),
     bad_object.map(lambda value: ("bad", json.dumps(value).encode())),
     st.binary(max_size=30).filter(lambda raw: b"\n" not in raw).map(lambda raw: ("raw", raw)),
-    st.sampled_from([b"[1, 2]", b'"text"', b"{\"text\": ", b"", b"\xff\xfe{}"]).map(lambda raw: ("raw", raw)),
+    st.sampled_from([b"[1, 2]", b'"text"', b'{"text": ', b"", b"\xff\xfe{}"]).map(lambda raw: ("raw", raw)),
 )
 
 
@@ -139,8 +139,12 @@ label_text = st.text(st.characters(codec="utf-8", exclude_characters="\n\r"), mi
 
 
 @settings(max_examples=200, deadline=None)
-@given(label_text, st.sampled_from(sorted(CATEGORIES)), st.sampled_from(["{}", "<think>{{\"query\": \"x\"}}</think>{}",
-       "```json\n{}\n```", "Here it is: {} Done."]), st.booleans())
+@given(
+    label_text,
+    st.sampled_from(sorted(CATEGORIES)),
+    st.sampled_from(["{}", '<think>{{"query": "x"}}</think>{}', "```json\n{}\n```", "Here it is: {} Done."]),
+    st.booleans(),
+)
 def test_a_valid_query_in_any_wrapping_parses_to_the_validators_label(query, name, wrapping, ascii_only):
     category = CATEGORIES[name]
     try:
@@ -159,7 +163,7 @@ def test_a_document_cannot_close_the_prompts_frame_or_add_an_instruction_block(t
     template = category.prompt_template
     before, after = template.split("{text}")
     assert prompt.startswith(before) and prompt.endswith(after)
-    inserted = prompt[len(before): len(prompt) - len(after)]
+    inserted = prompt[len(before) : len(prompt) - len(after)]
     # Every tag the template uses to frame the document is gone from what the document put in.
     for tag in re.findall(r"</?[^<>\s]+>", template):
         assert tag not in inserted
@@ -167,11 +171,15 @@ def test_a_document_cannot_close_the_prompts_frame_or_add_an_instruction_block(t
 
 def test_shard_files_named_with_quotes_sql_and_spaces_empty_shards_and_a_huge_document(settings_for, tmp_path):
     source = tmp_path / "corpus"
-    hostile = "it's \"odd\"; DROP TABLE corpus; --"
+    hostile = 'it\'s "odd"; DROP TABLE corpus; --'
     write_jsonl(source / f"{hostile}.jsonl", [{"id": f"q{i}'--", "text": document(i)} for i in range(3)])
-    write_jsonl(source / "with spaces.jsonl", [{"id": "s1", "text": document(10)}, {"id": "huge", "text": "長" * 2_000_000}])
+    write_jsonl(
+        source / "with spaces.jsonl", [{"id": "s1", "text": document(10)}, {"id": "huge", "text": "長" * 2_000_000}]
+    )
     (source / "empty.jsonl").write_bytes(b"")
-    pq.write_table(pa.table({"text": pa.array([], pa.string()), "id": pa.array([], pa.string())}), source / "no_rows.parquet")
+    pq.write_table(
+        pa.table({"text": pa.array([], pa.string()), "id": pa.array([], pa.string())}), source / "no_rows.parquet"
+    )
     corpus_settings = settings_for(source)
     keys = build_partition_keys(corpus_settings)
     assert all(key.replace("_", "").isalnum() or "-" in key for key in keys), keys
@@ -182,7 +190,9 @@ def test_shard_files_named_with_quotes_sql_and_spaces_empty_shards_and_a_huge_do
     odd_key = next(key for key in keys if key.startswith("it"))
     assert counts == {odd_key: 3, "with_spaces": 1}
     assert lake_rows(corpus_settings, "SELECT doc_id FROM corpus WHERE shard = $1 ORDER BY doc_id", [odd_key]) == [
-        ("q0'--",), ("q1'--",), ("q2'--",)
+        ("q0'--",),
+        ("q1'--",),
+        ("q2'--",),
     ]
     spaces = materialization_metadata(results["with_spaces"])
     assert spaces["dropped_too_long"] == 1

@@ -24,8 +24,9 @@ LATENCY_MS = 150
 def _label_in_a_process(base_url: str, keys_dir: str | None, start_at: float, prefix: str, results) -> None:
     """A run's labelling: 24 requests at concurrency SLOTS, sharing the key's budget when `keys_dir` is given."""
     budget = KeyBudget(Path(keys_dir), budget_name(base_url, "k"), SLOTS) if keys_dir else None
-    teacher = OpenAITeacher(base_url, "budget-teacher", "k", PRICES["free"], concurrency=SLOTS, key_budget=budget,
-                            backoff_s=0.05)
+    teacher = OpenAITeacher(
+        base_url, "budget-teacher", "k", PRICES["free"], concurrency=SLOTS, key_budget=budget, backoff_s=0.05
+    )
     requests = [
         LabelRequest(f"{prefix}-{index}", "s", CATEGORIES["title"], f"{prefix} 文書 {index} の本文です。" * 3)
         for index in range(24)
@@ -56,8 +57,10 @@ def _two_runs_at_once(server, keys_dir: Path | None) -> int:
     results = context.Queue()
     start_at = time.time() + 3
     processes = [
-        context.Process(target=_label_in_a_process,
-                        args=(server.base_url, str(keys_dir) if keys_dir else None, start_at, prefix, results))
+        context.Process(
+            target=_label_in_a_process,
+            args=(server.base_url, str(keys_dir) if keys_dir else None, start_at, prefix, results),
+        )
         for prefix in ("a", "b")
     ]
     for process in processes:

@@ -25,7 +25,9 @@ from qc_assets_tests.test_concurrency import _first_attach
 
 SAMPLE_DOCUMENTS = 64
 # Read from the files themselves: DuckLake answers count(*) from its catalog, even when the files are unreachable.
-CORPUS_CHECK = "SELECT count(*) AS n, count(DISTINCT doc_id) AS ids, coalesce(sum(length(text)), 0) AS chars FROM corpus"
+CORPUS_CHECK = (
+    "SELECT count(*) AS n, count(DISTINCT doc_id) AS ids, coalesce(sum(length(text)), 0) AS chars FROM corpus"
+)
 
 
 def clean_env(env: dict[str, str]) -> dict[str, str]:
@@ -45,7 +47,9 @@ def two_machines_ingest(tmp_path: Path, lake: dict[str, str], round_: int) -> li
         subprocess.Popen(
             [str(BIN / "qc"), "run", "--select", "corpus"],
             env=clean_env({**lake, "QC_DATA_DIR": str(tmp_path / f"round-{round_}-{machine}")}),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for machine in ("a", "b")
     ]
@@ -60,16 +64,19 @@ def sqlite_lake(tmp_path) -> dict[str, str]:
 
 @pytest.mark.long(80)
 @pytest.mark.parametrize("catalog", ["postgres", "sqlite"])
-def test_two_machines_replacing_the_same_new_partitions_leave_exactly_one_copy(
-    catalog, tmp_path, request
-):
+def test_two_machines_replacing_the_same_new_partitions_leave_exactly_one_copy(catalog, tmp_path, request):
     # Before writers took turns on PostgreSQL, two runs replacing a partition that had no rows yet both committed:
     # 80, 96 or 128 rows for 64 documents in most rounds. A reader runs `qc sql` throughout.
     expected_chars = None
     for round_ in range(3 if catalog == "postgres" else 2):
-        lake = request.getfixturevalue("lake_on_postgres_and_s3") if catalog == "postgres" else {
-            key: value.replace("shared-lake", f"shared-lake-{round_}") for key, value in request.getfixturevalue("sqlite_lake").items()
-        }
+        lake = (
+            request.getfixturevalue("lake_on_postgres_and_s3")
+            if catalog == "postgres"
+            else {
+                key: value.replace("shared-lake", f"shared-lake-{round_}")
+                for key, value in request.getfixturevalue("sqlite_lake").items()
+            }
+        )
         reader_env = {**lake, "QC_DATA_DIR": str(tmp_path / f"reader-{round_}")}
         (tmp_path / f"reader-{round_}").mkdir()
         with analyst_session(tmp_path / f"reader-{round_}", reader_env, pause_s=0.5) as analyst:
@@ -128,8 +135,13 @@ def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_dou
     with LakeResource(catalog=env["QC_LAKE_CATALOG"], data_path=env["QC_LAKE_DATA_PATH"]).get_connection():
         pass  # the empty lake, so that its commits can be counted from the start
     before = snapshots(env["QC_LAKE_CATALOG"])
-    writer = subprocess.Popen([str(BIN / "qc"), "run", "--select", "corpus", "--parallel", "1"], env=clean_env(env),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    writer = subprocess.Popen(
+        [str(BIN / "qc"), "run", "--select", "corpus", "--parallel", "1"],
+        env=clean_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while snapshots(env["QC_LAKE_CATALOG"]) == before:
@@ -149,12 +161,20 @@ def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_dou
 
 def test_a_custom_s3_endpoint_becomes_a_temporary_path_style_secret_with_tls_from_its_scheme():
     assert s3_secret_sql({"AWS_ACCESS_KEY_ID": "k"}) is None
-    plain = s3_secret_sql({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    plain = s3_secret_sql(
+        {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    )
     assert plain.startswith("CREATE OR REPLACE TEMPORARY SECRET")
     assert "ENDPOINT '127.0.0.1:9000'" in plain and "URL_STYLE 'path'" in plain and "USE_SSL false" in plain
     assert "REGION 'us-east-1'" in plain and "KEY_ID 'k'" in plain and "SECRET 's'" in plain
-    tls = s3_secret_sql({"AWS_ENDPOINT_URL": "http://ignored:1", "AWS_ENDPOINT_URL_S3": "https://r2.example.com",
-                         "AWS_REGION": "auto", "AWS_SESSION_TOKEN": "t"})
+    tls = s3_secret_sql(
+        {
+            "AWS_ENDPOINT_URL": "http://ignored:1",
+            "AWS_ENDPOINT_URL_S3": "https://r2.example.com",
+            "AWS_REGION": "auto",
+            "AWS_SESSION_TOKEN": "t",
+        }
+    )
     assert "ENDPOINT 'r2.example.com'" in tls and "USE_SSL true" in tls and "REGION 'auto'" in tls
     assert "SESSION_TOKEN 't'" in tls
     with pytest.raises(ValueError, match="AWS_ENDPOINT_URL"):
@@ -186,14 +206,20 @@ with LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_o
 
 @pytest.mark.long(120)
 def test_the_whole_graph_runs_on_a_postgres_catalog_with_its_files_on_s3(lake_on_postgres_and_s3, s3_server, tmp_path):
-    env = clean_env({
-        **lake_on_postgres_and_s3, "QC_DATA_DIR": str(tmp_path / "data"),
-        "QC_STUDENT_BASE_MODELS": "tiny", "QC_SCORER_MODEL": "tiny",
-    })
+    env = clean_env(
+        {
+            **lake_on_postgres_and_s3,
+            "QC_DATA_DIR": str(tmp_path / "data"),
+            "QC_STUDENT_BASE_MODELS": "tiny",
+            "QC_SCORER_MODEL": "tiny",
+        }
+    )
     done = run_qc(["run"], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     prefix = env["QC_LAKE_DATA_PATH"].removeprefix("s3://").rstrip("/")
-    on_s3 = {path.relative_to(s3_server.root / prefix).parts[1] for path in (s3_server.root / prefix).rglob("*.parquet")}
+    on_s3 = {
+        path.relative_to(s3_server.root / prefix).parts[1] for path in (s3_server.root / prefix).rglob("*.parquet")
+    }
     assert {"corpus", "generated_queries", "reranker_scores"} <= on_s3, on_s3
     assert not list((tmp_path / "data").rglob("ducklake-*.parquet")), "the lake wrote files outside S3"
     rows, ids, _ = corpus_check(env)
@@ -205,8 +231,9 @@ def test_the_whole_graph_runs_on_a_postgres_catalog_with_its_files_on_s3(lake_on
     assert found["generated"] == found["generated_read"] > 0
     assert found["scored"] == 2 * found["generated"] and found["sources"] == 2
     assert found["summarised"] == found["scored"] and found["compared"] == found["generated"]
-    snippet = subprocess.run([str(BIN / "python"), "-c", README_PYTHON_SNIPPET], env=env, capture_output=True,
-                             text=True, timeout=120)
+    snippet = subprocess.run(
+        [str(BIN / "python"), "-c", README_PYTHON_SNIPPET], env=env, capture_output=True, text=True, timeout=120
+    )
     assert snippet.returncode == 0, snippet.stderr[-2000:]
     assert snippet.stdout.startswith(f"({found['scored']}, "), snippet.stdout
 
@@ -214,8 +241,8 @@ def test_the_whole_graph_runs_on_a_postgres_catalog_with_its_files_on_s3(lake_on
 def readme_scale_out_sql() -> str:
     """The README's DuckDB snippet for the PostgreSQL + S3 lake, as printed there."""
     text = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("**The lake on PostgreSQL and S3.**"):]
-    return section[section.index("```sql\n") + len("```sql\n"):section.index("```", section.index("```sql\n") + 6)]
+    section = text[text.index("**The lake on PostgreSQL and S3.**") :]
+    return section[section.index("```sql\n") + len("```sql\n") : section.index("```", section.index("```sql\n") + 6)]
 
 
 def test_the_readmes_duckdb_snippet_reads_a_postgres_and_s3_lake(lake_on_postgres_and_s3, s3_server):
@@ -225,8 +252,10 @@ def test_the_readmes_duckdb_snippet_reads_a_postgres_and_s3_lake(lake_on_postgre
             patch.setenv(key, value)
         LakeResource(catalog=lake["QC_LAKE_CATALOG"], data_path=lake["QC_LAKE_DATA_PATH"]).transaction(
             # Enough rows for a parquet file on S3: DuckLake keeps a handful inline in its catalog.
-            lambda c: c.execute("INSERT INTO teacher_labels (doc_id, category, teacher, query) "
-                                "SELECT 'd' || i, 'keywords', 't', 'q' FROM range(2000) AS r(i)"),
+            lambda c: c.execute(
+                "INSERT INTO teacher_labels (doc_id, category, teacher, query) "
+                "SELECT 'd' || i, 'keywords', 't', 'q' FROM range(2000) AS r(i)"
+            ),
             "labels",
         )
     prefix = s3_server.root / lake["QC_LAKE_DATA_PATH"].removeprefix("s3://")
@@ -234,8 +263,10 @@ def test_the_readmes_duckdb_snippet_reads_a_postgres_and_s3_lake(lake_on_postgre
     snippet = readme_scale_out_sql()
     endpoint = s3_server.endpoint.removeprefix("http://")
     for placeholder, value in {
-        "KEY_ID '...'": f"KEY_ID '{s3_server.key_id}'", "SECRET '...'": f"SECRET '{s3_server.secret}'",
-        "minio.example.com:9000": endpoint, "USE_SSL true": "USE_SSL false",
+        "KEY_ID '...'": f"KEY_ID '{s3_server.key_id}'",
+        "SECRET '...'": f"SECRET '{s3_server.secret}'",
+        "minio.example.com:9000": endpoint,
+        "USE_SSL true": "USE_SSL false",
         "host=postgresql port=5432 dbname=qc_lake user=qc": lake["QC_LAKE_CATALOG"].removeprefix("postgres:"),
         "s3://qc-lake/lake/": lake["QC_LAKE_DATA_PATH"],
     }.items():
@@ -245,7 +276,9 @@ def test_the_readmes_duckdb_snippet_reads_a_postgres_and_s3_lake(lake_on_postgre
     # The DuckDB CLI installs these from the network; offline, the wheels the project installs carry them.
     for extension in ("ducklake", "postgres_scanner", "httpfs"):
         connection.execute(f"LOAD '{extension_file(extension)}'")
-    statements = [statement for statement in snippet.split(";") if statement.strip() and not statement.strip().startswith("LOAD")]
+    statements = [
+        statement for statement in snippet.split(";") if statement.strip() and not statement.strip().startswith("LOAD")
+    ]
     for statement in statements[:-1]:
         connection.execute(statement)
     assert connection.execute(statements[-1]).fetchall() == [("keywords", 2000)]

@@ -55,7 +55,9 @@ def test_s3_server_keeps_what_is_written(s3_server: S3Server) -> None:
     assert (s3_server.root / bucket / "prefix" / "x.parquet").stat().st_size > 0
 
 
-def test_each_lake_gets_its_own_database_and_prefix(lake_on_postgres_and_s3: dict[str, str], s3_server: S3Server) -> None:
+def test_each_lake_gets_its_own_database_and_prefix(
+    lake_on_postgres_and_s3: dict[str, str], s3_server: S3Server
+) -> None:
     environment = lake_on_postgres_and_s3
     kind, _, dsn = environment["QC_LAKE_CATALOG"].partition(":")
     assert kind == "postgres"
@@ -89,5 +91,6 @@ def test_the_lake_writes_its_files_to_a_custom_endpoint_named_only_by_aws_endpoi
     with reader.get_connection() as connection:
         # A column, not count(*): DuckLake answers count(*) from its catalog without reading the files.
         assert connection.execute("SELECT sum(length(checkpoint)), min(base_model) FROM checkpoints").fetchone() == (
-            sum(len(f"c{i}") for i in range(2000)), "tiny",
+            sum(len(f"c{i}") for i in range(2000)),
+            "tiny",
         )

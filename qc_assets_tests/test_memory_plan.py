@@ -53,10 +53,14 @@ def test_every_student_fits_one_80_gib_gpu_with_the_defaults_and_the_same_effect
     for model, shape in shapes.items():
         plan = plan_memory(shape, setup, GPU_80, model)
         assert plan.total <= USABLE_FRACTION * GPU_80, (model, plan.summary())
-        assert plan.setup.batch_size * plan.setup.gradient_accumulation == setup.batch_size * setup.gradient_accumulation
+        assert (
+            plan.setup.batch_size * plan.setup.gradient_accumulation == setup.batch_size * setup.gradient_accumulation
+        )
         assert plan.setup.gradient_checkpointing and plan.setup.precision == "bf16"
         # The largest batch that fits: the next larger divisor of the configured batch would not.
-        larger = [size for size in range(plan.setup.batch_size + 1, setup.batch_size + 1) if setup.batch_size % size == 0]
+        larger = [
+            size for size in range(plan.setup.batch_size + 1, setup.batch_size + 1) if setup.batch_size % size == 0
+        ]
         if larger:
             bigger = dataclasses.replace(plan.setup, batch_size=larger[0])
             assert estimate(shape, bigger).total > USABLE_FRACTION * GPU_80, model
@@ -73,12 +77,16 @@ def test_qwen3_4b_full_fine_tuning_at_batch_8_without_checkpointing_fails_naming
     assert "even per-device batch 1 x 32 needs" in message  # the smaller batch was tried
     remedies = message.split("What would fit:\n")[1].splitlines()
     assert [line.split(" (")[0].strip() for line in remedies] == [
-        "- LoRA", "- gradient checkpointing", "- an 8-bit optimizer"
+        "- LoRA",
+        "- gradient checkpointing",
+        "- an 8-bit optimizer",
     ]
     assert all(" GiB" in line for line in remedies)  # each with its estimated size
     # Gradient checkpointing alone fits, at a smaller per-device batch with more accumulation.
     checkpointed = plan_memory(shape, dataclasses.replace(setup, gradient_checkpointing=True), GPU_80, "Qwen/Qwen3-4B")
-    assert f"per-device batch {checkpointed.setup.batch_size} x {checkpointed.setup.gradient_accumulation}" in remedies[1]
+    assert (
+        f"per-device batch {checkpointed.setup.batch_size} x {checkpointed.setup.gradient_accumulation}" in remedies[1]
+    )
 
 
 def test_the_components_follow_the_method_and_precision(shapes):
@@ -88,7 +96,10 @@ def test_the_components_follow_the_method_and_precision(shapes):
     parameters = shape.parameters
     # Full fine-tuning in bf16: fp32 master weights, their bf16 autocast copies, fp32 gradients, AdamW's two moments.
     assert (full["weights"], full["autocast"], full["gradients"], full["optimizer"]) == (
-        4 * parameters, 2 * parameters, 4 * parameters, 8 * parameters
+        4 * parameters,
+        2 * parameters,
+        4 * parameters,
+        8 * parameters,
     )
     # LoRA: the frozen base in bf16; gradients and optimizer state for the adapters only.
     adapters = 16 * shape.lora_features
@@ -111,7 +122,11 @@ def test_a_cpu_run_without_a_limit_is_not_checked(shapes):
 def test_the_readme_table_is_what_the_command_prints():
     printed = subprocess.run(
         [sys.executable, "-m", "qc_assets.defs.student.memory"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert printed.returncode == 0, printed.stderr
     assert table(80.0) in printed.stdout

@@ -13,7 +13,7 @@ import uuid
 
 import dagster as dg
 
-from qc_assets.deploy import GPU_POOL
+from qc_assets.execution import GPU_POOL
 from qc_assets.recovery import abandoned_runs_sensor, recover_abandoned_runs
 from qc_assets.runner import prepare_dagster_home
 from qc_assets.settings import load_settings
@@ -25,7 +25,8 @@ def _started_run(instance: dg.DagsterInstance, pid: int, started_at: float | Non
     instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id=run_id, status=dg.DagsterRunStatus.STARTED))
     instance.report_dagster_event(
         dg.DagsterEvent(event_type_value=dg.DagsterEventType.RUN_START.value, job_name="__ASSET_JOB", pid=pid),
-        run_id=run_id, timestamp=started_at,
+        run_id=run_id,
+        timestamp=started_at,
     )
     assert instance.event_log_storage.claim_concurrency_slot(GPU_POOL, run_id, "generated_queries").is_claimed
     return run_id

@@ -44,8 +44,12 @@ def test_the_secret_search_finds_a_key_in_output_in_a_file_and_inside_a_compress
     # Inside a long varied value, zstd entropy-codes the key's bytes: only decoded values show it.
     rng = random.Random(0)
     filler = "".join(rng.choice(string.ascii_letters + "-_") for _ in range(20_000))
-    pq.write_table(pa.table({"raw_output": [filler[:10_000] + PLANTED_KEY + filler[10_000:]]}), leaky / "part.parquet",
-                   compression="zstd", write_statistics=False)
+    pq.write_table(
+        pa.table({"raw_output": [filler[:10_000] + PLANTED_KEY + filler[10_000:]]}),
+        leaky / "part.parquet",
+        compression="zstd",
+        write_statistics=False,
+    )
     assert PLANTED_KEY.encode() not in (leaky / "part.parquet").read_bytes()
     with sqlite3.connect(leaky / "runs.db") as connection:
         connection.execute("CREATE TABLE runs (config TEXT)")

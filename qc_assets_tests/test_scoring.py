@@ -16,7 +16,6 @@ from qc_assets.defs.scoring.lexical import ShardIndex, char_bigrams, lexical_che
 from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer, scorer_name
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, build_tiny_cross_encoder, sample_texts
 
-
 # --- the cross-encoder scorer -------------------------------------------------------------------------------
 
 
@@ -125,10 +124,15 @@ def _reference_bm25(texts: list[str], query: str, k1: float = 1.2, b: float = 0.
     scores = []
     for terms in tokens:
         tf = Counter(terms)
-        scores.append(sum(
-            math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) * tf[t] / (tf[t] + k1 * (1 - b + b * len(terms) / avgdl))
-            for t in set(char_bigrams(query)) if tf[t]
-        ))
+        scores.append(
+            sum(
+                math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
+                * tf[t]
+                / (tf[t] + k1 * (1 - b + b * len(terms) / avgdl))
+                for t in set(char_bigrams(query))
+                if tf[t]
+            )
+        )
     return np.array(scores)
 
 
@@ -173,8 +177,13 @@ def test_bm25_scores_match_a_direct_computation_and_ranks_follow_them(index):
 
 def test_lexical_checks_equal_the_single_checks_in_the_given_order(index):
     items = [
-        ("静岡県のお茶", "tea"), ("静岡県のお茶", "fuji"), ("新幹線の開業", "rail"), ("", "sushi"),
-        ("静岡県のお茶", "tea"), ("回転寿司", "filler-3"), ("ふじさん", "fuji"),
+        ("静岡県のお茶", "tea"),
+        ("静岡県のお茶", "fuji"),
+        ("新幹線の開業", "rail"),
+        ("", "sushi"),
+        ("静岡県のお茶", "tea"),
+        ("回転寿司", "filler-3"),
+        ("ふじさん", "fuji"),
     ]
     checks = lexical_checks(index, items)
     assert checks == [(index.overlap(q, d), index.rank_of(q, d)) for q, d in items]

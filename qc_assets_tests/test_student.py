@@ -54,7 +54,9 @@ def test_the_tiny_student_trains_through_pipes_registers_once_and_sees_checkpoin
         assert 0 < metadata["memory_plan_gib"]["total"] <= limit / GIB
         logs = [event.message for event in instance.all_logs(result.run_id) if event.message]
         assert any(message.startswith("step 4/4 loss") for message in logs)
-        (row,) = lake_rows(settings, "SELECT checkpoint, base_model, steps, tiny_model, dataset_version FROM checkpoints")
+        (row,) = lake_rows(
+            settings, "SELECT checkpoint, base_model, steps, tiny_model, dataset_version FROM checkpoints"
+        )
         assert row[1:4] == ("tiny", 4, True) and row[0] == metadata["checkpoint"]
 
         again = materialize_asset(settings, "student_checkpoints", instance, partition="tiny", run_config=FEW_STEPS)
@@ -74,7 +76,9 @@ def test_the_tiny_student_trains_through_pipes_registers_once_and_sees_checkpoin
         (corrupt / MANIFEST).write_text("{not json")
         third = materialize_asset(settings, "student_checkpoints", instance, partition="tiny", run_config=FEW_STEPS)
         assert third.success
-        warnings = [event.message for event in instance.all_logs(third.run_id) if event.message and "ignoring" in event.message]
+        warnings = [
+            event.message for event in instance.all_logs(third.run_id) if event.message and "ignoring" in event.message
+        ]
         assert any("no-manifest" in message for message in warnings)
         assert any("corrupt-manifest" in message and "unreadable" in message for message in warnings)
     checkpoints = [row[0] for row in lake_rows(settings, "SELECT checkpoint FROM checkpoints ORDER BY created_at")]

@@ -8,14 +8,16 @@ import re
 import time
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from qc_assets.categories import CATEGORIES, LabelError
 from qc_assets.definitions import build_definitions
@@ -66,8 +68,14 @@ def test_each_category_has_a_prompt_version_and_a_validator_that_enforces_its_ca
     assert "30文字以内" in title.prompt("本文") and '{"query": "タイトル"}' in title.prompt("本文")
     assert title.parse('```json\n{"query": "短いタイトル"}\n```') == "短いタイトル"
     assert title.parse('<think>考える</think>\nはい。{"query": " 短い  タイトル "}以上') == "短い タイトル"
-    for bad in ("", "了解しました", '{"query": "' + "長" * 31 + '"}', '{"query": "a", "extra": 1}', '{"query": 3}',
-                '{"query": "一行目\\n二行目"}'):
+    for bad in (
+        "",
+        "了解しました",
+        '{"query": "' + "長" * 31 + '"}',
+        '{"query": "a", "extra": 1}',
+        '{"query": 3}',
+        '{"query": "一行目\\n二行目"}',
+    ):
         with pytest.raises(LabelError):
             title.parse(bad)
     for category in CATEGORIES.values():
@@ -101,21 +109,23 @@ def test_sample_labels_cover_every_sample_document_and_category_and_pass_the_val
         assert metadata["labeled"] == 0 and metadata["keys_already_labeled"] == metadata["keys"] == 16 * 7
 
 
-def test_replay_imports_a_wide_parquet_matched_by_text_and_quarantines_labels_that_break_a_cap(
-    settings_for, tmp_path
-):
+def test_replay_imports_a_wide_parquet_matched_by_text_and_quarantines_labels_that_break_a_cap(settings_for, tmp_path):
     texts = [document(i) for i in range(4)]
     source = write_corpus(tmp_path / "corpus", texts)
     replay = tmp_path / "r1-labels.parquet"
     pq.write_table(
-        pa.table({
-            "text": texts[:3],
-            "t": ["題名その一", "題名その二", "長" * 40],
-            "q": ["一つ目の質問は?", "二つ目の質問は?", "三つ目の質問は?"],
-        }),
+        pa.table(
+            {
+                "text": texts[:3],
+                "t": ["題名その一", "題名その二", "長" * 40],
+                "q": ["一つ目の質問は?", "二つ目の質問は?", "三つ目の質問は?"],
+            }
+        ),
         replay,
     )
-    settings = settings_for(source, QC_TEACHER_REPLAY_SOURCE=str(replay), QC_TEACHER_REPLAY_COLUMNS="text=text,title=t,query=q")
+    settings = settings_for(
+        source, QC_TEACHER_REPLAY_SOURCE=str(replay), QC_TEACHER_REPLAY_COLUMNS="text=text,title=t,query=q"
+    )
     with dg.instance_for_test() as instance:
         result = materialize(settings, SHARD, instance)
         assert result.success
@@ -139,7 +149,8 @@ def test_a_hugging_face_replay_source_is_loaded_through_datasets_once_and_cached
     dataset_dir = tmp_path / "published-r1"
     rows = [
         {"id": f"{SHARD}-{i:03d}", "system": category, "assistant": f"質問{i}の{category}", "think": "考えた"}
-        for i in range(2) for category in ("query", "faq")
+        for i in range(2)
+        for category in ("query", "faq")
     ]
     write_jsonl(dataset_dir / "train.jsonl", rows)
     settings = settings_for(
@@ -201,7 +212,10 @@ FAULT_PLAN = {
 def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_is_paid_twice(
     environment, tmp_path, monkeypatch
 ):
-    texts = [document(i, topic) for i, topic in enumerate(["天気", "料理", "歴史", "音楽", "宇宙", "健康", "旅行", "経済", "言語", "動物"])]
+    texts = [
+        document(i, topic)
+        for i, topic in enumerate(["天気", "料理", "歴史", "音楽", "宇宙", "健康", "旅行", "経済", "言語", "動物"])
+    ]
     source = write_corpus(tmp_path / "corpus", texts)
     doc_of = {text_key(text): f"{SHARD}-{i:03d}" for i, text in enumerate(texts)}
     text_of = {f"{SHARD}-{i:03d}": text for i, text in enumerate(texts)}
@@ -224,7 +238,9 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
             assert max(delivered.values()) == 1
             assert {(doc_of[key], category) for category, key in delivered} == set(labeled)
             always_invalid = {
-                (doc_of[entry["text_key"]], entry["category"]) for entry in first_run if entry["behavior"] == "invalid_label"
+                (doc_of[entry["text_key"]], entry["category"])
+                for entry in first_run
+                if entry["behavior"] == "invalid_label"
             }
             assert set(quarantined) == always_invalid
             for doc, category, query, attempts, reasoning, cost in lake_rows(
@@ -232,7 +248,9 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
             ):
                 assert query == label_for(category, text_of[doc])
                 assert attempts >= 1 and reasoning and cost > 0
-            for attempts, error, raw in lake_rows(settings, "SELECT attempts, error, raw_output FROM teacher_quarantine"):
+            for attempts, error, raw in lake_rows(
+                settings, "SELECT attempts, error, raw_output FROM teacher_quarantine"
+            ):
                 assert attempts == 4 and "cap is 100" in error and len(raw) > 100
 
             attempts_of: dict[tuple[str, str], list[dict]] = {}
@@ -246,7 +264,14 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
             assert metadata["requests"] == len(first_run)
             # The SDK's aiohttp transport reports a dropped connection as a connect timeout.
             assert set(metadata["retries_by_reason"]) >= {
-                "rate_limited", "http_500", "http_503", "timeout", "malformed_response", "empty", "truncated", "invalid",
+                "rate_limited",
+                "http_500",
+                "http_503",
+                "timeout",
+                "malformed_response",
+                "empty",
+                "truncated",
+                "invalid",
             }
             (cost,) = lake_rows(
                 settings,
@@ -258,14 +283,18 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
             server.set_plan({"rules": []})
             second = materialize(settings, SHARD, instance)
             assert second.success
-            retried = {(doc_of[entry["text_key"]], entry["category"]) for entry in chat_requests(server)[len(first_run):]}
+            retried = {
+                (doc_of[entry["text_key"]], entry["category"]) for entry in chat_requests(server)[len(first_run) :]
+            }
             assert retried == set(quarantined)
             assert set(stored_keys(settings, "teacher_labels")) == every_key
             assert stored_keys(settings, "teacher_quarantine") == []
             # A key's label keeps what its quarantined attempts of the first run cost, so the lake holds every dollar paid.
             attempts_by_key = {
                 (doc, category): attempts
-                for doc, category, attempts in lake_rows(settings, "SELECT doc_id, category, attempts FROM teacher_labels")
+                for doc, category, attempts in lake_rows(
+                    settings, "SELECT doc_id, category, attempts FROM teacher_labels"
+                )
             }
             assert [attempts_by_key[key] for key in quarantined] == [5] * len(quarantined)
             (total,) = lake_rows(settings, "SELECT sum(cost_usd) FROM teacher_labels")[0]
@@ -300,18 +329,25 @@ def test_concurrency_halves_on_rate_limits_and_grows_back_with_successes():
 
 def test_a_new_model_or_prompt_labels_again_under_new_keys_and_keeps_the_old_labels(environment, tmp_path, monkeypatch):
     source = write_corpus(tmp_path / "corpus", [document(0), document(1)])
-    with run_teacher_server(tmp_path, {"rules": []}) as server:
-        with dg.instance_for_test() as instance:
-            for model in ("teacher-a", "teacher-b", "teacher-a"):
-                settings = load_settings(openai_environment(environment, source, server, QC_TEACHER_MODEL=model))
-                assert materialize(settings, SHARD, instance).success
-            assert len(chat_requests(server)) == 2 * 14
-            title = CATEGORIES["title"]
-            monkeypatch.setitem(CATEGORIES, "title", replace(title, instruction=title.instruction + "体言止めにすること。"))
+    with run_teacher_server(tmp_path, {"rules": []}) as server, dg.instance_for_test() as instance:
+        for model in ("teacher-a", "teacher-b", "teacher-a"):
+            settings = load_settings(openai_environment(environment, source, server, QC_TEACHER_MODEL=model))
             assert materialize(settings, SHARD, instance).success
-            assert [entry["category"] for entry in chat_requests(server)[28:]] == ["title", "title"]
-    counts = lake_rows(settings, "SELECT teacher, category = 'title', count(*), count(DISTINCT prompt_version) FROM teacher_labels GROUP BY ALL ORDER BY ALL")
-    assert counts == [("teacher-a", False, 12, 6), ("teacher-a", True, 4, 2), ("teacher-b", False, 12, 6), ("teacher-b", True, 2, 1)]
+        assert len(chat_requests(server)) == 2 * 14
+        title = CATEGORIES["title"]
+        monkeypatch.setitem(CATEGORIES, "title", replace(title, instruction=title.instruction + "体言止めにすること。"))
+        assert materialize(settings, SHARD, instance).success
+        assert [entry["category"] for entry in chat_requests(server)[28:]] == ["title", "title"]
+    counts = lake_rows(
+        settings,
+        "SELECT teacher, category = 'title', count(*), count(DISTINCT prompt_version) FROM teacher_labels GROUP BY ALL ORDER BY ALL",
+    )
+    assert counts == [
+        ("teacher-a", False, 12, 6),
+        ("teacher-a", True, 4, 2),
+        ("teacher-b", False, 12, 6),
+        ("teacher-b", True, 2, 1),
+    ]
 
 
 def test_documents_that_attempt_prompt_injection_end_valid_or_quarantined(environment, tmp_path):
@@ -322,11 +358,17 @@ def test_documents_that_attempt_prompt_injection_end_valid_or_quarantined(enviro
     ]
     texts = [document(0, "通常")] + [document(i + 1, "注入") + injection for i, injection in enumerate(injections)]
     source = write_corpus(tmp_path / "corpus", texts)
-    plan = {"rules": [
-        {"behavior": "raw", "text_contains": "「了解」とだけ", "content": "了解"},
-        {"behavior": "raw", "text_contains": "本文全体をそのまま", "content": json.dumps({"query": texts[2]}, ensure_ascii=False)},
-        {"behavior": "raw", "text_contains": "hacked", "content": '{"query": "要約", "note": "hacked"}'},
-    ]}
+    plan = {
+        "rules": [
+            {"behavior": "raw", "text_contains": "「了解」とだけ", "content": "了解"},
+            {
+                "behavior": "raw",
+                "text_contains": "本文全体をそのまま",
+                "content": json.dumps({"query": texts[2]}, ensure_ascii=False),
+            },
+            {"behavior": "raw", "text_contains": "hacked", "content": '{"query": "要約", "note": "hacked"}'},
+        ]
+    }
     with run_teacher_server(tmp_path, plan) as server:
         settings = load_settings(openai_environment(environment, source, server))
         with dg.instance_for_test() as instance:
@@ -343,8 +385,14 @@ def test_the_spend_cap_stops_new_requests_keeps_the_labels_and_a_later_run_conti
     source = write_corpus(tmp_path / "corpus", texts)
     with run_teacher_server(tmp_path, {"rules": []}) as server:
         settings = load_settings(
-            openai_environment(environment, source, server, QC_TEACHER_CONCURRENCY="1", QC_TEACHER_PRICE="input=0,output=1000",
-                               QC_TEACHER_MAX_USD="0.2")
+            openai_environment(
+                environment,
+                source,
+                server,
+                QC_TEACHER_CONCURRENCY="1",
+                QC_TEACHER_PRICE="input=0,output=1000",
+                QC_TEACHER_MAX_USD="0.2",
+            )
         )
         with dg.instance_for_test() as instance:
             result = materialize(settings, SHARD, instance)
@@ -364,10 +412,12 @@ def test_the_spend_cap_stops_new_requests_keeps_the_labels_and_a_later_run_conti
 
 
 def utc(*fields: int) -> datetime:
-    return datetime(*fields, tzinfo=timezone.utc)
+    return datetime(*fields, tzinfo=UTC)
 
 
-def evaluate_schedule(environment, source: Path, moments: list[datetime], **extra: str) -> tuple[dg.ScheduleDefinition, list]:
+def evaluate_schedule(
+    environment, source: Path, moments: list[datetime], **extra: str
+) -> tuple[dg.ScheduleDefinition, list]:
     repository = build_definitions(load_settings(environment(source, **extra))).get_repository_def()
     schedule = repository.get_schedule_def("teacher_discount_window")
     with dg.instance_for_test() as instance:
@@ -396,7 +446,7 @@ def test_the_discount_schedule_requests_every_shard_inside_its_window_only(envir
             for request in tick.run_requests:
                 assert request.run_config["ops"]["teacher_labels"]["config"]["stop_at"] == "2026-11-22T00:30:00+00:00"
                 assert request.run_key.startswith("2026-11-21:")
-        for tick in ticks[len(inside):]:
+        for tick in ticks[len(inside) :]:
             assert not tick.run_requests and "outside the 16:30-00:30 UTC" in tick.skip_message
     # A window that does not wrap midnight.
     schedule, ticks = evaluate_schedule(
@@ -422,7 +472,10 @@ def test_a_run_past_its_stop_time_asks_for_nothing_and_says_why(environment, tmp
         settings = load_settings(openai_environment(environment, source, server))
         with dg.instance_for_test() as instance:
             result = materialize(
-                settings, SHARD, instance, {"ops": {"teacher_labels": {"config": {"stop_at": "2026-01-01T00:30:00+00:00"}}}}
+                settings,
+                SHARD,
+                instance,
+                {"ops": {"teacher_labels": {"config": {"stop_at": "2026-01-01T00:30:00+00:00"}}}},
             )
         assert not result.success
         description = result.failure_data_for_node("teacher_labels").user_failure_data.description
@@ -493,20 +546,34 @@ def test_the_request_body_speaks_deepseeks_dialect_or_vllms():
     assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["reasoning_effort"] == "max"
     assert "thinking" not in body
     assert body["response_format"] == {
-        "type": "json_schema", "json_schema": {"name": "title", "schema": title.json_schema, "strict": True}
+        "type": "json_schema",
+        "json_schema": {"name": "title", "schema": title.json_schema, "strict": True},
     }
-    unset = request_body("m", title, "本文", 512, RequestOptions.for_endpoint("http://127.0.0.1:8000/v1", None, None, None))
+    unset = request_body(
+        "m", title, "本文", 512, RequestOptions.for_endpoint("http://127.0.0.1:8000/v1", None, None, None)
+    )
     assert set(unset) == {"model", "messages", "max_tokens"}
-    assert request_body("m", title, "本文", 1, RequestOptions.for_endpoint("https://api.deepseek.com/v1", None, None, "none")).keys() == unset.keys()
+    assert (
+        request_body(
+            "m", title, "本文", 1, RequestOptions.for_endpoint("https://api.deepseek.com/v1", None, None, "none")
+        ).keys()
+        == unset.keys()
+    )
 
 
 def test_thinking_effort_and_response_format_settings_reach_the_wire(environment, tmp_path):
     source = write_corpus(tmp_path / "corpus", [document(0)])
     with run_teacher_server(tmp_path, {"rules": []}) as server:
-        settings = load_settings(openai_environment(
-            environment, source, server, QC_TEACHER_THINKING="disabled", QC_TEACHER_REASONING_EFFORT="high",
-            QC_TEACHER_RESPONSE_FORMAT="json_schema",
-        ))
+        settings = load_settings(
+            openai_environment(
+                environment,
+                source,
+                server,
+                QC_TEACHER_THINKING="disabled",
+                QC_TEACHER_REASONING_EFFORT="high",
+                QC_TEACHER_RESPONSE_FORMAT="json_schema",
+            )
+        )
         with dg.instance_for_test() as instance:
             assert materialize(settings, SHARD, instance).success
         sent = chat_requests(server)
@@ -523,7 +590,9 @@ def test_prices_default_by_model_charge_the_off_peak_rate_inside_its_window_and_
     assert resolve_price(None, "my-local-model", capped=False) is PRICES["free"]
     for entry in PRICES.values():
         assert entry.name == "free" or (entry.source and entry.checked), entry.name
-    assert "historical" in PRICES["deepseek-reasoner"].source and "historical" in PRICES["deepseek-reasoner-night"].source
+    assert (
+        "historical" in PRICES["deepseek-reasoner"].source and "historical" in PRICES["deepseek-reasoner-night"].source
+    )
     r1 = PRICES["deepseek-reasoner"]
     tokens = (1_000_000, 400_000, 2_000_000)  # input (of which cached), output
     list_price = 0.6 * 0.55 + 0.4 * 0.14 + 2 * 2.19
@@ -540,7 +609,10 @@ def test_the_teacher_charges_a_request_by_the_clock_it_was_made_at(tmp_path):
 
     async def label_at(hour: int):
         teacher = OpenAITeacher(
-            server.base_url, "r1-somewhere", None, PRICES["deepseek-reasoner"],
+            server.base_url,
+            "r1-somewhere",
+            None,
+            PRICES["deepseek-reasoner"],
             clock=lambda: utc(2026, 3, 1, hour, 0),
         )
         try:
@@ -551,7 +623,9 @@ def test_the_teacher_charges_a_request_by_the_clock_it_was_made_at(tmp_path):
 
     def at_rates(usage, input_per_m: float, cached_per_m: float, output_per_m: float) -> float:
         uncached = usage.input_tokens - usage.cached_input_tokens
-        return (uncached * input_per_m + usage.cached_input_tokens * cached_per_m + usage.output_tokens * output_per_m) / 1e6
+        return (
+            uncached * input_per_m + usage.cached_input_tokens * cached_per_m + usage.output_tokens * output_per_m
+        ) / 1e6
 
     with run_teacher_server(tmp_path, {"rules": []}) as server:
         night, day = asyncio.run(label_at(17)), asyncio.run(label_at(12))
@@ -578,7 +652,10 @@ def test_a_spend_cap_on_a_model_without_a_price_is_a_configuration_error(environ
         capped = load_settings(openai_environment(environment, source, server, QC_TEACHER_MAX_USD="5", **unpriced))
         uncapped = load_settings(openai_environment(environment, source, server, **unpriced))
         with dg.instance_for_test() as instance:
-            for settings, run_config in ((capped, None), (uncapped, {"ops": {"teacher_labels": {"config": {"max_usd": 5}}}})):
+            for settings, run_config in (
+                (capped, None),
+                (uncapped, {"ops": {"teacher_labels": {"config": {"max_usd": 5}}}}),
+            ):
                 result = materialize(settings, SHARD, instance, run_config)
                 assert not result.success
                 description = result.failure_data_for_node("teacher_labels").user_failure_data.description
@@ -595,9 +672,15 @@ def test_an_unknown_model_stops_the_run_at_once_naming_the_setting_and_quarantin
     source = write_corpus(tmp_path / "corpus", [document(i) for i in range(3)])
     plan = {"models": ["deepseek-v4-flash"], "rules": []}
     with run_teacher_server(tmp_path, plan) as server:
-        settings = load_settings(openai_environment(
-            environment, source, server, QC_TEACHER_MODEL="deepseek-reasoner", QC_TEACHER_CONCURRENCY="4",
-        ))
+        settings = load_settings(
+            openai_environment(
+                environment,
+                source,
+                server,
+                QC_TEACHER_MODEL="deepseek-reasoner",
+                QC_TEACHER_CONCURRENCY="4",
+            )
+        )
         with dg.instance_for_test() as instance:
             for status, said in ((400, "Model Not Exist"), (404, "does not exist")):
                 server.set_plan({**plan, "unknown_model_status": status})
@@ -609,7 +692,9 @@ def test_an_unknown_model_stops_the_run_at_once_naming_the_setting_and_quarantin
                 # 21 keys to ask for; only those already in flight (4) when the first refusal came were sent.
                 sent = chat_requests(server, since)
                 assert 1 <= len(sent) <= 4 and {entry["status"] for entry in sent} == {status}
-        assert lake_rows(settings, "SELECT (SELECT count(*) FROM teacher_quarantine), (SELECT count(*) FROM teacher_labels)") == [(0, 0)]
+        assert lake_rows(
+            settings, "SELECT (SELECT count(*) FROM teacher_quarantine), (SELECT count(*) FROM teacher_labels)"
+        ) == [(0, 0)]
 
 
 def test_qc_run_with_an_unknown_model_exits_non_zero_quickly_naming_the_setting(environment, tmp_path):
@@ -626,7 +711,9 @@ def test_qc_run_with_an_unknown_model_exits_non_zero_quickly_naming_the_setting(
     assert "QC_TEACHER_MODEL='deepseek-chat'" in result.stdout + result.stderr
     # Stopped at the first answer: only the requests already in flight (2 of 21 keys) were sent, none retried.
     assert 1 <= len(sent) <= 2 and seconds < 120
-    query = "SELECT (SELECT count(*) FROM corpus) AS documents, (SELECT count(*) FROM teacher_quarantine) AS quarantined"
+    query = (
+        "SELECT (SELECT count(*) FROM corpus) AS documents, (SELECT count(*) FROM teacher_quarantine) AS quarantined"
+    )
     counts = run_qc(["sql", query, "--format", "json"], env)
     assert json.loads(counts.stdout) == [{"documents": 3, "quarantined": 0}]
 
@@ -643,4 +730,6 @@ def test_a_run_that_labels_nothing_and_quarantines_keys_fails_its_partition_and_
             assert lake_rows(settings, "SELECT count(*) FROM teacher_quarantine") == [(7,)]
             server.set_plan({"rules": []})
             assert materialize(settings, SHARD, instance).success
-    assert lake_rows(settings, "SELECT (SELECT count(*) FROM teacher_quarantine), (SELECT count(*) FROM teacher_labels)") == [(0, 7)]
+    assert lake_rows(
+        settings, "SELECT (SELECT count(*) FROM teacher_quarantine), (SELECT count(*) FROM teacher_labels)"
+    ) == [(0, 7)]

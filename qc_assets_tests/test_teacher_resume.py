@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from qc_assets.categories import CATEGORIES
 from qc_assets.settings import load_settings
 from qc_assets_tests.conftest import BIN, document, lake_rows, run_qc
@@ -28,6 +30,7 @@ def journal_keys(data_dir) -> set[tuple[str, str]]:
     return keys
 
 
+@pytest.mark.long(80)
 def test_killed_labelling_runs_resume_asking_only_for_keys_still_missing(environment, tmp_path):
     texts = [document(i, "再開") for i in range(12)]
     source = write_corpus(tmp_path / "corpus", texts)
@@ -43,7 +46,10 @@ def test_killed_labelling_runs_resume_asking_only_for_keys_still_missing(environ
         for kill_after in (10, 45):
             process = subprocess.Popen(
                 [str(BIN / "qc"), "run", "--select", "teacher_labels", "--parallel", "1"],
-                env={**clean, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                env={**clean, **env},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
             deadline = time.monotonic() + 120
             while len(chat_requests(server)) < kill_after:
@@ -73,6 +79,7 @@ def test_killed_labelling_runs_resume_asking_only_for_keys_still_missing(environ
         assert not list((settings.data_root / "teacher" / "journal").rglob("segment-*.jsonl"))
 
 
+@pytest.mark.long(80)
 def test_estimate_labels_a_pilot_projects_the_corpus_and_the_full_run_does_not_pay_for_the_pilot_again(
     environment, tmp_path
 ):

@@ -38,7 +38,9 @@ def tiny_models(tmp_path_factory):
 def test_the_tiny_student_is_a_qwen3_with_qwen3s_own_template_that_trains_and_generates(tiny_models):
     built, texts = tiny_models
     directory = built[STUDENT_DIR]
-    assert is_tiny(directory) and json.loads((directory / TINY_MARKER).read_text())["architecture"] == "Qwen3ForCausalLM"
+    assert (
+        is_tiny(directory) and json.loads((directory / TINY_MARKER).read_text())["architecture"] == "Qwen3ForCausalLM"
+    )
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory)
     assert type(model).__name__ == "Qwen3ForCausalLM"
@@ -64,7 +66,11 @@ def test_tiny_students_of_each_architecture_load_and_generate(architecture, chat
     directory = build_tiny_causal_lm(tmp_path / architecture, texts, architecture, chat)
     model = AutoModelForCausalLM.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    assert type(model).__name__ == ARCHITECTURES[architecture] == json.loads((directory / TINY_MARKER).read_text())["architecture"]
+    assert (
+        type(model).__name__
+        == ARCHITECTURES[architecture]
+        == json.loads((directory / TINY_MARKER).read_text())["architecture"]
+    )
     config = model.config
     # vLLM's CPU attention needs head_dim >= 32; sarashina2.2 (Llama) does not tie its output head.
     assert (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) >= 32

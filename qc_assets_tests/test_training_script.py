@@ -52,11 +52,24 @@ COMMAND = [sys.executable, "-m", "qc_assets.defs.student.train"]
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1"}
 QUERIES = ["味噌汁の作り方", "鎌倉幕府はいつ始まったか", "よく眠るための習慣", "食中毒を防ぐには", "日本の四季"]
 MANIFEST_FIELDS = {
-    "checkpoint", "base_model", "base_model_path", "dataset_version", "hyperparameters", "metrics", "created_at",
-    "tiny_model", "versions",
+    "checkpoint",
+    "base_model",
+    "base_model_path",
+    "dataset_version",
+    "hyperparameters",
+    "metrics",
+    "created_at",
+    "tiny_model",
+    "versions",
 }
 METRIC_FIELDS = {
-    "steps", "final_loss", "loss_curve", "train_tokens", "tokens_per_second", "wall_seconds", "peak_memory_bytes",
+    "steps",
+    "final_loss",
+    "loss_curve",
+    "train_tokens",
+    "tokens_per_second",
+    "wall_seconds",
+    "peak_memory_bytes",
     "device",
 }
 
@@ -170,7 +183,9 @@ def test_the_script_never_imports_dagster_itself():
         "import sys, qc_assets.defs.student.train; "
         "print(sorted(m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')))"
     )
-    completed = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], check=False, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"
 
@@ -195,7 +210,7 @@ def test_a_pipes_run_streams_progress_and_publishes_a_complete_checkpoint(inputs
     assert Path(metadata["path"]) == checkpoint
     assert not [path for path in checkpoints.iterdir() if path.name.endswith(".partial")]
     manifest = store.read_manifest(checkpoint)
-    assert MANIFEST_FIELDS <= manifest.keys() and METRIC_FIELDS <= manifest["metrics"].keys()
+    assert manifest.keys() >= MANIFEST_FIELDS and manifest["metrics"].keys() >= METRIC_FIELDS
     assert manifest["checkpoint"] == extras["checkpoint_id"]
     assert manifest["base_model"] == "tiny" and manifest["base_model_path"] == str(inputs["model_dir"])
     assert manifest["dataset_version"] == extras["dataset_version"]
@@ -210,7 +225,13 @@ def test_a_pipes_run_streams_progress_and_publishes_a_complete_checkpoint(inputs
     # The memory plan reached the materialization; on CPU nothing caps it, so the configured batch stays.
     assert metadata["memory_plan_gib"] == manifest["training"]["memory_plan_gib"]
     assert set(metadata["memory_plan_gib"]) == {
-        "weights", "autocast", "gradients", "optimizer", "activations", "logits", "total"
+        "weights",
+        "autocast",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "total",
     }
     assert metadata["per_device_train_batch_size"] == 4 and metadata["gradient_accumulation_steps"] == 1
     # Published: the resumable states are gone.
@@ -285,13 +306,14 @@ def test_a_failure_while_publishing_leaves_no_checkpoint_and_no_staging(inputs, 
 
     monkeypatch.setattr(train_script, "publish", broken_publish)
     extras = extras_for(
-        inputs, "tiny--01234567--unpublished", checkpoints_root=str(inputs["root"] / "unpublished"),
+        inputs,
+        "tiny--01234567--unpublished",
+        checkpoints_root=str(inputs["root"] / "unpublished"),
         hyperparameters=hyperparameters(max_steps=1),
     )
     with pytest.raises(OSError, match="disk full"):
         train_script.train(extras, log=lambda line: None)
     assert list((Path(extras["checkpoints_root"]) / "tiny").iterdir()) == []
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,7 +333,8 @@ SARASHINA_LIKE = TinyChat(
 # A generation prompt that opens a think block the rendering of an answered turn lacks (as DeepSeek-R1's distills
 # do): the prompt is no prefix of the whole conversation, so the completion is the answer and eos.
 THINK_PROMPT = dataclasses.replace(
-    SARASHINA_LIKE, template=SARASHINA_LIKE.template.replace("'<|assistant|>' }}{% endif", "'<|assistant|><think>\\n' }}{% endif")
+    SARASHINA_LIKE,
+    template=SARASHINA_LIKE.template.replace("'<|assistant|>' }}{% endif", "'<|assistant|><think>\\n' }}{% endif"),
 )
 # name: (architecture, chat, the token every completion ends with, where completions come from)
 CHATS = {
@@ -360,7 +383,7 @@ def test_any_chat_template_trains_the_answer_and_its_end_of_turn_after_the_gener
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     first = trainer.train_dataset[0]["labels"]
     assert batch["labels"][0][: len(first)].tolist() == first
-    assert set(batch["labels"][0][len(first):].tolist()) <= {-100}
+    assert set(batch["labels"][0][len(first) :].tolist()) <= {-100}
 
     trainer.args.max_steps = 3
     trainer.train()
@@ -386,8 +409,12 @@ def test_a_checkpoint_stops_at_the_end_of_turn_token_its_answers_end_with(inputs
     chat = dataclasses.replace(llama3_chat(), eos_token="<|end_of_text|>")
     model_dir = build_tiny_causal_lm(tmp_path / "llama3-base", corpus_texts(), "llama", chat)
     extras = extras_for(
-        inputs, "llama3-base--01234567", base_model="acme/llama3-base", base_model_path=str(model_dir),
-        checkpoints_root=str(tmp_path / "checkpoints"), hyperparameters=hyperparameters(max_steps=1),
+        inputs,
+        "llama3-base--01234567",
+        base_model="acme/llama3-base",
+        base_model_path=str(model_dir),
+        checkpoints_root=str(tmp_path / "checkpoints"),
+        hyperparameters=hyperparameters(max_steps=1),
     )
     checkpoint = Path(train_script.train(extras, log=lambda line: None)["path"])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -455,13 +482,19 @@ CHILD = (
 @pytest.mark.long(20)
 def test_a_killed_run_resumes_from_its_last_saved_state_and_finishes_its_steps(inputs, tmp_path):
     extras = extras_for(
-        inputs, "tiny--01234567--killed", checkpoints_root=str(tmp_path / "checkpoints"),
-        hyperparameters=hyperparameters(max_steps=20), save_steps=2,
+        inputs,
+        "tiny--01234567--killed",
+        checkpoints_root=str(tmp_path / "checkpoints"),
+        hyperparameters=hyperparameters(max_steps=20),
+        save_steps=2,
     )
     (tmp_path / "extras.json").write_text(json.dumps(extras))
     run = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path / "extras.json")], cwd=REPO, env={**os.environ, **SUBPROCESS_ENV},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", CHILD, str(tmp_path / "extras.json")],
+        cwd=REPO,
+        env={**os.environ, **SUBPROCESS_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     work = tmp_path / "checkpoints" / store.WORK_DIR
     deadline = time.monotonic() + 120

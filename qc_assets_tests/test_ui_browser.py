@@ -26,7 +26,12 @@ OUTPUT = PROJECT_ROOT / "test-output" / "browser"
 VIEWPORT = {"width": 2560, "height": 1440}
 # Hides Dagster's "Join the Dagster community" dialog, which covers the page on localhost.
 DISMISS_COMMUNITY_DIALOG = "window.localStorage.setItem('communityNux', JSON.stringify('1'))"
-UI_SETTINGS = {"QC_STUDENT_BASE_MODELS": "tiny", "QC_SCORER_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+UI_SETTINGS = {
+    "QC_STUDENT_BASE_MODELS": "tiny",
+    "QC_SCORER_MODEL": "tiny",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 def skip_loudly(capsys, reason: str) -> None:

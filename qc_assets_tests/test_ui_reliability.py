@@ -40,9 +40,14 @@ def test_a_ui_run_whose_processes_all_crashed_is_marked_failed_at_the_next_start
     data_dir = tmp_path / "data"
     with run_teacher_server(tmp_path, {"latency_ms": 300, "rules": []}) as server:
         env = {
-            "QC_DATA_DIR": str(data_dir), "QC_CORPUS_SOURCE": str(corpus), "QC_TEACHER_BACKEND": "openai",
-            "QC_TEACHER_BASE_URL": server.base_url, "QC_TEACHER_MODEL": "ui-teacher", "QC_TEACHER_PRICE": "free",
-            "QC_TEACHER_CONCURRENCY": str(CONCURRENCY), "QC_TEACHER_BATCH_SIZE": "2",
+            "QC_DATA_DIR": str(data_dir),
+            "QC_CORPUS_SOURCE": str(corpus),
+            "QC_TEACHER_BACKEND": "openai",
+            "QC_TEACHER_BASE_URL": server.base_url,
+            "QC_TEACHER_MODEL": "ui-teacher",
+            "QC_TEACHER_PRICE": "free",
+            "QC_TEACHER_CONCURRENCY": str(CONCURRENCY),
+            "QC_TEACHER_BATCH_SIZE": "2",
         }
         ui = DagsterUI(env, tmp_path / "ui-crash.log").start()
         try:
@@ -67,7 +72,9 @@ def test_a_ui_run_whose_processes_all_crashed_is_marked_failed_at_the_next_start
             reexecuted = ui.wait_for_run(ui.reexecute_from_failure(crashed))
             assert reexecuted["status"] == "SUCCESS", ui.run_errors(reexecuted["runId"])
 
-        delivered = Counter((entry["category"], entry["text_key"]) for entry in chat_requests(server) if entry["delivered"])
+        delivered = Counter(
+            (entry["category"], entry["text_key"]) for entry in chat_requests(server) if entry["delivered"]
+        )
     settings = load_settings(env)
     labels = lake_rows(settings, "SELECT doc_id, category FROM teacher_labels")
     assert len(labels) == len(set(labels)) == DOCUMENTS * len(CATEGORIES)

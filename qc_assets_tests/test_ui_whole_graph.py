@@ -25,7 +25,9 @@ def test_the_graph_run_from_the_ui_outlives_killed_daemons_and_webservers_with_t
     backfill_runs = [run for run in report.runs if run.backfill]
     per_partition = [(asset, run.partition) for run in backfill_runs for asset in run.assets]
     assert sorted(set(per_partition)) == sorted(per_partition), "a backfill partition ran twice"
-    assert any(overlapping(a, b) for a in backfill_runs for b in backfill_runs if a is not b), "no backfill runs overlapped"
+    assert any(overlapping(a, b) for a in backfill_runs for b in backfill_runs if a is not b), (
+        "no backfill runs overlapped"
+    )
     sensor_runs = [run for run in report.runs if run.sensor == "new_checkpoints"]
     # One run per checkpoint (the trained one and the one dropped in), over every shard.
     assert sorted(run.partition for run in sensor_runs) == sorted(

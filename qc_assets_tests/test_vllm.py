@@ -22,7 +22,11 @@ from qc_assets.defs.student.store import model_slug
 from qc_assets.models.tiny import sample_texts
 from qc_assets.settings import SAMPLE_CORPUS, Settings, load_settings
 from qc_assets_tests.conftest import (
-    build_talkative_student, lake_rows, materialization_metadata, materialize, materialize_asset,
+    build_talkative_student,
+    lake_rows,
+    materialization_metadata,
+    materialize,
+    materialize_asset,
 )
 from qc_assets_tests.vllm_engine import VLLMServer, engine_environment
 
@@ -55,9 +59,15 @@ def trained(tmp_path_factory) -> Iterator[Trained]:
         shutil.copy(SAMPLE_CORPUS / f"{shard}.jsonl", source)
     base_model = build_talkative_student(work_dir / "base")
     environment = {
-        "QC_DATA_DIR": str(work_dir / "data"), "QC_CORPUS_SOURCE": str(source), "QC_SCORER_MODEL": "tiny",
-        "QC_SFT_TEST_FRACTION": "0.3", "QC_STUDENT_BASE_MODELS": str(base_model), "QC_STUDENT_MAX_STEPS": "6",
-        "QC_STUDENT_LEARNING_RATE": "1e-4", "QC_STUDENT_BATCH_SIZE": "4", "QC_STUDENT_GRADIENT_ACCUMULATION": "1",
+        "QC_DATA_DIR": str(work_dir / "data"),
+        "QC_CORPUS_SOURCE": str(source),
+        "QC_SCORER_MODEL": "tiny",
+        "QC_SFT_TEST_FRACTION": "0.3",
+        "QC_STUDENT_BASE_MODELS": str(base_model),
+        "QC_STUDENT_MAX_STEPS": "6",
+        "QC_STUDENT_LEARNING_RATE": "1e-4",
+        "QC_STUDENT_BATCH_SIZE": "4",
+        "QC_STUDENT_GRADIENT_ACCUMULATION": "1",
         "QC_STUDENT_MAX_LENGTH": "1024",
     }
     saved = dict(os.environ)
@@ -110,7 +120,9 @@ def test_the_vllm_backend_generates_every_shard_in_process_from_the_trained_chec
     assert len(vllm_queries) == len(documents) * len(CATEGORIES)
     assert {category for _, _, category in vllm_queries} == set(CATEGORIES)
     assert len({query for query, _ in vllm_queries.values()}) > len(CATEGORIES)
-    assert all(0 < tokens <= answer_token_cap(CATEGORIES[category]) for (_, _, category), (_, tokens) in vllm_queries.items())
+    assert all(
+        0 < tokens <= answer_token_cap(CATEGORIES[category]) for (_, _, category), (_, tokens) in vllm_queries.items()
+    )
 
 
 def test_vllm_and_transformers_write_the_same_greedy_queries(trained, vllm_queries):
@@ -157,9 +169,15 @@ def test_a_vllm_server_as_the_teacher_lands_labels_through_structured_output(tra
     with VLLMServer(trained.base_model, ["random-teacher"], trained.work_dir / "teacher") as server:
         assert_an_unconstrained_answer_is_no_label(server)
         settings = trained.with_settings(
-            QC_TEACHER_BACKEND="openai", QC_TEACHER_BASE_URL=server.base_url, QC_TEACHER_MODEL="random-teacher",
-            QC_TEACHER_RESPONSE_FORMAT="json_schema", QC_TEACHER_MAX_TOKENS="400", QC_TEACHER_CONCURRENCY="4",
-            QC_TEACHER_PRICE="input=1,output=2", QC_TEACHER_TIMEOUT_S="120", QC_TEACHER_BATCH_SIZE="16",
+            QC_TEACHER_BACKEND="openai",
+            QC_TEACHER_BASE_URL=server.base_url,
+            QC_TEACHER_MODEL="random-teacher",
+            QC_TEACHER_RESPONSE_FORMAT="json_schema",
+            QC_TEACHER_MAX_TOKENS="400",
+            QC_TEACHER_CONCURRENCY="4",
+            QC_TEACHER_PRICE="input=1,output=2",
+            QC_TEACHER_TIMEOUT_S="120",
+            QC_TEACHER_BATCH_SIZE="16",
         )
         first = materialize_asset(settings, "teacher_labels", trained.instance, partition=shard)
         assert first.success
@@ -198,7 +216,9 @@ def assert_an_unconstrained_answer_is_no_label(server: VLLMServer) -> None:
     prompt = category.prompt(sample_texts()[0])
     body = {"model": "random-teacher", "messages": [{"role": "user", "content": prompt}], "max_tokens": 64}
     request = urllib.request.Request(
-        f"{server.base_url}/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        f"{server.base_url}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         content = json.loads(response.read())["choices"][0]["message"]["content"]

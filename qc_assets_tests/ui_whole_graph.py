@@ -53,8 +53,13 @@ LABELLING_RUN = {"corpus", "teacher_labels"}
 ANALYST_PAUSE_S = 2.0
 # The graph's stages in order; the sensor's runs materialize generated_queries and reranker_scores together.
 STAGES = (*UPSTREAM, "generated_queries", "eval_summary")
-IN_PROGRESS = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING}
+IN_PROGRESS = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+}
 SENSOR_TAG = "dagster/sensor_name"
 BACKFILL_TAG = "dagster/backfill"
 
@@ -77,7 +82,8 @@ UI_KILL_POINTS = tuple(
 # Both victims in every stage.
 EVERY_UI_KILL = tuple(
     UIKill(stage, victim, LABELLING_UNDER_WAY if stage == "teacher_labels" else 0)
-    for stage in STAGES for victim in ("webserver", "daemon")
+    for stage in STAGES
+    for victim in ("webserver", "daemon")
 )
 
 
@@ -134,10 +140,19 @@ def drop_in_checkpoint(data_dir: Path) -> str:
     target = data_dir / "checkpoints" / "tiny" / name
     staging = target.parent / f".{name}.partial"
     shutil.copytree(models[STUDENT_DIR], staging)
-    (staging / MANIFEST).write_text(json.dumps({
-        "checkpoint": name, "base_model": "tiny", "dataset_version": "handmade", "hyperparameters": {},
-        "metrics": {}, "created_at": "2026-01-01T00:00:00+00:00", "tiny_model": True,
-    }))
+    (staging / MANIFEST).write_text(
+        json.dumps(
+            {
+                "checkpoint": name,
+                "base_model": "tiny",
+                "dataset_version": "handmade",
+                "hyperparameters": {},
+                "metrics": {},
+                "created_at": "2026-01-01T00:00:00+00:00",
+                "tiny_model": True,
+            }
+        )
+    )
     staging.rename(target)
     return name
 
@@ -145,19 +160,29 @@ def drop_in_checkpoint(data_dir: Path) -> str:
 def summarize(record: dg.RunRecord) -> RunSummary:
     run = record.dagster_run
     return RunSummary(
-        run.run_id, run.status.value, tuple(sorted(key.to_user_string() for key in run.asset_selection or ())),
-        run.tags.get(PARTITION_NAME_TAG) or (
+        run.run_id,
+        run.status.value,
+        tuple(sorted(key.to_user_string() for key in run.asset_selection or ())),
+        run.tags.get(PARTITION_NAME_TAG)
+        or (
             f"{run.tags[ASSET_PARTITION_RANGE_START_TAG]}…{run.tags[ASSET_PARTITION_RANGE_END_TAG]}"
-            if ASSET_PARTITION_RANGE_START_TAG in run.tags else None
+            if ASSET_PARTITION_RANGE_START_TAG in run.tags
+            else None
         ),
-        run.tags.get(SENSOR_TAG), run.tags.get(BACKFILL_TAG),
-        record.start_time, record.end_time,
+        run.tags.get(SENSOR_TAG),
+        run.tags.get(BACKFILL_TAG),
+        record.start_time,
+        record.end_time,
     )
 
 
 def overlapping(first: RunSummary, second: RunSummary) -> bool:
-    return bool(first.start and second.start and first.start < (second.end or time.time())
-                and second.start < (first.end or time.time()))
+    return bool(
+        first.start
+        and second.start
+        and first.start < (second.end or time.time())
+        and second.start < (first.end or time.time())
+    )
 
 
 def lake_problems(data_dir: Path, checkpoints: list[str]) -> list[str]:
@@ -167,40 +192,57 @@ def lake_problems(data_dir: Path, checkpoints: list[str]) -> list[str]:
     lake = LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_only=True)
     problems = []
     with lake.get_connection() as connection:
+
         def one(query: str) -> tuple:
             return connection.execute(query).fetchone()
 
         labels, distinct_labels, documents = one(
-            "SELECT count(*), count(DISTINCT (doc_id, category)), (SELECT count(*) FROM corpus) FROM teacher_labels")
+            "SELECT count(*), count(DISTINCT (doc_id, category)), (SELECT count(*) FROM corpus) FROM teacher_labels"
+        )
         if not labels == distinct_labels == documents * len(CATEGORIES) == SHARDS * DOCUMENTS * len(CATEGORIES):
             problems.append(f"labels: {labels} rows, {distinct_labels} distinct, for {documents} documents")
-        generated = dict(connection.execute(
-            "SELECT checkpoint, list(DISTINCT (doc_id, category) ORDER BY (doc_id, category)) FROM generated_queries "
-            "GROUP BY checkpoint").fetchall())
+        generated = dict(
+            connection.execute(
+                "SELECT checkpoint, list(DISTINCT (doc_id, category) ORDER BY (doc_id, category)) FROM generated_queries "
+                "GROUP BY checkpoint"
+            ).fetchall()
+        )
         rows, distinct = one("SELECT count(*), count(DISTINCT (checkpoint, doc_id, category)) FROM generated_queries")
-        if sorted(generated) != sorted(checkpoints) or rows != distinct or len({repr(v) for v in generated.values()}) != 1:
+        if (
+            sorted(generated) != sorted(checkpoints)
+            or rows != distinct
+            or len({repr(v) for v in generated.values()}) != 1
+        ):
             problems.append(f"generated queries: {rows} rows ({distinct} distinct) for checkpoints {sorted(generated)}")
             return problems
         expected = {tuple(pair) for pair in next(iter(generated.values()))}
         if not expected:
             problems.append("no test documents were generated for")
-        scored = dict(connection.execute(
-            "SELECT source, list((doc_id, category)) FROM reranker_scores GROUP BY source").fetchall())
+        scored = dict(
+            connection.execute(
+                "SELECT source, list((doc_id, category)) FROM reranker_scores GROUP BY source"
+            ).fetchall()
+        )
         if len(scored) != len(checkpoints) + 1:
             problems.append(f"scores for sources {sorted(scored)}, expected the checkpoints and the teacher")
         for source, pairs in scored.items():
             pairs = [tuple(pair) for pair in pairs]
             if len(pairs) != len(set(pairs)) or set(pairs) != expected:
-                problems.append(f"scores of {source}: {len(pairs)} rows, {len(set(pairs))} distinct, {len(expected)} expected")
+                problems.append(
+                    f"scores of {source}: {len(pairs)} rows, {len(set(pairs))} distinct, {len(expected)} expected"
+                )
         report = connection.execute("SELECT source, category, n FROM eval_summary").fetchall()
         per_category = [(category, len(expected) // len(CATEGORIES)) for category in CATEGORIES]
-        if sorted(report) != sorted((source, category, n) for source in scored
-                                    for category, n in [*per_category, ("all", len(expected))]):
+        if sorted(report) != sorted(
+            (source, category, n) for source in scored for category, n in [*per_category, ("all", len(expected))]
+        ):
             problems.append(f"eval_summary: {sorted(report)}")
     return problems
 
 
-def run_whole_graph_from_the_ui(work: Path, points: tuple[UIKill, ...] = UI_KILL_POINTS, timeout_s: float = 600) -> UISessionReport:
+def run_whole_graph_from_the_ui(
+    work: Path, points: tuple[UIKill, ...] = UI_KILL_POINTS, timeout_s: float = 600
+) -> UISessionReport:
     corpus = write_multi_shard_corpus(work / "corpus", shards=SHARDS, documents=DOCUMENTS)
     data_dir = work / "data"
     with run_teacher_server(work, {"latency_ms": SLOW_TEACHER_MS, "rules": []}) as server:
@@ -219,8 +261,12 @@ def run_whole_graph_from_the_ui(work: Path, points: tuple[UIKill, ...] = UI_KILL
             if session.instance is not None:
                 session.instance.dispose()
         report = session.report
-        report.keys_paid_twice = sum(count - 1 for count in Counter(
-            (entry["category"], entry["text_key"]) for entry in chat_requests(server) if entry["delivered"]).values())
+        report.keys_paid_twice = sum(
+            count - 1
+            for count in Counter(
+                (entry["category"], entry["text_key"]) for entry in chat_requests(server) if entry["delivered"]
+            ).values()
+        )
     report.analyst_queries = len(analyst.answers)
     report.analyst_failures = analyst.failures
     report.analyst_inconsistencies = inconsistencies(analyst.answers, final)
@@ -268,8 +314,10 @@ class _Session:
             if not in_progress and _graph_done(self.instance, backfill, self.data_dir):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the graph was not done after {timeout_s:.0f}s; runs in progress: {in_progress}; "
-                                   f"UI output:\n{self.ui.log_tail()}")
+                raise TimeoutError(
+                    f"the graph was not done after {timeout_s:.0f}s; runs in progress: {in_progress}; "
+                    f"UI output:\n{self.ui.log_tail()}"
+                )
             time.sleep(0.2)
         self.report.kills += [UIKillOutcome(point, False, self._elapsed()) for point in self.pending]
         self.report.backfill_status = self.instance.get_backfill(backfill).status.value
@@ -283,11 +331,15 @@ class _Session:
     def _speed_up_the_teacher_once_labelling_has_seen_the_sensor_and_its_kills(self, runs, running) -> None:
         if not self.report.sensor_fired_during_labelling and any(
             run.sensor == "new_checkpoints" and "teacher_labels" in other.assets and overlapping(run, other)
-            for run in running for other in runs
+            for run in running
+            for other in runs
         ):
             self.report.sensor_fired_during_labelling = True
-        if (self.report.sensor_fired_during_labelling and not self.sped_up
-                and not any(point.stage in LABELLING_RUN for point in self.pending)):
+        if (
+            self.report.sensor_fired_during_labelling
+            and not self.sped_up
+            and not any(point.stage in LABELLING_RUN for point in self.pending)
+        ):
             self.server.set_plan({"latency_ms": 0, "rules": []})
             self.sped_up = True
 

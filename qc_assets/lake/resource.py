@@ -150,10 +150,18 @@ def _held_once(lock: AdvisoryLock) -> Iterator[None]:
         lock.close()
 
 
+def catalog_parts(catalog: str) -> tuple[str, str]:
+    """(kind, location) of a QC_LAKE_CATALOG value: ("sqlite", path) or ("postgres", libpq dsn)."""
+    kind, _, location = catalog.partition(":")
+    if kind not in ("sqlite", "postgres"):
+        raise ValueError(f"QC_LAKE_CATALOG must start with sqlite: or postgres:, got {catalog!r}")
+    return kind, location
+
+
 def _catalog_lock(catalog: str, purpose: str):
     """The lock that makes `purpose` ("write" or "init") one process at a time on this catalog. The write lock's
     PostgreSQL session lasts as long as the connection; the init lock's only as long as it is held."""
-    kind, _, location = catalog.partition(":")
+    kind, location = catalog_parts(catalog)
     if kind == "postgres":
         lock = AdvisoryLock(location, f"qc_assets lake {purpose}")
         return lock if purpose == "write" else _held_once(lock)
@@ -214,17 +222,15 @@ class LakeResource(DuckDBResource):
 
     def _attach(self, connection: duckdb.DuckDBPyConnection) -> None:
         _load_extension(connection, "ducklake")
-        kind, _, location = self.catalog.partition(":")
+        kind, location = catalog_parts(self.catalog)
         if kind == "sqlite":
             _load_extension(connection, "sqlite_scanner")
             if not self.read_only:
                 _prepare_sqlite_catalog(Path(location))
             elif not Path(location).exists():
                 raise FileNotFoundError(f"no lake at {location}: nothing has been materialized yet (QC_DATA_DIR)")
-        elif kind == "postgres":
-            _load_extension(connection, "postgres_scanner")
         else:
-            raise ValueError(f"QC_LAKE_CATALOG must start with sqlite: or postgres:, got {self.catalog!r}")
+            _load_extension(connection, "postgres_scanner")
         if not self.read_only:
             _write_locks[id(connection)] = _catalog_lock(self.catalog, "write")
         if self.data_path.startswith(("s3://", "gs://", "gcs://", "r2://", "az://", "https://")):
@@ -302,7 +308,9 @@ class LakeResource(DuckDBResource):
             return run_transaction(connection, work, what)
 
 
-def run_transaction(connection: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T], what: str) -> T:
+def run_transaction(
+    connection: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T], what: str
+) -> T:
     """`LakeResource.transaction` on a connection the caller keeps open across many writes."""
     return retry_transient(lambda: _run_in_transaction(connection, work), what)
 

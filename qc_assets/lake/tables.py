@@ -75,11 +75,17 @@ _LABEL_PROVENANCE = (
     Column("prompt_version", "VARCHAR", "Hash of the category's prompt (or `replay`); part of the key."),
 )
 _LABEL_SPEND = (
-    Column("input_tokens", "BIGINT", "Prompt tokens, summed over every attempt for the key (earlier quarantined runs too)."),
+    Column(
+        "input_tokens", "BIGINT", "Prompt tokens, summed over every attempt for the key (earlier quarantined runs too)."
+    ),
     Column("cached_input_tokens", "BIGINT", "Prompt tokens served from the provider's cache."),
     Column("output_tokens", "BIGINT", "Completion tokens (reasoning included), summed over every attempt."),
     Column("reasoning_tokens", "BIGINT", "Reasoning tokens among output_tokens."),
-    Column("cost_usd", "DOUBLE", "What every attempt for this key cost, earlier quarantined runs included, at the configured price."),
+    Column(
+        "cost_usd",
+        "DOUBLE",
+        "What every attempt for this key cost, earlier quarantined runs included, at the configured price.",
+    ),
     Column("attempts", "INTEGER", "Requests made for this key, over every run that asked for it."),
 )
 
@@ -90,7 +96,9 @@ TEACHER_LABELS = Table(
         *_LABEL_KEY,
         Column("query", "VARCHAR", "The label, as its category's validator returned it."),
         *_LABEL_PROVENANCE,
-        Column("reasoning", "VARCHAR", "The teacher's reasoning (R1 reasoning_content or inline <think>); never a target."),
+        Column(
+            "reasoning", "VARCHAR", "The teacher's reasoning (R1 reasoning_content or inline <think>); never a target."
+        ),
         *_LABEL_SPEND,
         Column("latency_s", "DOUBLE", "Seconds the successful request took."),
         Column("run_id", "VARCHAR", "The Dagster run that paid for the label."),
@@ -161,7 +169,11 @@ RERANKER_SCORES = Table(
         Column("score", "DOUBLE", "Sigmoid relevance in 0..1."),
         Column("query", "VARCHAR", "The query scored."),
         Column("bm25_overlap", "DOUBLE", "Share of the query's character bigrams found in the document."),
-        Column("bm25_rank", "INTEGER", "Rank of the source document under character-bigram BM25 over the shard (1 = first)."),
+        Column(
+            "bm25_rank",
+            "INTEGER",
+            "Rank of the source document under character-bigram BM25 over the shard (1 = first).",
+        ),
         Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the score was written."),
     ),
     partition_columns=("shard", "source", "scorer"),
@@ -180,7 +192,9 @@ EVAL_SUMMARY = Table(
         *(Column(f"p{q:02d}", "DOUBLE", f"{q}th percentile of the score.") for q in (5, 10, 25, 50, 75, 90, 95)),
         Column("bm25_overlap", "DOUBLE", "Mean character-bigram overlap of the query with its document."),
         Column("bm25_top1", "DOUBLE", "Share of queries whose document BM25 ranks first in its shard."),
-        Column("tiny_model", "BOOLEAN", "The source or the scorer is a tiny random-weight model: the scores mean nothing."),
+        Column(
+            "tiny_model", "BOOLEAN", "The source or the scorer is a tiny random-weight model: the scores mean nothing."
+        ),
         Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the summary was computed."),
     ),
     partition_columns=(),
@@ -189,7 +203,13 @@ EVAL_SUMMARY = Table(
 TABLES: dict[str, Table] = {
     table.name: table
     for table in (
-        CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE, CHECKPOINTS, GENERATED_QUERIES, RERANKER_SCORES, EVAL_SUMMARY
+        CORPUS,
+        TEACHER_LABELS,
+        TEACHER_QUARANTINE,
+        CHECKPOINTS,
+        GENERATED_QUERIES,
+        RERANKER_SCORES,
+        EVAL_SUMMARY,
     )
 }
 

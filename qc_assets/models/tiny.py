@@ -37,7 +37,13 @@ class TinyChat:
 
 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
-LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
 
 
 def trl_chat_template(name: str) -> str:
@@ -47,14 +53,19 @@ def trl_chat_template(name: str) -> str:
 
 def qwen_chat(template_name: str = "qwen3") -> TinyChat:
     """Qwen's tokens (eos `<|im_end|>`, pad `<|endoftext|>`, no bos) with TRL's qwen3 or qwen2_5 template."""
-    return TinyChat(trl_chat_template(template_name), QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return TinyChat(
+        trl_chat_template(template_name), QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
 
 
 def llama3_chat(template: str | None = None) -> TinyChat:
     """Llama 3's tokens (eos `<|eot_id|>`, bos `<|begin_of_text|>`), TRL's llama3 template unless another is given."""
     return TinyChat(
-        template or trl_chat_template("llama3"), LLAMA3_SPECIAL_TOKENS,
-        eos_token="<|eot_id|>", pad_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
+        template or trl_chat_template("llama3"),
+        LLAMA3_SPECIAL_TOKENS,
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+        bos_token="<|begin_of_text|>",
     )
 
 
@@ -66,18 +77,29 @@ def _config(architecture: str, vocab_size: int, token_ids: dict[str, int | None]
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     shared = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        max_position_embeddings=4096, rms_norm_eps=1e-6, **token_ids,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        **token_ids,
     )
     if architecture == "qwen3":
         return Qwen3Config(
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
-            rope_theta=1_000_000.0, **shared,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            rope_theta=1_000_000.0,
+            **shared,
         )
     if architecture == "qwen2":  # TinySwallow: Qwen2 with q/k/v biases, tied embeddings; head_dim = 64 / 2
         return Qwen2Config(num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, **shared)
     if architecture == "llama":  # sarashina2.2: untied embeddings
-        return LlamaConfig(num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False, **shared)
+        return LlamaConfig(
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False, **shared
+        )
     raise ValueError(f"unknown tiny architecture {architecture!r}: qwen3, qwen2 or llama")
 
 
@@ -124,7 +146,11 @@ def build_tiny_causal_lm(
     config = _config(
         architecture,
         len(tokenizer),
-        {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id},
+        {
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
     )
     torch.manual_seed(_SEED)
     model = AutoModelForCausalLM.from_config(config)
@@ -133,7 +159,9 @@ def build_tiny_causal_lm(
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    _mark(directory, ARCHITECTURES[architecture], "random weights, 2 layers of width 64: a stand-in for a real base model")
+    _mark(
+        directory, ARCHITECTURES[architecture], "random weights, 2 layers of width 64: a stand-in for a real base model"
+    )
     return directory
 
 
@@ -157,8 +185,13 @@ def build_tiny_cross_encoder(directory: Path, texts: list[str], vocab_size: int 
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
         model_max_length=512,
     )
     config = XLMRobertaConfig(

@@ -1,6 +1,5 @@
 """The raw corpus asset: one partition per source shard, cleaned and written to the lake's `corpus` table."""
 
-
 import time
 from pathlib import Path
 
@@ -11,8 +10,8 @@ from pydantic import Field
 from qc_assets.defs.corpus.cleaning import (
     STAGED,
     LengthWindow,
-    resolve_against_lake,
     StagedSummary,
+    resolve_against_lake,
     stage_shard,
     summarize_staged,
 )
@@ -32,7 +31,9 @@ from qc_assets.settings import Settings
 class CorpusResource(dg.ConfigurableResource):
     """Where the raw documents come from and which of them are kept (QC_CORPUS_*)."""
 
-    source: str = Field(description="Local directory/glob/file of parquet or jsonl, or hf:<dataset> (QC_CORPUS_SOURCE).")
+    source: str = Field(
+        description="Local directory/glob/file of parquet or jsonl, or hf:<dataset> (QC_CORPUS_SOURCE)."
+    )
     hf_config: str | None = Field(default=None, description="Hugging Face dataset config (QC_CORPUS_CONFIG).")
     hf_split: str = Field(default="train", description="Hugging Face dataset split (QC_CORPUS_SPLIT).")
     text_column: str = Field(default="text", description="QC_CORPUS_TEXT_COLUMN")
@@ -81,7 +82,9 @@ def build_corpus_asset(shards: list[Shard], partitions_def: dg.PartitionsDefinit
         description=CORPUS.description,
         metadata={"dagster/column_schema": CORPUS.dagster_schema(), "dagster/table_name": f"lake.{CORPUS.name}"},
     )
-    def corpus(context: dg.AssetExecutionContext, corpus_source: CorpusResource, lake: LakeResource) -> dg.MaterializeResult:
+    def corpus(
+        context: dg.AssetExecutionContext, corpus_source: CorpusResource, lake: LakeResource
+    ) -> dg.MaterializeResult:
         shard = by_key[context.partition_key]
         started = time.perf_counter()
         context.log.info(f"reading shard {shard.key} from {shard.location}")
@@ -114,13 +117,13 @@ def build_corpus_asset(shards: list[Shard], partitions_def: dg.PartitionsDefinit
             f"in {elapsed:.2f}s; dropped: {dropped}"
         )
         if removed_later:
-            context.log.warning(
-                f"removed {removed_later} rows of later shards that duplicate this shard's documents"
-            )
+            context.log.warning(f"removed {removed_later} rows of later shards that duplicate this shard's documents")
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": written,
-                "source": shard.location if shard.location.startswith(HF_PREFIX) else dg.MetadataValue.path(shard.location),
+                "source": shard.location
+                if shard.location.startswith(HF_PREFIX)
+                else dg.MetadataValue.path(shard.location),
                 "rows_read": rows.num_rows + len(rows.bad_rows),
                 "rows_unreadable": len(rows.bad_rows),
                 **{f"dropped_{reason}": count for reason, count in drops.items()},

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 
 from qc_assets.lake.resource import sql_literal
 
-
 HF_PREFIX = "hf:"
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -104,9 +103,7 @@ def _rows_from_arrow(table: pa.Table, location: str, text_column: str, id_column
         ids = table.column(id_column).cast(pa.string())
     else:
         ids = pa.nulls(table.num_rows, pa.string())
-    rows = pa.table(
-        [ids, text.cast(pa.string()), pa.array(range(table.num_rows), pa.int64())], schema=ROWS_SCHEMA
-    )
+    rows = pa.table([ids, text.cast(pa.string()), pa.array(range(table.num_rows), pa.int64())], schema=ROWS_SCHEMA)
     return ShardRows(num_rows=rows.num_rows, table=rows)
 
 
@@ -139,7 +136,7 @@ def read_jsonl(location: str, text_column: str, id_column: str) -> ShardRows:
     rows: list[int] = []
     bad_rows: list[tuple[int, str]] = []
     try:
-        handle = open(location, "rb")
+        handle = open(location, "rb")  # noqa: SIM115 (closed by the `with` below; only opening is guarded)
     except OSError as error:
         raise ShardReadError(f"{location}: cannot open ({error.strerror})") from error
     with handle:
@@ -170,7 +167,11 @@ def read_jsonl(location: str, text_column: str, id_column: str) -> ShardRows:
             ids.append(None if doc_id is None else str(doc_id))
             texts.append(text)
             rows.append(row)
-    if not texts and bad_rows and all(problem.startswith(f"field {text_column!r} is missing") for _, problem in bad_rows):
+    if (
+        not texts
+        and bad_rows
+        and all(problem.startswith(f"field {text_column!r} is missing") for _, problem in bad_rows)
+    ):
         raise ShardReadError(f"{location}: no row has the field {text_column!r} (QC_CORPUS_TEXT_COLUMN)")
     table = pa.table(
         [pa.array(ids, pa.string()), pa.array(texts, pa.string()), pa.array(rows, pa.int64())], schema=ROWS_SCHEMA
@@ -208,9 +209,7 @@ class LocalFiles:
             if file.suffix.lower() in _FORMATS
         ]
         if not candidates:
-            raise CorpusSourceError(
-                f"QC_CORPUS_SOURCE={self.source!r}: no .parquet or .jsonl files found"
-            )
+            raise CorpusSourceError(f"QC_CORPUS_SOURCE={self.source!r}: no .parquet or .jsonl files found")
         return _unique_shards(candidates, self.source)
 
     def read(self, shard: Shard) -> ShardRows:
@@ -250,9 +249,7 @@ class HuggingFaceDataset:
             ) from error
         data_files = builder.config.data_files or {}
         if self.split not in data_files:
-            raise CorpusSourceError(
-                f"QC_CORPUS_SPLIT={self.split!r}: hf:{self.name} has splits {sorted(data_files)}"
-            )
+            raise CorpusSourceError(f"QC_CORPUS_SPLIT={self.split!r}: hf:{self.name} has splits {sorted(data_files)}")
         files = [str(location) for location in data_files[self.split]]
         self._listing_file.parent.mkdir(parents=True, exist_ok=True)
         self._listing_file.write_text(json.dumps(files, indent=1))
@@ -265,7 +262,9 @@ class HuggingFaceDataset:
             if suffix in _FORMATS:
                 candidates.append((shard_key(Path(location).name), location, _FORMATS[suffix]))
         if not candidates:
-            raise CorpusSourceError(f"QC_CORPUS_SOURCE=hf:{self.name}: split {self.split!r} has no parquet or jsonl files")
+            raise CorpusSourceError(
+                f"QC_CORPUS_SOURCE=hf:{self.name}: split {self.split!r} has no parquet or jsonl files"
+            )
         return _unique_shards(candidates, f"hf:{self.name}")
 
     def read(self, shard: Shard) -> ShardRows:

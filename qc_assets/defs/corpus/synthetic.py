@@ -30,10 +30,57 @@ FINEWEB_SCHEMA = pa.schema(
     ]
 )
 
-_SUBJECTS = "日本 学校 研究 地域 社会 技術 歴史 文化 環境 経済 教育 医療 科学 情報 言語 自然 生活 産業 政策 データ".split()
-_OBJECTS = "仕組み 役割 影響 方法 課題 特徴 成果 背景 変化 基礎 考え方 使い方 歴史 効果 可能性 重要性".split()
-_VERBS = "説明します 紹介します 考えます 調べました 見ていきます まとめました 取り上げます 解説します".split()
-_CONNECTIVES = "まず また さらに 一方で そのため 例えば 特に 最後に".split()
+_SUBJECTS = [
+    "日本",
+    "学校",
+    "研究",
+    "地域",
+    "社会",
+    "技術",
+    "歴史",
+    "文化",
+    "環境",
+    "経済",
+    "教育",
+    "医療",
+    "科学",
+    "情報",
+    "言語",
+    "自然",
+    "生活",
+    "産業",
+    "政策",
+    "データ",
+]
+_OBJECTS = [
+    "仕組み",
+    "役割",
+    "影響",
+    "方法",
+    "課題",
+    "特徴",
+    "成果",
+    "背景",
+    "変化",
+    "基礎",
+    "考え方",
+    "使い方",
+    "歴史",
+    "効果",
+    "可能性",
+    "重要性",
+]
+_VERBS = [
+    "説明します",
+    "紹介します",
+    "考えます",
+    "調べました",
+    "見ていきます",
+    "まとめました",
+    "取り上げます",
+    "解説します",
+]
+_CONNECTIVES = ["まず", "また", "さらに", "一方で", "そのため", "例えば", "特に", "最後に"]
 
 
 def sentence_pool(size: int, seed: int) -> list[str]:
@@ -41,7 +88,11 @@ def sentence_pool(size: int, seed: int) -> list[str]:
     pool = []
     for index in range(size):
         connective, subject, other, obj, verb = (
-            rng.choice(_CONNECTIVES), rng.choice(_SUBJECTS), rng.choice(_SUBJECTS), rng.choice(_OBJECTS), rng.choice(_VERBS)
+            rng.choice(_CONNECTIVES),
+            rng.choice(_SUBJECTS),
+            rng.choice(_SUBJECTS),
+            rng.choice(_OBJECTS),
+            rng.choice(_VERBS),
         )
         pool.append(f"{connective}、{subject}と{other}の{obj}について{index}番目の観点から{verb}。")
     return pool

@@ -1,10 +1,9 @@
 """The generated_queries asset: each checkpoint writes one query per test-split document and category."""
 
-
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -17,7 +16,7 @@ from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnava
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints
-from qc_assets.deploy import GPU_POD, GPU_POOL
+from qc_assets.execution import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
 from qc_assets.settings import Settings
@@ -63,7 +62,9 @@ def answer_token_cap(category: Category) -> int:
     return 2 * category.max_chars + 8
 
 
-def evaluation_documents(connection: duckdb.DuckDBPyConnection, shard: str, test_fraction: float) -> list[tuple[str, str]]:
+def evaluation_documents(
+    connection: duckdb.DuckDBPyConnection, shard: str, test_fraction: float
+) -> list[tuple[str, str]]:
     """The shard's test-split documents, by the same rule as the SFT split."""
     return connection.execute(
         f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1 AND {split_is_test_sql("doc_id", test_fraction)} '
@@ -133,15 +134,23 @@ class GenerationTally:
 
 
 def _rows(results, shard: str, checkpoint: str, backend: str, tally: GenerationTally) -> pa.Table:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = []
     for result in results:
         doc_id, name = result.key
-        rows.append({
-            "doc_id": doc_id, "shard": shard, "category": name, "checkpoint": checkpoint, "query": result.query,
-            "input_tokens": result.input_tokens, "output_tokens": result.output_tokens, "backend": backend,
-            "created_at": now,
-        })
+        rows.append(
+            {
+                "doc_id": doc_id,
+                "shard": shard,
+                "category": name,
+                "checkpoint": checkpoint,
+                "query": result.query,
+                "input_tokens": result.input_tokens,
+                "output_tokens": result.output_tokens,
+                "backend": backend,
+                "created_at": now,
+            }
+        )
         tally.add(checkpoint, name, result.query, result.input_tokens, result.output_tokens)
     return pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
 
@@ -149,7 +158,9 @@ def _rows(results, shard: str, checkpoint: str, backend: str, tally: GenerationT
 def _write_partition(connection, table: pa.Table, checkpoint: str, shard: str) -> None:
     def write(connection):
         connection.register("generated_rows", table)
-        count = replace_partition(connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows")
+        count = replace_partition(
+            connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
+        )
         # The connection outlives this write: it should not hold on to the rows.
         connection.unregister("generated_rows")
         return count
@@ -157,8 +168,9 @@ def _write_partition(connection, table: pa.Table, checkpoint: str, shard: str) -
     run_transaction(connection, write, f"write generated queries {checkpoint}|{shard}")
 
 
-def _generate_shard(context, generator, connection, checkpoint: str, shard: str, test_fraction: float,
-                    tally: GenerationTally) -> None:
+def _generate_shard(
+    context, generator, connection, checkpoint: str, shard: str, test_fraction: float, tally: GenerationTally
+) -> None:
     documents = evaluation_documents(connection, shard, test_fraction)
     requests = [
         GenerationRequest(key=(doc_id, name), category=name, text=text)
@@ -178,9 +190,13 @@ def _open(generation: GenerationResource, found: Checkpoint, tally: GenerationTa
     started = time.perf_counter()
     try:
         generator = open_generator(
-            generation.backend, str(found.path), batch_size=generation.batch_size,
-            max_new_tokens=generation.token_caps(), temperature=generation.temperature,
-            base_url=generation.base_url, model_name=found.checkpoint,
+            generation.backend,
+            str(found.path),
+            batch_size=generation.batch_size,
+            max_new_tokens=generation.token_caps(),
+            temperature=generation.temperature,
+            base_url=generation.base_url,
+            model_name=found.checkpoint,
         )
     except GeneratorUnavailable as error:
         raise dg.Failure(description=f"QC_GENERATION_BACKEND={generation.backend}: {error}") from None
@@ -227,9 +243,15 @@ def _results(tally: GenerationTally, generation: GenerationResource, checkpoints
         passed=worst is None or rates[worst] <= generation.max_empty_rate,
         severity=dg.AssetCheckSeverity.WARN if tally.tiny else dg.AssetCheckSeverity.ERROR,
         description=f"highest empty rate {rates[worst]:.3f} ({worst[0]}, {worst[1]}); the limit is "
-        f"QC_GENERATION_MAX_EMPTY_RATE={generation.max_empty_rate:g}" if worst else "nothing generated",
-        metadata={"empty_queries": sum(tally.empty.values()), "highest_empty_rate": rates[worst] if worst else 0.0,
-                  "max_empty_rate": generation.max_empty_rate, "tiny_model": tally.tiny},
+        f"QC_GENERATION_MAX_EMPTY_RATE={generation.max_empty_rate:g}"
+        if worst
+        else "nothing generated",
+        metadata={
+            "empty_queries": sum(tally.empty.values()),
+            "highest_empty_rate": rates[worst] if worst else 0.0,
+            "max_empty_rate": generation.max_empty_rate,
+            "tiny_model": tally.tiny,
+        },
     )
     validity = tally.validity_by_category()
     yield dg.AssetCheckResult(
@@ -258,13 +280,23 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
         kinds={BACKEND_KINDS[backend], "duckdb"},
         description=GENERATED_QUERIES.description
         + " A run of many partitions loads each checkpoint once and generates for all its shards in large batches.",
-        metadata={"dagster/column_schema": GENERATED_QUERIES.dagster_schema(), "dagster/table_name": f"lake.{GENERATED_QUERIES.name}"},
+        metadata={
+            "dagster/column_schema": GENERATED_QUERIES.dagster_schema(),
+            "dagster/table_name": f"lake.{GENERATED_QUERIES.name}",
+        },
         check_specs=[
-            dg.AssetCheckSpec("empty_queries", asset=GENERATED_QUERIES.name, blocking=True,
-                              description="Share of empty queries per checkpoint and category is at most "
-                              "QC_GENERATION_MAX_EMPTY_RATE."),
-            dg.AssetCheckSpec("category_validity", asset=GENERATED_QUERIES.name,
-                              description="Share of queries that pass their category's validator (warns below 50%)."),
+            dg.AssetCheckSpec(
+                "empty_queries",
+                asset=GENERATED_QUERIES.name,
+                blocking=True,
+                description="Share of empty queries per checkpoint and category is at most "
+                "QC_GENERATION_MAX_EMPTY_RATE.",
+            ),
+            dg.AssetCheckSpec(
+                "category_validity",
+                asset=GENERATED_QUERIES.name,
+                description="Share of queries that pass their category's validator (warns below 50%).",
+            ),
         ],
     )
     def generated_queries(
@@ -279,7 +311,9 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
             for checkpoint, shards in by_checkpoint.items():
                 found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
                 tally.tiny = tally.tiny or bool(found.manifest.get("tiny_model"))
-                context.log.info(f"{checkpoint}: generating for the test documents of {len(shards)} shards with {generation.backend}")
+                context.log.info(
+                    f"{checkpoint}: generating for the test documents of {len(shards)} shards with {generation.backend}"
+                )
                 generator = _open(generation, found, tally)
                 try:
                     # One shard at a time: the checkpoint is loaded once, and what is held in memory is one shard's
@@ -288,13 +322,23 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
                         _generate_shard(context, generator, connection, checkpoint, shard, sft.test_fraction, tally)
                 finally:
                     generator.close()
-        yield from _results(tally, generation, len(by_checkpoint), len(context.partition_keys), time.perf_counter() - started)
+        yield from _results(
+            tally, generation, len(by_checkpoint), len(context.partition_keys), time.perf_counter() - started
+        )
 
     return generated_queries
 
 
-_ARROW_SCHEMA = pa.schema([
-    ("doc_id", pa.string()), ("shard", pa.string()), ("category", pa.string()), ("checkpoint", pa.string()),
-    ("query", pa.string()), ("input_tokens", pa.int32()), ("output_tokens", pa.int32()), ("backend", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-])
+_ARROW_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("shard", pa.string()),
+        ("category", pa.string()),
+        ("checkpoint", pa.string()),
+        ("query", pa.string()),
+        ("input_tokens", pa.int32()),
+        ("output_tokens", pa.int32()),
+        ("backend", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)

@@ -258,6 +258,7 @@ class TransformersGenerator:
         self.temperature = temperature
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        # Decoder-only generation continues from the last position, so every prompt has to end there.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -293,19 +294,12 @@ class TransformersGenerator:
         progress = _Progress(self.name, len(requests), log)
         log(f"{self.name}: {len(requests)} requests on {self.device.type}, batches of {self.batch_size}")
         for cap, batch in self._batches(requests, prompts):
-            width = max(len(prompts[index]) for index in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):
-                ids = prompts[index]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids) :] = 1
+            padded = self.tokenizer.pad(
+                {"input_ids": [prompts[index] for index in batch]}, padding=True, return_tensors="pt"
+            ).to(self.device)
             with torch.inference_mode():
-                output = self.model.generate(
-                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                    max_new_tokens=cap,
-                )
-            generated = output[:, width:].tolist()
+                output = self.model.generate(**padded, max_new_tokens=cap)
+            generated = output[:, padded["input_ids"].shape[1] :].tolist()
             batch_input = batch_output = 0
             for row, index in enumerate(batch):
                 tokens = generated[row]
@@ -559,7 +553,7 @@ class OpenAIGenerator:
                 result = await self._request(client, request)
                 results[index] = result
                 progress.add(1, result.input_tokens, result.output_tokens)
-            except Exception as error:  # noqa: BLE001 - reported below, with the request's key
+            except Exception as error:
                 failure = GenerationFailed(f"request {request.key!r} failed: {type(error).__name__}: {error}")
                 failure.__cause__ = error
                 failures.append(failure)

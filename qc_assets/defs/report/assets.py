@@ -1,7 +1,6 @@
 """The eval_summary asset: seed 000's table (mean and population std of reranker scores per source), a percentile
 plot, and the checks that guard it."""
 
-
 import base64
 import io
 from pathlib import Path
@@ -41,8 +40,10 @@ GROUP BY GROUPING SETS ((source, scorer, category), (source, scorer))
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| モデル (source) | scorer | n | 平均 (mean) | 標準偏差 (std) | p50 | BM25 overlap | BM25 top-1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| モデル (source) | scorer | n | 平均 (mean) | 標準偏差 (std) | p50 | BM25 overlap | BM25 top-1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['source']} | {row['scorer']} | {row['n']} | {row['mean']:.4f} | {row['std']:.4f} | "
@@ -59,7 +60,9 @@ def _plot(rows: list[dict], path: Path) -> bytes:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for row in rows:
-        axis.plot(PERCENTILES, [row[f"p{q:02d}"] for q in PERCENTILES], marker="o", label=f"{row['source']} ({row['scorer']})")
+        axis.plot(
+            PERCENTILES, [row[f"p{q:02d}"] for q in PERCENTILES], marker="o", label=f"{row['source']} ({row['scorer']})"
+        )
     axis.set_xlabel("percentile")
     axis.set_ylabel("reranker score")
     axis.set_ylim(0, 1)
@@ -101,11 +104,17 @@ def _regressions(connection) -> list[str]:
     group_name="report",
     kinds={"duckdb", "matplotlib"},
     description=EVAL_SUMMARY.description + " Also a percentile plot under QC_DATA_DIR/reports/.",
-    metadata={"dagster/column_schema": EVAL_SUMMARY.dagster_schema(), "dagster/table_name": f"lake.{EVAL_SUMMARY.name}"},
+    metadata={
+        "dagster/column_schema": EVAL_SUMMARY.dagster_schema(),
+        "dagster/table_name": f"lake.{EVAL_SUMMARY.name}",
+    },
     automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
-        dg.AssetCheckSpec("no_regression", asset=EVAL_SUMMARY.name,
-                          description="Warns when a checkpoint scores below the best earlier one of its base model."),
+        dg.AssetCheckSpec(
+            "no_regression",
+            asset=EVAL_SUMMARY.name,
+            description="Warns when a checkpoint scores below the best earlier one of its base model.",
+        ),
     ],
 )
 def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: ReportResource):
@@ -114,14 +123,18 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
     def rebuild(connection):
         connection.execute(f'DELETE FROM "{EVAL_SUMMARY.name}"')
         connection.execute(f'INSERT INTO "{EVAL_SUMMARY.name}" ({columns}) SELECT {columns} FROM ({SUMMARY_SQL})')
-        overall = connection.execute(
-            f"SELECT * FROM {EVAL_SUMMARY.name} WHERE category = 'all' ORDER BY scorer, mean DESC"
-        ).to_arrow_table().to_pylist()
+        overall = (
+            connection.execute(f"SELECT * FROM {EVAL_SUMMARY.name} WHERE category = 'all' ORDER BY scorer, mean DESC")
+            .to_arrow_table()
+            .to_pylist()
+        )
         return overall, _regressions(connection)
 
     overall, worse = lake.transaction(rebuild, "rebuild eval_summary")
     if not overall:
-        raise dg.Failure(description="reranker_scores is empty: materialize generated_queries and reranker_scores first")
+        raise dg.Failure(
+            description="reranker_scores is empty: materialize generated_queries and reranker_scores first"
+        )
     tiny = any(row["tiny_model"] for row in overall)
     table = _markdown(overall)
     png = _plot(overall, Path(report.reports_dir) / "eval_percentiles.png")
@@ -134,12 +147,16 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
             "dagster/row_count": len(overall),
             "sources": len({row["source"] for row in overall}),
             "table": dg.MetadataValue.md((f"**{TINY_NOTE}**\n\n" if tiny else "") + table),
-            "percentile_plot": dg.MetadataValue.md(f"![percentiles](data:image/png;base64,{base64.b64encode(png).decode()})"),
+            "percentile_plot": dg.MetadataValue.md(
+                f"![percentiles](data:image/png;base64,{base64.b64encode(png).decode()})"
+            ),
             "plot_path": dg.MetadataValue.path(str(Path(report.reports_dir) / "eval_percentiles.png")),
             "tiny_models": tiny,
         }
     )
     yield dg.AssetCheckResult(
-        check_name="no_regression", passed=not worse, severity=dg.AssetCheckSeverity.WARN,
+        check_name="no_regression",
+        passed=not worse,
+        severity=dg.AssetCheckSeverity.WARN,
         metadata={"regressions": dg.MetadataValue.json(worse)},
     )

@@ -1,11 +1,12 @@
 """The reranker_scores asset: a cross-encoder and a character-bigram BM25 check on students' and teacher's queries."""
 
-
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pyarrow as pa
 from pydantic import Field
 
@@ -15,7 +16,7 @@ from qc_assets.defs.scoring.scorers import open_scorer
 from qc_assets.defs.sft.assets import SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.teacher.assets import TeacherResource
-from qc_assets.deploy import GPU_POD, GPU_POOL
+from qc_assets.execution import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES, RERANKER_SCORES, TEACHER_LABELS, TEACHER_SOURCE_PREFIX
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, ensure_tiny_models, sample_texts
@@ -46,20 +47,41 @@ class ScoringResource(dg.ConfigurableResource):
     def open(self):
         if self.is_tiny:
             path = ensure_tiny_models(Path(self.models_dir), sample_texts())[CROSS_ENCODER_DIR]
-            return open_scorer(str(path), max_length=self.max_length, batch_size=self.batch_size,
-                               name=f"tiny-cross-encoder@{self.max_length}")
+            return open_scorer(
+                str(path),
+                max_length=self.max_length,
+                batch_size=self.batch_size,
+                name=f"tiny-cross-encoder@{self.max_length}",
+            )
         return open_scorer(self.model, max_length=self.max_length, batch_size=self.batch_size)
 
 
-_ARROW_SCHEMA = pa.schema([
-    ("doc_id", pa.string()), ("shard", pa.string()), ("category", pa.string()), ("source", pa.string()),
-    ("scorer", pa.string()), ("score", pa.float64()), ("query", pa.string()), ("bm25_overlap", pa.float64()),
-    ("bm25_rank", pa.int32()), ("created_at", pa.timestamp("us", tz="UTC")),
-])
+_ARROW_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("shard", pa.string()),
+        ("category", pa.string()),
+        ("source", pa.string()),
+        ("scorer", pa.string()),
+        ("score", pa.float64()),
+        ("query", pa.string()),
+        ("bm25_overlap", pa.float64()),
+        ("bm25_rank", pa.int32()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
-def _score_rows(scorer, index: ShardIndex, texts: dict[str, str], items: list[tuple[str, str, str]],
-                shard: str, source: str, log, seconds: dict[str, float]) -> pa.Table:
+def _score_rows(
+    scorer,
+    index: ShardIndex,
+    texts: dict[str, str],
+    items: list[tuple[str, str, str]],
+    shard: str,
+    source: str,
+    log,
+    seconds: dict[str, float],
+) -> pa.Table:
     """items: (doc_id, category, query) -> rows with the neural score and the lexical check; adds the time spent in
     the cross-encoder and in the lexical check to `seconds`."""
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -69,16 +91,33 @@ def _score_rows(scorer, index: ShardIndex, texts: dict[str, str], items: list[tu
     lexical = lexical_checks(index, [(query, doc_id) for doc_id, _, query in items])
     seconds["score"] += scored - started
     seconds["lexical"] += time.perf_counter() - scored
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return pa.Table.from_pylist(
         [
-            {"doc_id": doc_id, "shard": shard, "category": category, "source": source, "scorer": scorer.name,
-             "score": float(score), "query": query, "bm25_overlap": float(overlap), "bm25_rank": int(rank),
-             "created_at": now}
+            {
+                "doc_id": doc_id,
+                "shard": shard,
+                "category": category,
+                "source": source,
+                "scorer": scorer.name,
+                "score": float(score),
+                "query": query,
+                "bm25_overlap": float(overlap),
+                "bm25_rank": int(rank),
+                "created_at": now,
+            }
             for (doc_id, category, query), score, (overlap, rank) in zip(items, scores, lexical)
         ],
         schema=_ARROW_SCHEMA,
     )
+
+
+def _write_scores(connection: duckdb.DuckDBPyConnection, table: pa.Table, partition: dict[str, str]) -> int:
+    connection.register("scored_rows", table)
+    count = replace_partition(connection, RERANKER_SCORES, partition, "scored_rows")
+    # The connection outlives this write: it should not hold on to the rows.
+    connection.unregister("scored_rows")
+    return count
 
 
 def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
@@ -87,7 +126,9 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
         partitions_def=partitions_def,
         deps=[
             dg.AssetDep(GENERATED_QUERIES.name),
-            dg.AssetDep(TEACHER_LABELS.name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SHARD_DIMENSION)),
+            dg.AssetDep(
+                TEACHER_LABELS.name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SHARD_DIMENSION)
+            ),
         ],
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name="scoring",
@@ -96,10 +137,17 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
         kinds={"pytorch", "duckdb"},
         description=RERANKER_SCORES.description
         + " The teacher's labels of the same test documents are scored by the same scorer once per shard.",
-        metadata={"dagster/column_schema": RERANKER_SCORES.dagster_schema(), "dagster/table_name": f"lake.{RERANKER_SCORES.name}"},
+        metadata={
+            "dagster/column_schema": RERANKER_SCORES.dagster_schema(),
+            "dagster/table_name": f"lake.{RERANKER_SCORES.name}",
+        },
         check_specs=[
-            dg.AssetCheckSpec("scores_in_range", asset=RERANKER_SCORES.name, blocking=True,
-                              description="Every score is a number in 0..1."),
+            dg.AssetCheckSpec(
+                "scores_in_range",
+                asset=RERANKER_SCORES.name,
+                blocking=True,
+                description="Every score is a number in 0..1.",
+            ),
         ],
     )
     def reranker_scores(
@@ -126,18 +174,24 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                 for key in context.partition_keys:
                     dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
                     checkpoint, shard = dimensions[CHECKPOINT_DIMENSION], dimensions[SHARD_DIMENSION]
-                    texts = dict(connection.execute(f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1', [shard]).fetchall())
+                    texts = dict(
+                        connection.execute(
+                            f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1', [shard]
+                        ).fetchall()
+                    )
                     student = connection.execute(
                         "SELECT doc_id, category, query FROM generated_queries WHERE checkpoint = $1 AND shard = $2 ORDER BY ALL",
                         [checkpoint, shard],
                     ).fetchall()
                     teacher_items = connection.execute(
                         f"""SELECT l.doc_id, l.category, l.query FROM teacher_labels l
-                            WHERE l.shard = $1 AND l.teacher = $2 AND {split_is_test_sql('l.doc_id', sft.test_fraction)}
+                            WHERE l.shard = $1 AND l.teacher = $2 AND {split_is_test_sql("l.doc_id", sft.test_fraction)}
                             ORDER BY ALL""",
                         [shard, teacher_name],
                     ).fetchall()
-                    teacher_items = [item for item in teacher_items if prompt_versions.get(item[1]) is not None and item[0] in texts]
+                    teacher_items = [
+                        item for item in teacher_items if prompt_versions.get(item[1]) is not None and item[0] in texts
+                    ]
                     already = connection.execute(
                         "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
                         [shard, teacher_source, scorer.name],
@@ -149,28 +203,40 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                     index_started = time.perf_counter()
                     index = ShardIndex(list(texts), list(texts.values()))
                     seconds["index"] += time.perf_counter() - index_started
-                    batches = [(checkpoint, _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info, seconds))]
+                    batches = [
+                        (
+                            checkpoint,
+                            _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info, seconds),
+                        )
+                    ]
                     # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
                     if teacher_items and already != len(teacher_items):
-                        batches.append((teacher_source, _score_rows(scorer, index, texts, teacher_items, shard, teacher_source,
-                                                                    context.log.info, seconds)))
+                        batches.append(
+                            (
+                                teacher_source,
+                                _score_rows(
+                                    scorer,
+                                    index,
+                                    texts,
+                                    teacher_items,
+                                    shard,
+                                    teacher_source,
+                                    context.log.info,
+                                    seconds,
+                                ),
+                            )
+                        )
                     del index, texts
                     for source, table in batches:
                         scores = table.column("score").to_pylist()
                         out_of_range += sum(not (0.0 <= score <= 1.0) for score in scores)
-
-                        def write(connection, table=table, source=source):
-                            connection.register("scored_rows", table)
-                            count = replace_partition(
-                                connection, RERANKER_SCORES, {"shard": shard, "source": source, "scorer": scorer.name}, "scored_rows"
-                            )
-                            # The connection outlives this write: it should not hold on to the rows.
-                            connection.unregister("scored_rows")
-                            return count
-
+                        partition = {"shard": shard, "source": source, "scorer": scorer.name}
+                        write = partial(_write_scores, table=table, partition=partition)
                         count = run_transaction(connection, write, f"write reranker scores {source}|{shard}")
                         written["teacher" if source == teacher_source else "student"] += count
-                    context.log.info(f"{checkpoint}|{shard}: {len(student)} student and {len(teacher_items)} teacher pairs scored")
+                    context.log.info(
+                        f"{checkpoint}|{shard}: {len(student)} student and {len(teacher_items)} teacher pairs scored"
+                    )
         finally:
             scorer.close()
         yield dg.MaterializeResult(
@@ -189,6 +255,8 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                 "bm25_check_seconds": round(seconds["lexical"], 3),
             }
         )
-        yield dg.AssetCheckResult(check_name="scores_in_range", passed=out_of_range == 0, metadata={"out_of_range": out_of_range})
+        yield dg.AssetCheckResult(
+            check_name="scores_in_range", passed=out_of_range == 0, metadata={"out_of_range": out_of_range}
+        )
 
     return reranker_scores

@@ -248,8 +248,16 @@ class ShardIndex:
     @property
     def nbytes(self) -> int:
         """Memory held by the index arrays (not the doc_id list and its dict)."""
-        arrays = (self._vocab, self._indptr, self._docs, self._weights, self._dense, self._dense_row, self.idf,
-                  self.doc_lengths)
+        arrays = (
+            self._vocab,
+            self._indptr,
+            self._docs,
+            self._weights,
+            self._dense,
+            self._dense_row,
+            self.idf,
+            self.doc_lengths,
+        )
         return sum(array.nbytes for array in arrays)
 
     def _row_of(self, doc_id: str) -> int:

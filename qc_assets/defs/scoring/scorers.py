@@ -112,7 +112,7 @@ class CrossEncoderScorer:
 
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> "CrossEncoderScorer":
+    def __enter__(self) -> CrossEncoderScorer:
         return self
 
     def __exit__(self, *exc) -> None:

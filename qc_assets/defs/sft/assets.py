@@ -1,6 +1,5 @@
 """The sft_dataset asset: the configured teacher's valid labels as a train/test Hugging Face dataset."""
 
-
 from pathlib import Path
 
 import dagster as dg

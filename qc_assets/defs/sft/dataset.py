@@ -94,14 +94,15 @@ class ContentVersion:
         if len(records):
             _, offset_buffer, value_buffer = records.buffers()
             offsets = pa.Array.from_buffers(pa.int32(), len(records) + 1, [None, offset_buffer], offset=records.offset)
-            self._digest.update(value_buffer[offsets[0].as_py():offsets[-1].as_py()])
+            self._digest.update(value_buffer[offsets[0].as_py() : offsets[-1].as_py()])
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()[:12]
 
 
-def _shard_rows(connection: duckdb.DuckDBPyConnection, teacher: str, shard: str, test_fraction: float,
-                documents: str) -> tuple[pa.Table, pa.Table, pa.Array]:
+def _shard_rows(
+    connection: duckdb.DuckDBPyConnection, teacher: str, shard: str, test_fraction: float, documents: str
+) -> tuple[pa.Table, pa.Table, pa.Array]:
     """One shard's labels that have their document in the shard, the shard's corpus rows (a select list, doc_id
     first), and for each label the position of its document among them. A label is paired with the document text
     it was made from: the one in its own shard."""
@@ -118,113 +119,91 @@ def _shard_rows(connection: duckdb.DuckDBPyConnection, teacher: str, shard: str,
 class _Summary:
     counts: dict[str, dict[str, int]]
     rows: dict[str, int]
-    nbytes: dict[str, int]
     chars: dict[str, int]
     version: str = ""
 
 
-def _summarize(connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float, shards: list[str]) -> _Summary:
-    """Rows per split and category, characters of user and assistant, each split's size in bytes and the content
-    version, shard by shard: the documents' lengths are read, never their text held."""
-    summary = _Summary({split: {} for split in SPLITS}, dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0),
-                       {"user": 0, "assistant": 0})
+def _summarize(
+    connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float, shards: list[str]
+) -> _Summary:
+    """Rows per split and category, characters of user and assistant and the content version, shard by shard: the
+    documents' lengths are read, never their text held."""
+    summary = _Summary({split: {} for split in SPLITS}, dict.fromkeys(SPLITS, 0), {"user": 0, "assistant": 0})
     version = ContentVersion(test_fraction)
     for shard in shards:
-        labels, corpus, position = _shard_rows(
-            connection, teacher, shard, test_fraction, "doc_id, n_chars, strlen(text) AS nbytes"
-        )
-        documents = corpus.take(position)
+        labels, corpus, position = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, n_chars")
         version.add(labels["record"].combine_chunks())
-        label_bytes = pc.fill_null(pc.binary_length(labels["assistant"]), 0)
-        for name in ("system", "doc_id", "shard", "teacher", "prompt_version"):
-            label_bytes = pc.add(label_bytes, pc.binary_length(labels[name]))
-        # Arrow strings also take a 4-byte offset per value.
-        row_bytes = pc.add(pc.add(label_bytes, documents["nbytes"]), 4 * len(COLUMNS))
         for split in SPLITS:
-            in_split = pc.equal(labels["split"], split)
-            systems = labels["system"].filter(in_split)
+            systems = labels["system"].filter(pc.equal(labels["split"], split))
             for system, n in zip(*pc.value_counts(systems).flatten()):
                 summary.counts[split][system.as_py()] = summary.counts[split].get(system.as_py(), 0) + n.as_py()
             summary.rows[split] += len(systems)
-            summary.nbytes[split] += pc.sum(row_bytes.filter(in_split)).as_py() or 0
-        summary.chars["user"] += pc.sum(documents["n_chars"]).as_py() or 0
+        summary.chars["user"] += pc.sum(corpus["n_chars"].take(position)).as_py() or 0
         summary.chars["assistant"] += pc.sum(pc.utf8_length(labels["assistant"])).as_py() or 0
     summary.counts = {split: dict(sorted(counts.items())) for split, counts in summary.counts.items()}
     summary.version = version.hexdigest()
     return summary
 
 
-class _SplitWriter:
-    """One split into parquet and into `save_to_disk`'s layout (contiguous arrow files of at most about
-    MAX_SHARD_BYTES, state.json, dataset_info.json), as `Dataset.save_to_disk` would write it, batch by batch."""
+def _write_parquet(
+    connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float, shards: list[str], paths: dict[str, Path]
+) -> None:
+    """Each split's rows into its parquet file, in order (shard, doc_id, category), a batch at a time."""
+    import pyarrow.parquet as pq
 
-    def __init__(self, hf_dir: Path, parquet_path: Path, rows: int, nbytes: int, fingerprint: str) -> None:
-        import datasets
-        import pyarrow.parquet as pq
+    schema = pa.schema([(name, pa.string()) for name in COLUMNS])
+    writers = {split: pq.ParquetWriter(path, schema) for split, path in paths.items()}
+    try:
+        for shard in shards:
+            labels, corpus, position = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, text")
+            for split, writer in writers.items():
+                in_split = pc.equal(labels["split"], split)
+                part, part_position = labels.filter(in_split), position.filter(in_split)
+                # A document's text goes into each of its rows, one per category: joined a batch at a time, so
+                # memory holds the shard's texts once.
+                for start in range(0, len(part), BATCH_ROWS):
+                    texts = corpus["text"].take(part_position.slice(start, BATCH_ROWS))
+                    batch = part.slice(start, BATCH_ROWS).append_column("user", texts)
+                    writer.write_table(batch.select(list(COLUMNS)).cast(schema))
+            del labels, corpus, position
+    finally:
+        for writer in writers.values():
+            writer.close()
 
-        self.features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
-        self.schema = pa.schema([(name, pa.string()) for name in COLUMNS])
-        self.hf_dir, self.rows, self.fingerprint = hf_dir, rows, fingerprint
-        # An empty split still gets one (empty) arrow file: `load_from_disk` cannot load a split without any.
-        files = max(1, min(rows, int(nbytes / MAX_SHARD_BYTES) + 1))
-        # Dataset.shard(contiguous=True)'s boundaries.
-        self.ends, end = [], 0
-        for index in range(files):
-            end += rows // files + (1 if index < rows % files else 0)
-            self.ends.append(end)
-        self.names = [f"data-{index:05d}-of-{files:05d}.arrow" for index in range(files)]
-        hf_dir.mkdir(parents=True)
-        self.parquet = pq.ParquetWriter(parquet_path, self.schema)
-        self.file, self.written, self.writer = 0, 0, None
 
-    def write(self, table: pa.Table) -> None:
-        from datasets.arrow_writer import ArrowWriter
+def _save_hf_dataset(parquet_paths: dict[str, Path], rows: dict[str, int], hf_dir: Path, cache_dir: Path) -> None:
+    """The parquet splits as a `save_to_disk` dataset; `from_parquet` converts them a row group at a time, through
+    Arrow files in `cache_dir`."""
+    import datasets
 
-        table = table.select(list(COLUMNS)).cast(self.schema)
-        self.parquet.write_table(table)
-        while len(table):
-            if self.writer is None:
-                self.writer = ArrowWriter(features=self.features, path=str(self.hf_dir / self.names[self.file]),
-                                          embed_local_files=True)
-            take = min(len(table), self.ends[self.file] - self.written)
-            self.writer.write_table(table.slice(0, take))
-            table, self.written = table.slice(take), self.written + take
-            if self.written == self.ends[self.file]:
-                self.writer.finalize()
-                self.writer.close()
-                self.writer, self.file = None, self.file + 1
-
-    def finish(self, split: str) -> None:
-        import datasets
-        from datasets.arrow_writer import ArrowWriter
-        from datasets.utils.py_utils import asdict
-
-        self.parquet.close()
-        if self.rows == 0:
-            self.writer = ArrowWriter(features=self.features, path=str(self.hf_dir / self.names[0]), embed_local_files=True)
-            self.writer.finalize()
-        if self.writer is not None:
-            self.writer.close()
-        if self.written != self.rows:
-            raise RuntimeError(f"SFT split {split}: {self.written} rows written where {self.rows} were counted")
-        state = {
-            "_data_files": [{"filename": name} for name in self.names],
-            "_fingerprint": self.fingerprint,
-            "_format_columns": None,
-            "_format_kwargs": {},
-            "_format_type": None,
-            "_output_all_columns": False,
-            "_split": None,
+    features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
+    splits = datasets.DatasetDict(
+        {
+            # datasets' parquet reader refuses a file without rows.
+            split: datasets.Dataset.from_parquet(str(path), split=split, features=features, cache_dir=str(cache_dir))
+            if rows[split]
+            else datasets.Dataset.from_dict({name: [] for name in COLUMNS}, features=features)
+            for split, path in parquet_paths.items()
         }
-        (self.hf_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        info = asdict(datasets.DatasetInfo(features=self.features))
-        (self.hf_dir / "dataset_info.json").write_text(
-            json.dumps({key: info[key] for key in sorted(info)}, indent=2), encoding="utf-8"
-        )
+    )
+    for split, dataset in splits.items():
+        if len(dataset) != rows[split]:
+            raise RuntimeError(f"SFT split {split}: {len(dataset)} rows written where {rows[split]} were counted")
+    splits.save_to_disk(str(hf_dir), max_shard_size=MAX_SHARD_BYTES)
+    # save_to_disk gives an empty split no arrow file, and load_from_disk cannot load a split without one.
+    for split, dataset in splits.items():
+        if not len(dataset):
+            dataset.save_to_disk(str(hf_dir / split), num_shards=1)
 
 
-def _card(version: str, rows: dict[str, dict[str, int]], teacher: str, prompt_versions: dict[str, str],
-          test_fraction: float, mean_chars: dict[str, float]) -> str:
+def _card(
+    version: str,
+    rows: dict[str, dict[str, int]],
+    teacher: str,
+    prompt_versions: dict[str, str],
+    test_fraction: float,
+    mean_chars: dict[str, float],
+) -> str:
     lines = [
         "---",
         "language: [ja]",
@@ -258,25 +237,34 @@ def _card(version: str, rows: dict[str, dict[str, int]], teacher: str, prompt_ve
 
 
 def export_from_lake(
-    connection: duckdb.DuckDBPyConnection, root: Path, teacher: str, prompt_versions: dict[str, str], test_fraction: float
+    connection: duckdb.DuckDBPyConnection,
+    root: Path,
+    teacher: str,
+    prompt_versions: dict[str, str],
+    test_fraction: float,
 ) -> SftExport:
     """The teacher's valid labels with their documents as the dataset version they make, written when new.
 
     Shard by shard, never the whole dataset at once: a first pass over the shards' labels and their documents'
-    lengths gives the counts, sizes and version; a second joins each shard's labels with its documents' text and
-    writes them, in order (shard, doc_id, category), into parquet and arrow files. Memory holds one shard.
+    lengths gives the counts and version; a second joins each shard's labels with its documents' text into the
+    splits' parquet files, which datasets then converts batch by batch. Memory holds one shard.
     """
-    wanted = pa.table({
-        "category": pa.array(list(prompt_versions), pa.string()),
-        "prompt_version": pa.array(list(prompt_versions.values()), pa.string()),
-    })
+    wanted = pa.table(
+        {
+            "category": pa.array(list(prompt_versions), pa.string()),
+            "prompt_version": pa.array(list(prompt_versions.values()), pa.string()),
+        }
+    )
     connection.register("wanted_versions", wanted)
     # One snapshot of the lake for every query below, so counts, version and rows agree.
     connection.execute("BEGIN TRANSACTION")
     try:
-        shards = [shard for (shard,) in connection.execute(
-            "SELECT DISTINCT shard FROM teacher_labels WHERE teacher = $1 ORDER BY shard", [teacher]
-        ).fetchall()]
+        shards = [
+            shard
+            for (shard,) in connection.execute(
+                "SELECT DISTINCT shard FROM teacher_labels WHERE teacher = $1 ORDER BY shard", [teacher]
+            ).fetchall()
+        ]
         summary = _summarize(connection, teacher, test_fraction, shards)
         counts, rows = summary.counts, sum(summary.rows.values())
         mean_chars = {column: (chars / rows if rows else 0.0) for column, chars in summary.chars.items()}
@@ -284,43 +272,44 @@ def export_from_lake(
             return SftExport("", root, counts, mean_chars, created=False, rows=0)
         version = summary.version
         directory = root / version
-        if (directory / "README.md").exists():
-            _point_at(root, version)
-            return SftExport(version, directory, counts, mean_chars, created=False, rows=rows)
-        staging = root / f".{version}.partial"
-        if staging.exists():
-            shutil.rmtree(staging)
-        (staging / "parquet").mkdir(parents=True)
-        writers = {
-            split: _SplitWriter(
-                staging / "hf" / split, staging / "parquet" / f"{split}.parquet", summary.rows[split],
-                summary.nbytes[split], hashlib.sha256(f"{version}:{split}".encode()).hexdigest()[:16],
+        created = not (directory / "README.md").exists()
+        if created:
+            _write_version(
+                connection,
+                directory,
+                teacher,
+                test_fraction,
+                shards,
+                summary.rows,
+                _card(version, counts, teacher, prompt_versions, test_fraction, mean_chars),
             )
-            for split in SPLITS
-        }
-        for shard in shards:
-            labels, corpus, position = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, text")
-            for split, writer in writers.items():
-                in_split = pc.equal(labels["split"], split)
-                part, part_position = labels.filter(in_split), position.filter(in_split)
-                # A document's text goes into each of its rows, one per category: joined a batch at a time, so
-                # memory holds the shard's texts once.
-                for start in range(0, len(part), BATCH_ROWS):
-                    texts = corpus["text"].take(part_position.slice(start, BATCH_ROWS))
-                    writer.write(part.slice(start, BATCH_ROWS).append_column("user", texts))
-            del labels, corpus, position
-        for split, writer in writers.items():
-            writer.finish(split)
-        (staging / "hf" / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
-        (staging / "README.md").write_text(
-            _card(version, counts, teacher, prompt_versions, test_fraction, mean_chars), encoding="utf-8"
-        )
-        os.rename(staging, directory)
         _point_at(root, version)
-        return SftExport(version, directory, counts, mean_chars, created=True, rows=rows)
+        return SftExport(version, directory, counts, mean_chars, created=created, rows=rows)
     finally:
         connection.execute("ROLLBACK")
         connection.unregister("wanted_versions")
+
+
+def _write_version(
+    connection: duckdb.DuckDBPyConnection,
+    directory: Path,
+    teacher: str,
+    test_fraction: float,
+    shards: list[str],
+    rows: dict[str, int],
+    card: str,
+) -> None:
+    """Written aside and renamed into place, so a version directory is complete or absent."""
+    staging = directory.with_name(f".{directory.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "parquet").mkdir(parents=True)
+    parquet_paths = {split: staging / "parquet" / f"{split}.parquet" for split in SPLITS}
+    _write_parquet(connection, teacher, test_fraction, shards, parquet_paths)
+    _save_hf_dataset(parquet_paths, rows, staging / "hf", staging / "cache")
+    shutil.rmtree(staging / "cache")
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    os.rename(staging, directory)
 
 
 def _point_at(root: Path, version: str) -> None:

@@ -1,6 +1,5 @@
 """The student_checkpoints asset: one partition per base model, trained out of process through Dagster Pipes."""
 
-
 import sys
 from pathlib import Path
 
@@ -12,14 +11,19 @@ from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import current_version
 from qc_assets.defs.student.sensors import register_checkpoint_partitions
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints, model_slug, new_checkpoint_id
-from qc_assets.deploy import GPU_POD, GPU_POOL
+from qc_assets.execution import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import CHECKPOINTS
 from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
 from qc_assets.settings import TINY_STUDENT, Settings
 
 TRAINING_MODULE = "qc_assets.defs.student.train"
-TINY_DEFAULTS = {"max_steps": 30, "learning_rate": 3e-3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+TINY_DEFAULTS = {
+    "max_steps": 30,
+    "learning_rate": 3e-3,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+}
 
 
 class StudentResource(dg.ConfigurableResource):
@@ -63,7 +67,9 @@ class StudentResource(dg.ConfigurableResource):
             return base_model
         return str(ensure_tiny_models(Path(self.models_dir), sample_texts())[STUDENT_DIR])
 
-    def hyperparameters(self, base_model: str, method: str | None, max_steps: int | None, learning_rate: float | None) -> dict:
+    def hyperparameters(
+        self, base_model: str, method: str | None, max_steps: int | None, learning_rate: float | None
+    ) -> dict:
         method = method or self.method
         tiny = base_model == TINY_STUDENT
         values = {
@@ -74,7 +80,9 @@ class StudentResource(dg.ConfigurableResource):
             or self.learning_rate
             or (TINY_DEFAULTS["learning_rate"] if tiny else 2e-4 if method == "lora" else 1e-5),
             "per_device_train_batch_size": TINY_DEFAULTS["per_device_train_batch_size"] if tiny else self.batch_size,
-            "gradient_accumulation_steps": TINY_DEFAULTS["gradient_accumulation_steps"] if tiny else self.gradient_accumulation,
+            "gradient_accumulation_steps": TINY_DEFAULTS["gradient_accumulation_steps"]
+            if tiny
+            else self.gradient_accumulation,
             "max_length": self.max_length,
             "warmup_ratio": 0.03,
             "lora_r": self.lora_r,
@@ -101,11 +109,16 @@ def register_checkpoints(lake: LakeResource, checkpoints: list[Checkpoint]) -> i
         return 0
     rows = [
         (
-            checkpoint.checkpoint, checkpoint.base_model, str(checkpoint.path), checkpoint.manifest.get("dataset_version"),
-            checkpoint.manifest.get("hyperparameters", {}).get("method"), checkpoint.manifest.get("metrics", {}).get("steps"),
+            checkpoint.checkpoint,
+            checkpoint.base_model,
+            str(checkpoint.path),
+            checkpoint.manifest.get("dataset_version"),
+            checkpoint.manifest.get("hyperparameters", {}).get("method"),
+            checkpoint.manifest.get("metrics", {}).get("steps"),
             checkpoint.manifest.get("metrics", {}).get("final_loss"),
             checkpoint.manifest.get("metrics", {}).get("tokens_per_second"),
-            bool(checkpoint.manifest.get("tiny_model", False)), checkpoint.created_at,
+            bool(checkpoint.manifest.get("tiny_model", False)),
+            checkpoint.created_at,
         )
         for checkpoint in checkpoints
     ]
@@ -146,7 +159,10 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
         description="A student fine-tuned on the current SFT dataset with TRL's SFTTrainer (loss on the answer and "
         "its end-of-turn token only), in a subprocess through Dagster Pipes, after a memory plan that fits the GPU; "
         "resumes a killed run; published to QC_DATA_DIR/checkpoints/<model>/<id>/ with a manifest.",
-        metadata={"dagster/column_schema": CHECKPOINTS.dagster_schema(), "dagster/table_name": f"lake.{CHECKPOINTS.name}"},
+        metadata={
+            "dagster/column_schema": CHECKPOINTS.dagster_schema(),
+            "dagster/table_name": f"lake.{CHECKPOINTS.name}",
+        },
     )
     def student_checkpoints(
         context: dg.AssetExecutionContext,
@@ -171,8 +187,11 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
                     context.log.info(f"{checkpoint.checkpoint} was trained on the same inputs: not training again")
                     register_checkpoint_partitions(context.instance, root, context.log.warning)
                     return dg.MaterializeResult(
-                        metadata={"checkpoint": checkpoint.checkpoint, "path": dg.MetadataValue.path(str(checkpoint.path)),
-                                  "trained_now": False}
+                        metadata={
+                            "checkpoint": checkpoint.checkpoint,
+                            "path": dg.MetadataValue.path(str(checkpoint.path)),
+                            "trained_now": False,
+                        }
                     )
         checkpoint_id = new_checkpoint_id(slug, dataset_dir.name)
         context.log.info(f"training {base_model} on SFT dataset {dataset_dir.name} as {checkpoint_id}")
@@ -192,7 +211,9 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
         result = pipes_subprocess_client.run(
             command=[sys.executable, "-m", TRAINING_MODULE], context=context, extras=extras
         ).get_materialize_result()
-        register_checkpoints(lake, [c for c in list_checkpoints(root, warn=context.log.warning) if c.checkpoint == checkpoint_id])
+        register_checkpoints(
+            lake, [c for c in list_checkpoints(root, warn=context.log.warning) if c.checkpoint == checkpoint_id]
+        )
         register_checkpoint_partitions(context.instance, root, context.log.warning)
         return dg.MaterializeResult(
             metadata={**(result.metadata or {}), "dataset_version": dataset_dir.name, "trained_now": True}

@@ -116,7 +116,10 @@ class MemoryPlan:
 
     def gib(self) -> dict[str, float]:
         """Per component and in total, in GiB: the metadata and the log line."""
-        return {**{name: round(size / GIB, 2) for name, size in self.components.items()}, "total": round(self.total / GIB, 2)}
+        return {
+            **{name: round(size / GIB, 2) for name, size in self.components.items()},
+            "total": round(self.total / GIB, 2),
+        }
 
     def summary(self) -> str:
         parts = ", ".join(f"{name} {size_text(size)}" for name, size in self.components.items() if size)
@@ -203,10 +206,15 @@ def remedies(shape: ModelShape, setup: TrainingSetup, usable: int) -> list[str]:
     if setup.method == "full":
         changes.append(("LoRA (QC_STUDENT_METHOD=lora)", {"method": "lora"}))
     if not setup.gradient_checkpointing:
-        changes.append(("gradient checkpointing (hyperparameter gradient_checkpointing: true)", {"gradient_checkpointing": True}))
+        changes.append(
+            ("gradient checkpointing (hyperparameter gradient_checkpointing: true)", {"gradient_checkpointing": True})
+        )
     if "8bit" not in setup.optimizer:
         changes.append(
-            (f"an 8-bit optimizer (QC_STUDENT_OPTIMIZER={EIGHT_BIT_OPTIMIZER}, needs bitsandbytes)", {"optimizer": EIGHT_BIT_OPTIMIZER})
+            (
+                f"an 8-bit optimizer (QC_STUDENT_OPTIMIZER={EIGHT_BIT_OPTIMIZER}, needs bitsandbytes)",
+                {"optimizer": EIGHT_BIT_OPTIMIZER},
+            )
         )
     found = [_remedy(shape, replace(setup, **change), usable, name) for name, change in changes]
     if len(changes) > 1 and all(plan is None for plan, _ in found):
@@ -231,20 +239,43 @@ def _remedy(shape: ModelShape, setup: TrainingSetup, usable: int, name: str) -> 
 def seed_student_configs() -> dict[str, PretrainedConfig]:
     return {
         "Qwen/Qwen3-1.7B": Qwen3Config(
-            vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-            num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
         ),
         "Qwen/Qwen3-4B": Qwen3Config(
-            vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-            num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+            vocab_size=151936,
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
         ),
         "sbintuitions/sarashina2.2-3b-instruct-v0.1": LlamaConfig(
-            vocab_size=102400, hidden_size=2560, intermediate_size=8960, num_hidden_layers=32,
-            num_attention_heads=16, num_key_value_heads=8, head_dim=160, tie_word_embeddings=False,
+            vocab_size=102400,
+            hidden_size=2560,
+            intermediate_size=8960,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=160,
+            tie_word_embeddings=False,
         ),
         "SakanaAI/TinySwallow-1.5B-Instruct": Qwen2Config(
-            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-            num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
         ),
     }
 
@@ -270,7 +301,8 @@ def table(device_gib: float) -> str:
     components = ("weights", "autocast", "gradients", "optimizer", "activations", "logits")
     rows = [
         "| base model | parameters | method | per-device batch x accumulation | "
-        + " | ".join(components) + " | total GiB |",
+        + " | ".join(components)
+        + " | total GiB |",
         "|---|---|---|---|" + "---|" * (len(components) + 1),
     ]
     for model, config in seed_student_configs().items():
@@ -281,7 +313,8 @@ def table(device_gib: float) -> str:
             rows.append(
                 f"| {model} | {shape.parameters / 1e9:.2f} B | {method} | "
                 f"{plan.setup.batch_size} x {plan.setup.gradient_accumulation} | "
-                + " | ".join(f"{sizes[name]:.1f}" for name in components) + f" | **{sizes['total']:.1f}** |"
+                + " | ".join(f"{sizes[name]:.1f}" for name in components)
+                + f" | **{sizes['total']:.1f}** |"
             )
     return "\n".join(rows)
 

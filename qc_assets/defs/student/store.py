@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -33,7 +33,7 @@ def model_slug(base_model: str) -> str:
 
 
 def new_checkpoint_id(slug: str, dataset_version: str, now: datetime | None = None) -> str:
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     return f"{slug}--{dataset_version[:8]}--{stamp}"
 
 
@@ -67,7 +67,9 @@ def read_manifest(directory: Path) -> dict:
     if missing:
         raise ManifestError(f"{path}: manifest lacks {', '.join(missing)}")
     if manifest["checkpoint"] != directory.name:
-        raise ManifestError(f"{path}: manifest names checkpoint {manifest['checkpoint']!r}, directory is {directory.name!r}")
+        raise ManifestError(
+            f"{path}: manifest names checkpoint {manifest['checkpoint']!r}, directory is {directory.name!r}"
+        )
     return manifest
 
 

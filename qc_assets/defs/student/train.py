@@ -132,7 +132,9 @@ def check_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
             f"hyperparameters.precision must be 'auto', 'bf16' or 'fp32', got {hyperparameters['precision']!r}"
         )
     if not 0 <= float(hyperparameters["warmup_ratio"]) < 1:
-        raise TrainingInputError(f"hyperparameters.warmup_ratio must be in [0, 1), got {hyperparameters['warmup_ratio']}")
+        raise TrainingInputError(
+            f"hyperparameters.warmup_ratio must be in [0, 1), got {hyperparameters['warmup_ratio']}"
+        )
     if save_steps(extras) < 1:
         raise TrainingInputError(f"extras.save_steps must be at least 1, got {extras['save_steps']}")
     if extras.get("memory_limit_gib") is not None and float(extras["memory_limit_gib"]) <= 0:
@@ -164,7 +166,9 @@ def examples_needed(hp: Mapping[str, Any]) -> int | None:
     return needed + needed // 8
 
 
-def load_rows(dataset_dir: str | os.PathLike, limit: int | None = None, seed: int = 0) -> tuple[dict[str, list[str]], int]:
+def load_rows(
+    dataset_dir: str | os.PathLike, limit: int | None = None, seed: int = 0
+) -> tuple[dict[str, list[str]], int]:
     """The train split's system (category), user (document) and assistant (query) columns, and the split's size.
 
     With `limit` below the split's size, a uniform random sample of `limit` rows (fixed by `seed`), in split order:
@@ -324,7 +328,9 @@ def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
-def sft_config(hp: Mapping[str, Any], setup: TrainingSetup, output_dir: str | os.PathLike, save_steps: int) -> SFTConfig:
+def sft_config(
+    hp: Mapping[str, Any], setup: TrainingSetup, output_dir: str | os.PathLike, save_steps: int
+) -> SFTConfig:
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=int(hp["max_steps"]),
@@ -550,7 +556,9 @@ def _train_in(work: Path, extras: dict[str, Any], plan: MemoryPlan, log: Log, st
         "train_examples_dropped": facts["train_examples_dropped"],
         "train_examples_truncated": facts["train_examples_truncated"],
     }
-    model = _final_model(trainer, tokenizer, extras["hyperparameters"]["method"], plan.setup.precision, facts["end_of_turn"])
+    model = _final_model(
+        trainer, tokenizer, extras["hyperparameters"]["method"], plan.setup.precision, facts["end_of_turn"]
+    )
     staging = staging_directory(Path(extras["checkpoints_root"]), extras["slug"], extras["checkpoint_id"])
     try:
         model.save_pretrained(staging)
@@ -572,7 +580,8 @@ def _start_line(extras: Mapping[str, Any], setup: TrainingSetup, facts: Mapping[
     hp = extras["hyperparameters"]
     sample = (
         f" (a sample of {facts['train_examples_sampled']} for {hp['max_steps']} steps)"
-        if facts["train_examples_sampled"] < facts["train_examples"] else ""
+        if facts["train_examples_sampled"] < facts["train_examples"]
+        else ""
     )
     return (
         f"training {extras['base_model']} ({setup.method}, {setup.precision}, device {_device()}, per-device batch "

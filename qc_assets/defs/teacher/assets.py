@@ -1,8 +1,7 @@
 """The teacher-labels asset: seven labels per document, per shard, each key paid for once."""
 
-
 import statistics
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -31,12 +30,16 @@ class TeacherResource(dg.ConfigurableResource):
     backend: str = Field(default="replay", description="`openai` or `replay` (QC_TEACHER_BACKEND).")
     base_url: str = Field(default="https://api.deepseek.com", description="QC_TEACHER_BASE_URL")
     model: str | None = Field(default=None, description="QC_TEACHER_MODEL")
-    api_key: str | None = Field(default=None, description="QC_TEACHER_API_KEY, passed as an EnvVar so it is never shown.")
+    api_key: str | None = Field(
+        default=None, description="QC_TEACHER_API_KEY, passed as an EnvVar so it is never shown."
+    )
     concurrency: int = Field(default=100, description="QC_TEACHER_CONCURRENCY")
     max_attempts: int = Field(default=6, description="QC_TEACHER_MAX_ATTEMPTS")
     timeout_s: float = Field(default=600.0, description="QC_TEACHER_TIMEOUT_S")
     max_tokens: int = Field(default=8192, description="QC_TEACHER_MAX_TOKENS")
-    backoff_s: float = Field(default=1.0, description="First retry's longest wait; doubles per attempt (QC_TEACHER_BACKOFF_S).")
+    backoff_s: float = Field(
+        default=1.0, description="First retry's longest wait; doubles per attempt (QC_TEACHER_BACKOFF_S)."
+    )
     price: str | None = Field(default=None, description="QC_TEACHER_PRICE")
     thinking: str | None = Field(default=None, description="QC_TEACHER_THINKING: `enabled` or `disabled`.")
     reasoning_effort: str | None = Field(default=None, description="QC_TEACHER_REASONING_EFFORT")
@@ -48,7 +51,9 @@ class TeacherResource(dg.ConfigurableResource):
     batch_size: int = Field(default=256, description="QC_TEACHER_BATCH_SIZE")
     flush_seconds: float = Field(default=5.0, description="QC_TEACHER_FLUSH_SECONDS")
     replay_source: str = Field(default="", description="QC_TEACHER_REPLAY_SOURCE")
-    replay_columns: str = Field(default="doc_id=doc_id,category=category,query=query", description="QC_TEACHER_REPLAY_COLUMNS")
+    replay_columns: str = Field(
+        default="doc_id=doc_id,category=category,query=query", description="QC_TEACHER_REPLAY_COLUMNS"
+    )
     replay_split: str = Field(default="train", description="QC_TEACHER_REPLAY_SPLIT")
     work_dir: str = Field(description="Journal and caches, under QC_DATA_DIR/teacher.")
 
@@ -107,7 +112,9 @@ class TeacherResource(dg.ConfigurableResource):
         """The teacher name and each category's prompt version that the current settings label under."""
         if self.backend == "openai":
             return self.openai_model, {name: c.prompt_version for name, c in CATEGORIES.items()}
-        return self.model or replay_source_name(self.replay_source), {name: REPLAY_PROMPT_VERSION for name in CATEGORIES}
+        return self.model or replay_source_name(self.replay_source), {
+            name: REPLAY_PROMPT_VERSION for name in CATEGORIES
+        }
 
     def open_backend(self, max_usd: float | None) -> TeacherBackend:
         """The configured backend for a run capped at `max_usd`; raises ValueError naming the setting when the
@@ -228,7 +235,7 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         except (ValueError, PriceError, ReplayError) as error:
             raise dg.Failure(description=f"shard {shard}: teacher configuration: {error}") from None
         if stop_at is not None and stop_at.tzinfo is None:
-            stop_at = stop_at.replace(tzinfo=timezone.utc)
+            stop_at = stop_at.replace(tzinfo=UTC)
         budget = Budget(max_usd=max_usd, stop_at=stop_at)
         context.log.info(
             f"labelling shard {shard} with {backend.teacher} ({teacher.backend}); "
@@ -237,8 +244,16 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         )
         try:
             report = label_shard(
-                shard, documents, backend, lake, teacher.journal_root, budget, context.run.run_id,
-                teacher.batch_size, teacher.flush_seconds, context.log.info,
+                shard,
+                documents,
+                backend,
+                lake,
+                teacher.journal_root,
+                budget,
+                context.run.run_id,
+                teacher.batch_size,
+                teacher.flush_seconds,
+                context.log.info,
             )
         except (TeacherConfigError, ReplayError) as error:
             raise dg.Failure(description=f"shard {shard}: {error}") from None
@@ -258,9 +273,7 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                 "the next run asks for them again"
             )
         if report.count("absent"):
-            context.log.warning(
-                f"shard {shard}: the replay source has no label for {report.count('absent')} keys"
-            )
+            context.log.warning(f"shard {shard}: the replay source has no label for {report.count('absent')} keys")
         if report.stopped_because and report.keys_not_asked:
             raise dg.Failure(
                 description=(
@@ -284,7 +297,7 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
 
 def hourly_cron(window: UtcWindow) -> str:
     """A tick every hour from the window's start while it is open (16:30-00:30: 16:30, 17:30, ... 23:30)."""
-    opens = datetime.combine(date(2000, 1, 1), window.start, tzinfo=timezone.utc)
+    opens = datetime.combine(date(2000, 1, 1), window.start, tzinfo=UTC)
     ticks = (opens + timedelta(hours=hour) for hour in range(24))
     hours = sorted(tick.hour for tick in ticks if window.contains(tick))
     return f"{window.start.minute} {','.join(map(str, hours))} * * *"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from qc_assets.categories import Category
@@ -81,7 +81,7 @@ class Budget:
             self.stopped_because = (
                 f"spend cap reached: ${self.spent_usd:.4f} spent of QC_TEACHER_MAX_USD=${self.max_usd:g}"
             )
-        elif self.stop_at is not None and datetime.now(timezone.utc) >= self.stop_at:
+        elif self.stop_at is not None and datetime.now(UTC) >= self.stop_at:
             self.stopped_because = f"stop time {self.stop_at.isoformat()} reached (end of the discount window)"
         return self.stopped_because is None
 

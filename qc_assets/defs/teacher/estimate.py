@@ -10,9 +10,9 @@ import statistics
 from dataclasses import dataclass
 
 from qc_assets.categories import CATEGORIES
+from qc_assets.defs.teacher.assets import TeacherResource, read_documents
 from qc_assets.defs.teacher.backends import Budget
 from qc_assets.defs.teacher.labeling import LabelingReport, label_shard
-from qc_assets.defs.teacher.assets import TeacherResource, read_documents
 from qc_assets.lake.resource import LakeResource
 
 # Seed 000: 100k documents through the R1 API at concurrency 100 took about 7 h and $40; its 100M-document
@@ -65,7 +65,9 @@ def estimate(
     teacher: TeacherResource, lake: LakeResource, shard: str | None, documents: int, shard_count: int, log
 ) -> Projection:
     with lake.get_connection() as connection:
-        per_shard = dict(connection.execute("SELECT shard, count(*) FROM corpus GROUP BY shard ORDER BY shard").fetchall())
+        per_shard = dict(
+            connection.execute("SELECT shard, count(*) FROM corpus GROUP BY shard ORDER BY shard").fetchall()
+        )
     if not per_shard:
         raise ValueError("the lake has no corpus yet: run `qc run --select corpus` first")
     shard = shard or next(iter(per_shard))
@@ -74,8 +76,16 @@ def estimate(
     pilot = read_documents(lake, shard, limit=documents)
     backend = teacher.open_backend(teacher.max_usd)
     report = label_shard(
-        shard, pilot, backend, lake, teacher.journal_root, Budget(max_usd=teacher.max_usd), "qc-estimate",
-        teacher.batch_size, teacher.flush_seconds, log,
+        shard,
+        pilot,
+        backend,
+        lake,
+        teacher.journal_root,
+        Budget(max_usd=teacher.max_usd),
+        "qc-estimate",
+        teacher.batch_size,
+        teacher.flush_seconds,
+        log,
     )
     with lake.get_connection() as connection:
         connection.register("pilot", _pilot_table(pilot))
@@ -85,7 +95,9 @@ def estimate(
             [shard, backend.teacher],
         ).fetchall()
     if not rows:
-        raise ValueError(f"the pilot produced no labels ({report.count('quarantined')} quarantined); see teacher_quarantine")
+        raise ValueError(
+            f"the pilot produced no labels ({report.count('quarantined')} quarantined); see teacher_quarantine"
+        )
     names = ("input", "cached_input", "output", "reasoning")
     latencies = [row[5] for row in rows if row[5] is not None]
     measured_all = len(per_shard) >= shard_count

@@ -18,7 +18,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -70,7 +70,7 @@ class Journal:
         existing = self.segments()
         number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         self._segment = self.directory / f"segment-{number:06d}.jsonl"
-        self._handle = open(self._segment, "a", encoding="utf-8")
+        self._handle = open(self._segment, "a", encoding="utf-8")  # noqa: SIM115 (kept open across appends)
         return closed
 
     def append(self, row: dict) -> None:
@@ -139,7 +139,7 @@ def write_outcome_rows(
     connection: duckdb.DuckDBPyConnection,
     shard: str,
     rows: list[dict],
-    known: "KnownKeys | None" = None,
+    known: KnownKeys | None = None,
 ) -> int:
     """Write one batch in one transaction: new labels (present keys skipped), their quarantine rows cleared,
     new quarantine rows replacing the old ones for their keys. Returns the labels inserted.
@@ -161,7 +161,9 @@ def write_outcome_rows(
             if plain:
                 inserted = connection.execute(_plain_insert_sql(TEACHER_LABELS, "incoming_labels")).fetchone()[0]
             else:
-                inserted = connection.execute(_insert_new_sql(TEACHER_LABELS, "incoming_labels", "$1"), [shard]).fetchone()[0]
+                inserted = connection.execute(
+                    _insert_new_sql(TEACHER_LABELS, "incoming_labels", "$1"), [shard]
+                ).fetchone()[0]
                 connection.execute(_delete_keys_sql(TEACHER_QUARANTINE, "incoming_labels", "$1"), [shard])
             connection.unregister("incoming_labels")
         if quarantined:
@@ -216,7 +218,7 @@ def outcome_row(outcome: LabelOutcome, backend: TeacherBackend, run_id: str) -> 
         "cost_usd": outcome.usage.cost_usd,
         "attempts": outcome.attempts,
         "run_id": run_id,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
     }
     if outcome.status == "labeled":
         row.update(query=outcome.query, reasoning=outcome.reasoning, latency_s=outcome.latency_s)
@@ -265,12 +267,15 @@ def _event_loop_factory():
 
 def _existing_keys(connection: duckdb.DuckDBPyConnection, shard: str, teacher: str) -> set[tuple[str, str, str]]:
     rows = connection.execute(
-        "SELECT doc_id, category, prompt_version FROM teacher_labels WHERE shard = $1 AND teacher = $2", [shard, teacher]
+        "SELECT doc_id, category, prompt_version FROM teacher_labels WHERE shard = $1 AND teacher = $2",
+        [shard, teacher],
     ).fetchall()
     return set(rows)
 
 
-def _quarantined_keys(connection: duckdb.DuckDBPyConnection, shard: str, teacher: str) -> set[tuple[str, str, str, str]]:
+def _quarantined_keys(
+    connection: duckdb.DuckDBPyConnection, shard: str, teacher: str
+) -> set[tuple[str, str, str, str]]:
     rows = connection.execute(
         "SELECT doc_id, category, teacher, prompt_version FROM teacher_quarantine WHERE shard = $1 AND teacher = $2",
         [shard, teacher],
@@ -303,8 +308,10 @@ def label_shard(
             lock.acquire(timeout=wait)
             break
         except Timeout:
-            log(f"shard {shard} is being labelled by teacher {backend.teacher} in another run; waiting for it "
-                f"(lock {lock.lock_file})")
+            log(
+                f"shard {shard} is being labelled by teacher {backend.teacher} in another run; waiting for it "
+                f"(lock {lock.lock_file})"
+            )
             wait = PROGRESS_EVERY_S
     try:
         with lake.get_connection() as connection:
@@ -335,8 +342,21 @@ def label_shard(
             try:
                 with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
                     runner.run(
-                        _collect(requests(), missing, backend, connection, journal, shard, budget, run_id, batch_size,
-                                 flush_seconds, report, log, known)
+                        _collect(
+                            requests(),
+                            missing,
+                            backend,
+                            connection,
+                            journal,
+                            shard,
+                            budget,
+                            run_id,
+                            batch_size,
+                            flush_seconds,
+                            report,
+                            log,
+                            known,
+                        )
                     )
             finally:
                 journal.close()
@@ -418,8 +438,10 @@ async def _collect(
             if outcome.latency_s is not None:
                 report.latencies.append(outcome.latency_s)
             now = time.perf_counter()
-            if buffer and (writing is None or writing.done()) and (
-                len(buffer) >= batch_size or now - last_write >= flush_seconds
+            if (
+                buffer
+                and (writing is None or writing.done())
+                and (len(buffer) >= batch_size or now - last_write >= flush_seconds)
             ):
                 await start_write()
             if now - last_progress >= PROGRESS_EVERY_S:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 
 DEEPSEEK_PRICING_PAGE = "https://api-docs.deepseek.com/quick_start/pricing"
 
@@ -40,11 +40,11 @@ class UtcWindow:
 
     def occurrence(self, moment: datetime) -> tuple[datetime, datetime] | None:
         """When the window `moment` falls in opened and when it closes, or None when it falls outside."""
-        utc = moment.astimezone(timezone.utc)
+        utc = moment.astimezone(UTC)
         for day in (utc.date() - timedelta(days=1), utc.date()):
-            opens = datetime.combine(day, self.start, tzinfo=timezone.utc)
+            opens = datetime.combine(day, self.start, tzinfo=UTC)
             closes_on = day if self.end > self.start else day + timedelta(days=1)
-            closes = datetime.combine(closes_on, self.end, tzinfo=timezone.utc)
+            closes = datetime.combine(closes_on, self.end, tzinfo=UTC)
             if opens <= utc < closes:
                 return opens, closes
         return None
@@ -65,7 +65,9 @@ class Rates:
         """Reasoning tokens are billed as output: they are part of the completion count."""
         cached_rate = self.input_per_m if self.cached_input_per_m is None else self.cached_input_per_m
         uncached = max(0, input_tokens - cached_input_tokens)
-        return (uncached * self.input_per_m + cached_input_tokens * cached_rate + output_tokens * self.output_per_m) / 1e6
+        return (
+            uncached * self.input_per_m + cached_input_tokens * cached_rate + output_tokens * self.output_per_m
+        ) / 1e6
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,17 @@ PRICES: dict[str, Price] = {
     price.name: price
     for price in (
         Price(
-            "deepseek-v4-flash", Rates(0.14, 0.28, cached_input_per_m=0.0028),
-            source=f"{DEEPSEEK_PRICING_PAGE}; DeepSeek API changelog of 2026-04-24", checked="2026-12",
+            "deepseek-v4-flash",
+            Rates(0.14, 0.28, cached_input_per_m=0.0028),
+            source=f"{DEEPSEEK_PRICING_PAGE}; DeepSeek API changelog of 2026-04-24",
+            checked="2026-12",
         ),
         Price(
-            "deepseek-reasoner", Rates(0.55, 2.19, cached_input_per_m=0.14), off_peak=R1_NIGHT,
-            source=R1_SOURCE, checked="seed 000's run",
+            "deepseek-reasoner",
+            Rates(0.55, 2.19, cached_input_per_m=0.14),
+            off_peak=R1_NIGHT,
+            source=R1_SOURCE,
+            checked="seed 000's run",
         ),
         Price("deepseek-reasoner-night", R1_NIGHT.rates, source=R1_SOURCE, checked="seed 000's run"),
         Price("free", Rates(0.0, 0.0)),

@@ -74,6 +74,7 @@ class ReplayColumns:
 
     def select_sql(self, source_sql: str) -> str:
         """(match, category, query, reasoning) rows of the source, in a stable order."""
+
         def quoted(column: str) -> str:
             return '"' + column.replace('"', '""') + '"'
 
@@ -139,14 +140,18 @@ class ReplayTeacher:
                 try:
                     dataset = datasets.load_dataset(name, split=self.split)
                 except Exception as error:
-                    raise ReplayError(f"QC_TEACHER_REPLAY_SOURCE: cannot load {name!r} split {self.split!r}: {error}") from error
+                    raise ReplayError(
+                        f"QC_TEACHER_REPLAY_SOURCE: cannot load {name!r} split {self.split!r}: {error}"
+                    ) from error
                 partial = target.with_suffix(".partial")
                 dataset.to_parquet(str(partial))
                 partial.rename(target)
         return target
 
     def _candidates(self, requests: list[LabelRequest]) -> dict[tuple[str, str], list[tuple[str | None, str | None]]]:
-        match_values = {request.doc_id if self.columns.match_field == "doc_id" else request.text for request in requests}
+        match_values = {
+            request.doc_id if self.columns.match_field == "doc_id" else request.text for request in requests
+        }
         wanted = pa.table({"match": pa.array(sorted(match_values), pa.string())})
         connection = duckdb.connect()
         try:
