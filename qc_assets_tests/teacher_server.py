@@ -1,9 +1,9 @@
 """A fault-injecting OpenAI chat-completions server for offline tests and benchmarks of the teacher client.
 
 It runs as its own process (so a test can SIGKILL the client and keep the server), speaks HTTP/1.1 on 127.0.0.1
-through a hand-written asyncio protocol on uvloop with the httptools parser (no framework: one request costs tens
-of microseconds, so a benchmark measures the client), and answers like an R1-style teacher: `reasoning_content`
-plus a `{"query": ...}` JSON whose label passes `Category.validate`.
+through aiohttp's low-level server on uvloop (no router, no access log: a request costs little enough that a
+benchmark measures the client), and answers like an R1-style teacher: `reasoning_content` plus a `{"query": ...}`
+JSON whose label passes `Category.validate`.
 
 A request is identified by its key (category, text_key): the category is the one whose instruction the last user
 message starts with, the text is what `Category.prompt` put between "<文章>" and "</文章>". The server counts the
@@ -40,11 +40,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from qc_assets.categories import CATEGORIES, Category, LabelError
 from qc_assets.settings import DEFAULT_OPENAI_TEACHER_MODEL
@@ -76,6 +77,7 @@ CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
 RELOAD_PATH = "/_teacher/reload"  # harness-only: forces a plan re-read; never logged, never needs the key
 PLAN_CHECK_INTERVAL_S = 0.2
+SHUTDOWN_TIMEOUT_S = 0.5  # in-flight requests (a "slow" one waits 30 s) get this long, then are cancelled
 
 _DOC_OPEN = "<文章>\n"
 _DOC_CLOSE = "\n</文章>"
@@ -191,49 +193,23 @@ def _error_body(message: str, type_: str, code: str | None, param: str | None = 
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-
-
-def _http_response(status: int, body: bytes, keep_alive: bool, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
-        "content-type: application/json",
-        f"content-length: {len(body)}",
-        "connection: keep-alive" if keep_alive else "connection: close",
-    ]
-    lines.extend(f"{name}: {value}" for name, value in headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
 @dataclass(slots=True)
 class _Request:
     method: str
     path: str
-    headers: dict[bytes, bytes]
+    headers: Mapping[str, str]
     body: bytes
-    keep_alive: bool
     t: float
 
 
 @dataclass(slots=True)
 class _Outcome:
-    data: bytes | None  # the whole HTTP response; None drops the connection
-    status: int | None
-    due: float  # loop time at which to send
-    keep_alive: bool
+    status: int | None  # None, with no body: drop the connection
+    body: bytes | None
+    due: float  # loop time at which to answer
     deliverable: bool
     log: dict | None  # None: not logged (harness requests)
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class _Plan:
@@ -276,7 +252,7 @@ class TeacherHandler:
     def __init__(self, plan: _Plan, log_path: Path | None, api_key: str | None):
         self.plan = plan
         self.api_key = api_key
-        self.expected_auth = f"Bearer {api_key}".encode() if api_key else None
+        self.expected_auth = f"Bearer {api_key}" if api_key else None
         self.attempts: dict[tuple[str, str], int] = {}
         self.sequence = itertools.count(1)
         self.log_file = open(log_path, "a", encoding="utf-8") if log_path is not None else None  # noqa: SIM115
@@ -298,15 +274,13 @@ class TeacherHandler:
     # -- request handling --------------------------------------------------------------------------------------
 
     def prepare(self, request: _Request, now: float) -> _Outcome:
-        keep_alive = request.keep_alive
         if request.path == RELOAD_PATH:
             self.plan.reload(force=True)
-            body = json.dumps({"plan_version": self.plan.version}).encode()
-            return _Outcome(_http_response(200, body, keep_alive), 200, now, keep_alive, False, None)
+            return _Outcome(200, json.dumps({"plan_version": self.plan.version}).encode(), now, False, None)
         self.plan.reload()
         plan = self.plan.plan
         due = now + plan["latency_ms"] / 1000.0
-        auth_ok = self.expected_auth is None or request.headers.get(b"authorization") == self.expected_auth
+        auth_ok = self.expected_auth is None or request.headers.get("authorization") == self.expected_auth
         log: dict[str, Any] = {
             "t": request.t,
             "t_end": None,
@@ -324,21 +298,28 @@ class TeacherHandler:
 
         def error(status: int, behavior: str, body: bytes, headers=(), delay: float = 0.0) -> _Outcome:
             log["behavior"] = behavior
-            return _Outcome(_http_response(status, body, keep_alive, headers), status, due + delay, keep_alive, False, log)
+            return _Outcome(status, body, due + delay, False, log, headers)
 
         if request.path in MODEL_PATHS:
             if request.method != "GET":
                 return error(405, "method_not_allowed", _error_body("use GET", "invalid_request_error", None))
             if not auth_ok:
-                return error(401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+                return error(
+                    401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+                )
             log["behavior"] = "models"
             served = plan.get("models") or [DEFAULT_MODEL]
             body = json.dumps(
-                {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "teacher-server"} for m in served]}
+                {
+                    "object": "list",
+                    "data": [{"id": m, "object": "model", "created": 0, "owned_by": "teacher-server"} for m in served],
+                }
             ).encode()
-            return _Outcome(_http_response(200, body, keep_alive), 200, due, keep_alive, False, log)
+            return _Outcome(200, body, due, False, log)
         if request.path not in CHAT_PATHS:
-            return error(404, "not_found", _error_body(f"no route {request.path}", "invalid_request_error", "not_found"))
+            return error(
+                404, "not_found", _error_body(f"no route {request.path}", "invalid_request_error", "not_found")
+            )
         if request.method != "POST":
             return error(405, "method_not_allowed", _error_body("use POST", "invalid_request_error", None))
 
@@ -351,13 +332,19 @@ class TeacherHandler:
                 raise ValueError("messages must be a list")
         except ValueError as exc:
             if not auth_ok:
-                return error(401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+                return error(
+                    401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+                )
             return error(400, "bad_request", _error_body(f"invalid body: {exc}", "invalid_request_error", None))
         model = payload.get("model") if isinstance(payload.get("model"), str) else DEFAULT_MODEL
         log["model"] = model
         log["options"] = {name: payload[name] for name in REQUEST_OPTIONS if name in payload}
         user = next(
-            (_content_text(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
+            (
+                _content_text(m.get("content"))
+                for m in reversed(messages)
+                if isinstance(m, dict) and m.get("role") == "user"
+            ),
             None,
         )
         found = self._identify(user)
@@ -366,15 +353,26 @@ class TeacherHandler:
             key = text_key(text)
             log["category"], log["text_key"] = cat.name, key
         if not auth_ok:  # checked before the rules; a refused request is not an attempt
-            return error(401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+            return error(
+                401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            )
         if found is None:
             return error(
                 400,
                 "bad_request",
-                _error_body("unrecognised prompt: no category instruction or <文章> block", "invalid_request_error", None, "messages"),
+                _error_body(
+                    "unrecognised prompt: no category instruction or <文章> block",
+                    "invalid_request_error",
+                    None,
+                    "messages",
+                ),
             )
         if payload.get("stream"):
-            return error(400, "bad_request", _error_body("stream is not supported by this server", "invalid_request_error", None, "stream"))
+            return error(
+                400,
+                "bad_request",
+                _error_body("stream is not supported by this server", "invalid_request_error", None, "stream"),
+            )
         if plan.get("models") is not None and model not in plan["models"]:
             status = plan.get("unknown_model_status", 400)
             return error(status, "unknown_model", _unknown_model_body(model, status))
@@ -394,15 +392,26 @@ class TeacherHandler:
                 (("retry-after", str(retry_after)),),
             )
         if behavior == "server_error":
-            return error(rule.get("status", 500), behavior, _error_body("The server had an error while processing your request.", "server_error", None))
+            return error(
+                rule.get("status", 500),
+                behavior,
+                _error_body("The server had an error while processing your request.", "server_error", None),
+            )
         if behavior == "unavailable":
             headers = (("retry-after", str(rule["retry_after"])),) if "retry_after" in rule else ()
-            return error(rule.get("status", 503), behavior, _error_body("The engine is currently overloaded, please try again later.", "server_error", "service_unavailable"), headers)
+            return error(
+                rule.get("status", 503),
+                behavior,
+                _error_body(
+                    "The engine is currently overloaded, please try again later.", "server_error", "service_unavailable"
+                ),
+                headers,
+            )
         if behavior == "drop":
-            return _Outcome(None, None, due, False, False, log)
+            return _Outcome(None, None, due, False, log)
         if behavior == "malformed_body":
             body = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assist'
-            return _Outcome(_http_response(200, body, keep_alive), 200, due, keep_alive, False, log)
+            return _Outcome(200, body, due, False, log)
 
         prompt_chars = sum(len(_content_text(m.get("content")) or "") for m in messages if isinstance(m, dict))
         label = label_for(cat.name, text)
@@ -456,7 +465,7 @@ class TeacherHandler:
         }
         body = json.dumps(completion, ensure_ascii=False).encode("utf-8")
         delay = float(rule.get("delay_s", 30.0)) if behavior == "slow" else 0.0
-        return _Outcome(_http_response(200, body, keep_alive), 200, due + delay, keep_alive, behavior in OK_FAMILY, log)
+        return _Outcome(200, body, due + delay, behavior in OK_FAMILY, log)
 
     def _identify(self, user: str | None) -> tuple[Category, str] | None:
         if not user:
@@ -497,126 +506,50 @@ def _content_text(content: Any) -> str | None:
     return None
 
 
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: httptools parses, responses go out in request order (pipelining-safe)."""
+class _Responder:
+    """Reads a request, lets the handler decide, answers when the answer is due, and logs how it went."""
 
     def __init__(self, handler: TeacherHandler):
-        import httptools
-
         self.handler = handler
-        self.loop = asyncio.get_running_loop()
-        self.parser = httptools.HttpRequestParser(self)
-        self.parser_error = httptools.HttpParserError
-        self.transport: asyncio.Transport | None = None
-        self.url = b""
-        self.headers: dict[bytes, bytes] = {}
-        self.body: list[bytes] = []
-        self.queue: deque[_Outcome] = deque()
-        self.worker: asyncio.Task | None = None
-        self.unflushed: list[_Outcome] = []  # written, but not yet all the way into the socket
-        self.lost = False
 
-    # -- asyncio.Protocol ---------------------------------------------------------------------------------------
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        # pause_writing whenever anything is buffered, resume_writing once the buffer is empty: that is how we know
-        # a response was entirely handed to the socket.
-        transport.set_write_buffer_limits(high=0, low=0)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except self.parser_error:
-            if not self.transport.is_closing():
-                self.transport.write(_http_response(400, _error_body("malformed HTTP request", "invalid_request_error", None), False))
-                self.transport.close()
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pending, self.unflushed = self.unflushed, []
-        for outcome in pending:
-            self._log(outcome, outcome.status, outcome.deliverable)
-
-    def connection_lost(self, exc) -> None:
-        self.lost = True
-        if self.worker is not None:
-            self.worker.cancel()
-        pending, self.unflushed = self.unflushed, []
-        for outcome in pending:
-            self._log(outcome, outcome.status, False)
-        while self.queue:
-            self._log(self.queue.popleft(), None, False, client_closed=True)
-
-    # -- httptools callbacks -------------------------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = {}
-        self.body = []
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        path = self.url.split(b"?", 1)[0].decode("latin-1")
-        request = _Request(
-            self.parser.get_method().decode("latin-1"),
-            path,
-            self.headers,
-            b"".join(self.body),
-            self.parser.should_keep_alive(),
-            time.time(),
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        body = await request.content.read()  # unlike request.read(), no size cap
+        outcome = self.handler.prepare(
+            _Request(request.method, request.path, request.headers, body, time.time()), loop.time()
         )
-        outcome = self.handler.prepare(request, self.loop.time())
         if outcome.log is not None:
             # Which connection asked: tells apart two clients that ask for the same key.
-            outcome.log["client_port"] = self.transport.get_extra_info("peername")[1]
-        if not self.queue and self.worker is None and outcome.due <= self.loop.time():
-            self._emit(outcome)
-        else:
-            self.queue.append(outcome)
-            if self.worker is None:
-                self.worker = self.loop.create_task(self._work())
-
-    # -- sending -------------------------------------------------------------------------------------------------
-
-    async def _work(self) -> None:
+            outcome.log["client_port"] = request.transport.get_extra_info("peername")[1]
+        wait = outcome.due - loop.time()
         try:
-            while self.queue:
-                wait = self.queue[0].due - self.loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if self.queue:
-                    self._emit(self.queue.popleft())
-        finally:
-            self.worker = None
-
-    def _emit(self, outcome: _Outcome) -> None:
-        transport = self.transport
-        if self.lost or transport.is_closing():
+            response = await self._answer(request, outcome, wait)
+        except asyncio.CancelledError:  # the client hung up while the answer waited (handler_cancellation)
             self._log(outcome, None, False, client_closed=True)
-            return
-        if outcome.data is None:  # drop
-            transport.close()
-            self._log(outcome, None, False)
-            return
-        transport.write(outcome.data)
-        flushed = transport.get_write_buffer_size() == 0
-        if not outcome.keep_alive:
-            transport.close()
-        if flushed:
-            self._log(outcome, outcome.status, outcome.deliverable)
-        else:
-            self.unflushed.append(outcome)
+            raise
+        except ConnectionError:
+            # aiohttp calls a handler a loop turn or two after its request arrived, so a client that hangs up right
+            # after sending (as one does when a sibling request is refused) leaves no connection to answer on. An
+            # answer due at once counts as given, as by a server that answers on arrival; a later one as not given.
+            self._log(outcome, outcome.status if wait <= 0 else None, False, client_closed=True)
+            return web.Response()  # aiohttp finds the connection closed and sends nothing
+        self._log(outcome, outcome.status, outcome.deliverable)
+        return response
+
+    @staticmethod
+    async def _answer(request: web.BaseRequest, outcome: _Outcome, wait: float) -> web.StreamResponse:
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if outcome.body is None:  # drop
+            request.transport.close()
+            return web.Response()  # as above: nothing goes out
+        response = web.Response(
+            status=outcome.status, body=outcome.body, content_type="application/json", headers=outcome.headers
+        )
+        # Sent here rather than by aiohttp after the return, so that the log line follows the answer.
+        await response.prepare(request)
+        await response.write_eof()
+        return response
 
     def _log(self, outcome: _Outcome, status: int | None, delivered: bool, client_closed: bool = False) -> None:
         entry = outcome.log
@@ -646,8 +579,12 @@ async def serve(
     """Serve until SIGTERM/SIGINT (or until `parent_pid` is gone)."""
     loop = asyncio.get_running_loop()
     handler = TeacherHandler(_Plan(plan_path, plan), log_path, api_key)
-    server = await loop.create_server(lambda: _Connection(handler), host, port, backlog=4096, reuse_address=True)
-    bound = server.sockets[0].getsockname()[1]
+    # handler_cancellation: a client that hangs up during a wait is logged at once, as client_closed.
+    server = web.Server(_Responder(handler), handler_cancellation=True, access_log=None)
+    runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=4096, reuse_address=True).start()
+    bound = runner.addresses[0][1]
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
         tmp.write_text(f"{bound}\n", encoding="utf-8")
@@ -669,8 +606,8 @@ async def serve(
     finally:
         if watcher is not None:
             watcher.cancel()
-        server.close()
-        handler.close()
+        handler.close()  # first, so that requests cut short by the shutdown are not logged as client_closed
+        await runner.cleanup()
 
 
 def _loop_factory():
@@ -788,7 +725,9 @@ def run_teacher_server(
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(stderr_path, "wb") as stderr:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=root)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=root
+        )
     server: TeacherServer | None = None
     try:
         deadline = time.monotonic() + startup_timeout

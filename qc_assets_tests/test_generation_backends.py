@@ -12,11 +12,11 @@ import json
 import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
 
 import pytest
+from aiohttp import web
 
 from qc_assets.categories import CATEGORY_NAMES
 from qc_assets.defs.generation.backends import (
@@ -31,8 +31,8 @@ from qc_assets.defs.generation.backends import (
     postprocess,
     render_prompt,
 )
-from qc_assets_tests.conftest import build_talkative_student
 from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets_tests.conftest import build_talkative_student
 
 GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 MAX_NEW_TOKENS = 12
@@ -189,67 +189,51 @@ class StubServer:
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
-        self.lock = threading.Lock()
-        stub = self
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner: web.ServerRunner | None = None
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    async def answer(self, request: web.BaseRequest) -> web.Response:
+        body = await request.json()
+        self.bodies.append({"path": request.path, "authorization": request.headers.get("Authorization"), **body})
+        messages = body["messages"]
+        user = messages[1]["content"]
+        if request.path != "/v1/chat/completions":
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        if user == "BAD":
+            return web.json_response(
+                {"error": {"message": "this request is bad", "type": "BadRequestError"}}, status=400
+            )
+        content = f"<think>\n\n</think>\n\nquery for {messages[0]['content']}\nmore text"
+        return web.json_response(
+            {
+                "id": "cmpl-1",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": len(user), "completion_tokens": 7, "total_tokens": len(user) + 7},
+            }
+        )
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with stub.lock:
-                    stub.bodies.append({"path": self.path, "authorization": self.headers.get("Authorization"), **body})
-                messages = body["messages"]
-                user = messages[1]["content"]
-                if self.path != "/v1/chat/completions":
-                    status, answer = 404, {"error": {"message": "not found"}}
-                elif user == "BAD":
-                    status, answer = 400, {"error": {"message": "this request is bad", "type": "BadRequestError"}}
-                else:
-                    status, answer = (
-                        200,
-                        {
-                            "id": "cmpl-1",
-                            "object": "chat.completion",
-                            "model": body["model"],
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "message": {
-                                        "role": "assistant",
-                                        "content": f"<think>\n\n</think>\n\nquery for {messages[0]['content']}\nmore text",
-                                    },
-                                    "finish_reason": "stop",
-                                }
-                            ],
-                            "usage": {
-                                "prompt_tokens": len(user),
-                                "completion_tokens": 7,
-                                "total_tokens": len(user) + 7,
-                            },
-                        },
-                    )
-                payload = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    async def start(self) -> int:
+        self.runner = web.ServerRunner(web.Server(self.answer, access_log=None))  # needs the running loop
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        return self.runner.addresses[0][1]
 
     def __enter__(self) -> Self:
         self.thread.start()
+        port = asyncio.run_coroutine_threadsafe(self.start(), self.loop).result()
+        self.base_url = f"http://127.0.0.1:{port}/v1"
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from qc_assets.categories import CATEGORIES, LabelError
-from qc_assets_tests.teacher_server import DEFAULT_MODEL, raw_http_load, label_for, run_teacher_server, text_key
+from qc_assets_tests.teacher_server import DEFAULT_MODEL, label_for, raw_http_load, run_teacher_server, text_key
 
 
 def doc(tag: str, index: int = 0) -> str:
@@ -116,7 +116,11 @@ def test_attempt_rules_fail_first_then_answer(server, client):
     lines = entries_for(server, text_key(once), 2)
     assert [(line["attempt"], line["status"], line["delivered"]) for line in lines] == [(1, 500, False), (2, 200, True)]
     lines = entries_for(server, text_key(twice), 3)
-    assert [(line["attempt"], line["behavior"]) for line in lines] == [(1, "server_error"), (2, "unavailable"), (3, "ok")]
+    assert [(line["attempt"], line["behavior"]) for line in lines] == [
+        (1, "server_error"),
+        (2, "unavailable"),
+        (3, "ok"),
+    ]
 
 
 def test_content_faults(server, client):
@@ -141,7 +145,9 @@ def test_content_faults(server, client):
     server.set_plan({"rules": [{"behavior": "malformed_body"}]})
     request = urllib.request.Request(
         server.base_url + "/chat/completions",
-        data=json.dumps({"model": "m", "messages": [{"role": "user", "content": CATEGORIES["title"].prompt(text)}]}).encode(),
+        data=json.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": CATEGORIES["title"].prompt(text)}]}
+        ).encode(),
         headers={"content-type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -165,7 +171,10 @@ def test_a_model_it_does_not_serve_is_refused_as_deepseek_or_vllm_refuses_it(ser
     with pytest.raises(openai.BadRequestError) as caught:
         ask(client, "title", doc("retired"), model="deepseek-reasoner")
     assert caught.value.body == {
-        "message": "Model Not Exist", "type": "invalid_request_error", "param": None, "code": "invalid_request_error"
+        "message": "Model Not Exist",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_request_error",
     }
     server.set_plan({"models": ["deepseek-v4-flash"], "unknown_model_status": 404, "rules": []})
     with pytest.raises(openai.NotFoundError) as caught:
@@ -173,7 +182,8 @@ def test_a_model_it_does_not_serve_is_refused_as_deepseek_or_vllm_refuses_it(ser
     assert caught.value.body["message"] == "The model `deepseek-chat` does not exist."
     lines = entries_for(server, text_key(doc("retired")), 2)
     assert [(line["status"], line["behavior"], line["attempt"]) for line in lines] == [
-        (400, "unknown_model", None), (404, "unknown_model", None)
+        (400, "unknown_model", None),
+        (404, "unknown_model", None),
     ]
 
 
@@ -212,7 +222,10 @@ def test_api_key(tmp_path):
         with openai.OpenAI(base_url=server.base_url, api_key="sekret-key-123", max_retries=0) as right:
             assert CATEGORIES["title"].parse(ask(right, "title", doc("auth")).choices[0].message.content)
         lines = server.requests(min_count=2)
-        assert [(line["status"], line["auth_ok"], line["attempt"]) for line in lines] == [(401, False, None), (200, True, 1)]
+        assert [(line["status"], line["auth_ok"], line["attempt"]) for line in lines] == [
+            (401, False, None),
+            (200, True, 1),
+        ]
         assert "sekret" not in server.log_path.read_text()
 
 
