@@ -91,7 +91,10 @@ def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[
         raise click.ClickException(str(error)) from None
     if not stages:
         raise click.UsageError(f"--select {select!r} matches no asset")
-    shards = definitions.resolve_assets_def("corpus").partitions_def.get_partition_keys()
+    corpus_partitions = definitions.resolve_assets_def("corpus").partitions_def
+    if corpus_partitions is None:
+        raise click.ClickException("the corpus asset has no shard partitions")
+    shards = corpus_partitions.get_partition_keys()
     for pattern in shard_patterns:
         if not any(fnmatch.fnmatchcase(shard, pattern) for shard in shards):
             raise click.UsageError(f"--shard {pattern!r} matches none of the {len(shards)} shards, e.g. {shards[0]!r}")

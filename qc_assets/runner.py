@@ -14,7 +14,7 @@ import fnmatch
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -99,18 +99,19 @@ def plan_stages(definitions: dg.Definitions, selection: str | None) -> list[Stag
 
 @dataclass(frozen=True)
 class PartitionBlock:
-    """What one run materializes: one partition, or a range whose keys are exactly `keys`."""
+    """What one run materializes: one partition, or a range whose keys are exactly `keys`; None is the one run of an
+    unpartitioned stage."""
 
-    start: str
-    end: str
-    keys: tuple[str, ...]
+    start: str | None
+    end: str | None
+    keys: tuple[str | None, ...]
 
     @property
-    def label(self) -> str:
+    def label(self) -> str | None:
         return self.start if len(self.keys) == 1 else f"{self.start} … {self.end} ({len(self.keys)} partitions)"
 
 
-def _contiguous_runs(ordered: list[str], chosen: set[str]) -> list[list[str]]:
+def _contiguous_runs(ordered: Sequence[str], chosen: set[str]) -> list[list[str]]:
     runs: list[list[str]] = []
     previous_chosen = False
     for key in ordered:
@@ -151,11 +152,12 @@ def partition_blocks(
                 else:
                     groups.append((firsts_by_second[b], [b]))
         blocks = []
+        covered: list[str] = []
         for firsts, seconds in groups:
             for run in _contiguous_runs(first_keys, firsts):
                 block_keys = tuple(key_of(a, b) for a in run for b in seconds)
                 blocks.append(PartitionBlock(key_of(run[0], seconds[0]), key_of(run[-1], seconds[-1]), block_keys))
-        covered = [key for block in blocks for key in block.keys]
+                covered.extend(block_keys)
         if sorted(covered) == sorted(chosen) and len(covered) == len(chosen):
             return blocks
         return [PartitionBlock(str(key), str(key), (str(key),)) for key in keys]
@@ -194,6 +196,9 @@ def _execute_partition(
     _limit_threads(threads)
     repository = ReconstructableRepository.for_module(DEFINITIONS_MODULE, "defs", str(PROJECT_ROOT))
     job = repository.get_definition().get_implicit_job_def_for_assets(list(asset_keys))
+    if job is None:
+        raise RuntimeError(f"{DEFINITIONS_MODULE} has no asset job for {', '.join(map(str, asset_keys))}")
+    tags: Mapping[str, str]
     if partition and range_end is not None and range_end != partition:
         tags = {ASSET_PARTITION_RANGE_START_TAG: partition, ASSET_PARTITION_RANGE_END_TAG: range_end}
     elif partition:
@@ -233,6 +238,8 @@ def _failure_message(event: dg.DagsterEvent) -> str:
     if failure.user_failure_data and failure.user_failure_data.description:
         return failure.user_failure_data.description
     error = failure.error
+    if error is None:
+        return "the step failed and recorded no error"
     while error.cause is not None:
         error = error.cause
     return error.to_string().strip().splitlines()[0] if error.message is None else error.message.strip()
@@ -240,17 +247,18 @@ def _failure_message(event: dg.DagsterEvent) -> str:
 
 def select_shards(
     partitions_def: dg.PartitionsDefinition,
-    keys: list[str],
-    shard_partitions: dg.PartitionsDefinition,
+    keys: Sequence[str],
+    shard_partitions: dg.PartitionsDefinition | None,
     shard_patterns: tuple[str, ...],
-) -> list[str]:
+) -> Sequence[str]:
     """Keep the partitions whose shard matches one of the glob patterns; other partitionings (base models) stay whole."""
     if not shard_patterns:
         return keys
 
     def shard_of(key: str) -> str | None:
         if isinstance(partitions_def, dg.MultiPartitionsDefinition):
-            return key.keys_by_dimension.get(SHARD_DIMENSION)
+            multi_key = key if isinstance(key, dg.MultiPartitionKey) else partitions_def.get_partition_key_from_str(key)
+            return multi_key.keys_by_dimension.get(SHARD_DIMENSION)
         return key if partitions_def == shard_partitions else None
 
     return [
@@ -273,7 +281,7 @@ def run_stages(
     failed: dict[dg.AssetKey, set[str | None]] = {}
     with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
         for stage in stages:
-            keys = (
+            keys: Sequence[str | None] = (
                 select_shards(
                     stage.partitions_def,
                     stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance),
@@ -288,7 +296,7 @@ def run_stages(
                 if earlier.partitions_def == stage.partitions_def:
                     for key in earlier.asset_keys:
                         upstream_failures |= failed.get(key, set())
-            runnable = []
+            runnable: list[str | None] = []
             for partition in keys:
                 if partition in upstream_failures:
                     outcome = RunOutcome(stage.label, partition, None, "skipped", ["an upstream partition failed"])
@@ -296,8 +304,9 @@ def run_stages(
                     report(outcome)
                     continue
                 runnable.append(partition)
-            if stage.single_run and runnable:
-                blocks = partition_blocks(stage.partitions_def, runnable, instance)
+            if stage.single_run and stage.partitions_def is not None and runnable:
+                # A partitioned stage's keys are all strings.
+                blocks = partition_blocks(stage.partitions_def, [key for key in runnable if key is not None], instance)
             else:
                 blocks = [PartitionBlock(partition, partition, (partition,)) for partition in runnable]
             threads = threads_per_run(min(parallel, len(blocks)))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import duckdb
@@ -29,11 +29,22 @@ from pydantic import Field
 
 from qc_assets.lake.tables import TABLES, VIEWS, Table
 
+if TYPE_CHECKING:
+    import psycopg
+
 LAKE = "lake"
 _RETRYABLE = ("database is locked", "conflict", "sqlite_busy", "could not serialize")
 _tables_ready: set[tuple[str, str]] = set()
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def fetch_row(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
+    """The one row of an aggregate, or of the count an INSERT or DELETE reports; no row there is a DuckDB fault."""
+    row = result.fetchone()
+    if row is None:
+        raise RuntimeError("DuckDB returned no row where the statement always yields one")
+    return row
 
 
 def sql_literal(value: str) -> str:
@@ -50,6 +61,8 @@ def extension_file(name: str) -> str:
             f"the DuckDB extension {name!r} is needed but the package {package.replace('_', '-')}"
             f"=={duckdb.__version__} is not installed"
         ) from None
+    if module.__file__ is None:
+        raise RuntimeError(f"{package} has no __init__.py: reinstall {package.replace('_', '-')}=={duckdb.__version__}")
     root = Path(module.__file__).parent / "extensions"
     matches = sorted(root.glob(f"v{duckdb.__version__}/{name}.duckdb_extension"))
     if not matches:
@@ -117,7 +130,7 @@ class AdvisoryLock:
     def __init__(self, dsn: str, name: str) -> None:
         self.dsn = dsn
         self.key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        self._session = None
+        self._session: psycopg.Connection | None = None
         self._depth = 0
 
     def __enter__(self) -> AdvisoryLock:
@@ -324,4 +337,4 @@ def replace_partition(
     connection.execute(f'DELETE FROM "{table.name}" WHERE {where}', values)
     columns = ", ".join(f'"{name}"' for name in table.column_names)
     connection.execute(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM {rows_relation}')
-    return connection.execute(f'SELECT count(*) FROM "{table.name}" WHERE {where}', values).fetchone()[0]
+    return fetch_row(connection.execute(f'SELECT count(*) FROM "{table.name}" WHERE {where}', values))[0]

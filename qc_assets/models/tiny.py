@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import TypedDict
 
 from filelock import FileLock
 
@@ -72,26 +73,41 @@ def llama3_chat(template: str | None = None) -> TinyChat:
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
-def _config(architecture: str, vocab_size: int, token_ids: dict[str, int | None]):
+class _TokenIds(TypedDict):
+    eos_token_id: int | None
+    pad_token_id: int | None
+    bos_token_id: int | None
+
+
+class _SharedConfig(_TokenIds):
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+
+
+def _config(architecture: str, vocab_size: int, token_ids: _TokenIds):
     """A 2-layer config of the architecture; head_dim 32 everywhere, since vLLM's CPU attention refuses less."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    shared = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
+    shared: _SharedConfig = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
         **token_ids,
-    )
+    }
     if architecture == "qwen3":
         return Qwen3Config(
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
             tie_word_embeddings=True,
-            rope_theta=1_000_000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
             **shared,
         )
     if architecture == "qwen2":  # TinySwallow: Qwen2 with q/k/v biases, tied embeddings; head_dim = 64 / 2
@@ -201,11 +217,12 @@ def build_tiny_cross_encoder(directory: Path, texts: list[str], vocab_size: int 
         num_attention_heads=4,
         intermediate_size=128,
         max_position_embeddings=514,
-        num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    # One output, the relevance score. num_labels is a property over id2label, not one of the config's fields.
+    config.num_labels = 1
     torch.manual_seed(_SEED)
     XLMRobertaForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import duckdb
 
+from qc_assets.lake.resource import fetch_row
 from qc_assets.lake.tables import CORPUS
 
 # C0 controls except tab and newline (a lone CR included, after CRLF became LF), DEL and C1 controls.
@@ -109,15 +110,17 @@ def resolve_against_lake(connection: duckdb.DuckDBPyConnection, shard: str) -> i
         """,
         {"shard": shard},
     )
-    (removed,) = connection.execute(
-        f"""
-        DELETE FROM {corpus}
-        WHERE shard > $shard AND (
-            text_hash IN (SELECT text_hash FROM {STAGED} WHERE status = 'ok')
-            OR doc_id IN (SELECT doc_id FROM {STAGED} WHERE status = 'ok'))
-        """,
-        {"shard": shard},
-    ).fetchone()
+    (removed,) = fetch_row(
+        connection.execute(
+            f"""
+            DELETE FROM {corpus}
+            WHERE shard > $shard AND (
+                text_hash IN (SELECT text_hash FROM {STAGED} WHERE status = 'ok')
+                OR doc_id IN (SELECT doc_id FROM {STAGED} WHERE status = 'ok'))
+            """,
+            {"shard": shard},
+        )
+    )
     return removed
 
 
@@ -133,15 +136,17 @@ class StagedSummary:
 def summarize_staged(connection: duckdb.DuckDBPyConnection) -> StagedSummary:
     """Everything the asset reports, from the staging table, so no second lake connection is needed."""
     counts = dict(connection.execute(f"SELECT status, count(*) FROM {STAGED} GROUP BY status").fetchall())
-    controls, n_min, n_mean, n_max = connection.execute(
-        f"""
-        SELECT count(*) FILTER (WHERE had_controls),
-               min(n_chars) FILTER (WHERE status = 'ok'),
-               avg(n_chars) FILTER (WHERE status = 'ok'),
-               max(n_chars) FILTER (WHERE status = 'ok')
-        FROM {STAGED}
-        """
-    ).fetchone()
+    controls, n_min, n_mean, n_max = fetch_row(
+        connection.execute(
+            f"""
+            SELECT count(*) FILTER (WHERE had_controls),
+                   min(n_chars) FILTER (WHERE status = 'ok'),
+                   avg(n_chars) FILTER (WHERE status = 'ok'),
+                   max(n_chars) FILTER (WHERE status = 'ok')
+            FROM {STAGED}
+            """
+        )
+    )
     return StagedSummary(
         status_counts={reason: counts.get(reason, 0) for reason in ("ok", *DROP_REASONS)},
         control_character_rows=controls,

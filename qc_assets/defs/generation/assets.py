@@ -235,7 +235,7 @@ def _results(tally: GenerationTally, generation: GenerationResource, checkpoints
         }
     )
     rates = tally.empty_rates()
-    worst = max(rates, key=rates.get) if rates else None
+    worst = max(rates, key=rates.__getitem__) if rates else None
     # A tiny random-weight student often answers with nothing at all; that is expected of it, so for tiny
     # checkpoints the blocking check only warns.
     yield dg.AssetCheckResult(

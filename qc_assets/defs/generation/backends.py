@@ -32,9 +32,12 @@ import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypedDict, runtime_checkable
 
 from qc_assets.chat_format import GENERATION_TEMPLATE_KWARGS, encode_rendered, messages_for, render_prompt
+
+if TYPE_CHECKING:
+    from vllm.inputs import TokensPrompt
 
 BACKENDS: tuple[str, ...] = ("transformers", "vllm", "openai")
 PROGRESS_INTERVAL_S = 5.0
@@ -281,7 +284,7 @@ class TransformersGenerator:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
         )
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # functools.wraps stub loses `self`
         self.builder = PromptBuilder(self.tokenizer, max_input_tokens)
 
     def generate(self, requests: Sequence[GenerationRequest], log: Log = _no_log) -> list[GeneratedQuery]:
@@ -383,7 +386,7 @@ class VLLMGenerator:
         # The longest sequence this generator can make: prompts are cut to max_input_tokens. Bounding it keeps vLLM
         # from reserving for the checkpoint's full context (40k for Qwen3). On a CPU (vLLM's CPU build) the engine
         # runs fp32, as the transformers backend does there, and eagerly: compiling costs more than it saves.
-        self.llm = vllm.LLM(
+        self.llm: vllm.LLM | None = vllm.LLM(
             model=self.model_path,
             dtype="bfloat16" if on_gpu else "float32",
             enforce_eager=not on_gpu,
@@ -403,7 +406,9 @@ class VLLMGenerator:
         results: list[GeneratedQuery] = []
         for start in range(0, len(requests), self.chunk_size):
             chunk = requests[start : start + self.chunk_size]
-            prompts = [{"prompt_token_ids": self.builder.build(request.category, request.text)[1]} for request in chunk]
+            prompts: list[TokensPrompt] = [
+                {"prompt_token_ids": self.builder.build(request.category, request.text)[1]} for request in chunk
+            ]
             sampling = [self.sampling_params(request.category) for request in chunk]
             # sampling_params by keyword: positional in recent vLLM, keyword-only in some older releases.
             outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
@@ -614,6 +619,12 @@ class OpenAIGenerator:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _CommonOptions(TypedDict):
+    max_new_tokens: TokenCaps
+    temperature: float
+    max_input_tokens: int
+
+
 def open_generator(
     backend: str,
     model_path: str,
@@ -631,13 +642,17 @@ def open_generator(
     "openai"). `max_new_tokens` caps every answer alike, or each category its own (TokenCaps); `max_input_tokens`
     bounds the whole templated prompt; `base_url`, `api_key`, `concurrency` and `model_name` (default: model_path)
     are the openai backend's; `batch_size` is the transformers batch."""
-    max_new_tokens = TokenCaps.of(max_new_tokens)
+    caps = TokenCaps.of(max_new_tokens)
     if batch_size < 1 or max_input_tokens < 1 or concurrency < 1:
         raise ValueError("batch_size, max_input_tokens and concurrency must be at least 1")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     model_path = str(model_path)
-    common = {"max_new_tokens": max_new_tokens, "temperature": temperature, "max_input_tokens": max_input_tokens}
+    common: _CommonOptions = {
+        "max_new_tokens": caps,
+        "temperature": temperature,
+        "max_input_tokens": max_input_tokens,
+    }
     if backend == "transformers":
         return TransformersGenerator(model_path, batch_size=batch_size, **common)
     if backend == "vllm":

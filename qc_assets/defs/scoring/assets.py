@@ -17,7 +17,7 @@ from qc_assets.defs.sft.assets import SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.teacher.assets import TeacherResource
 from qc_assets.execution import GPU_POD, GPU_POOL
-from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
+from qc_assets.lake.resource import LakeResource, fetch_row, replace_partition, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES, RERANKER_SCORES, TEACHER_LABELS, TEACHER_SOURCE_PREFIX
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, ensure_tiny_models, sample_texts
 from qc_assets.settings import TINY_STUDENT, Settings
@@ -192,10 +192,12 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                     teacher_items = [
                         item for item in teacher_items if prompt_versions.get(item[1]) is not None and item[0] in texts
                     ]
-                    already = connection.execute(
-                        "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
-                        [shard, teacher_source, scorer.name],
-                    ).fetchone()[0]
+                    already = fetch_row(
+                        connection.execute(
+                            "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
+                            [shard, teacher_source, scorer.name],
+                        )
+                    )[0]
                     if not student:
                         # A small shard can have no test-split document; then generated_queries wrote nothing either.
                         context.log.warning(f"{checkpoint}|{shard}: no generated queries to score")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
+from typing import TypedDict
 
 import torch
 from transformers import (
@@ -199,10 +200,18 @@ def plan_memory(shape: ModelShape, setup: TrainingSetup, device_bytes: int | Non
     )
 
 
+class _SetupChange(TypedDict, total=False):
+    """Fields of TrainingSetup that a remedy changes."""
+
+    method: str
+    gradient_checkpointing: bool
+    optimizer: str
+
+
 def remedies(shape: ModelShape, setup: TrainingSetup, usable: int) -> list[str]:
     """Each change that applies to the setup, with the largest per-device batch it fits at and its size; all of
     them together when none fits alone."""
-    changes = []
+    changes: list[tuple[str, _SetupChange]] = []
     if setup.method == "full":
         changes.append(("LoRA (QC_STUDENT_METHOD=lora)", {"method": "lora"}))
     if not setup.gradient_checkpointing:
@@ -218,7 +227,9 @@ def remedies(shape: ModelShape, setup: TrainingSetup, usable: int) -> list[str]:
         )
     found = [_remedy(shape, replace(setup, **change), usable, name) for name, change in changes]
     if len(changes) > 1 and all(plan is None for plan, _ in found):
-        together = {key: value for _, change in changes for key, value in change.items()}
+        together: _SetupChange = {}
+        for _, change in changes:
+            together.update(change)
         found.append(_remedy(shape, replace(setup, **together), usable, "all of these together"))
     return [line for _, line in found] or ["nothing this estimate knows of: a larger GPU"]
 

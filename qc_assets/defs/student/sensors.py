@@ -1,6 +1,7 @@
 """The checkpoint sensor: a new complete checkpoint in the store becomes a partition and gets evaluated."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
@@ -30,9 +31,11 @@ def _key(checkpoint: str, shard: str) -> str:
 
 
 def _generated_or_in_progress(
-    instance: dg.DagsterInstance, checkpoint: str, shard_keys: list[str], generation: dg.AssetsDefinition
+    instance: dg.DagsterInstance, checkpoint: str, shard_keys: Sequence[str], generation: dg.AssetsDefinition
 ) -> bool:
     """Every shard of the checkpoint materialized, or planned by a run still going, by Dagster's partition status."""
+    if generation.partitions_def is None:
+        raise ValueError(f"{generation.key.to_user_string()} has no partitions: the checkpoint sensor needs them")
     keys = [_key(checkpoint, shard) for shard in shard_keys]
     statuses = instance.get_status_by_partition(generation.key, keys, generation.partitions_def) or {}
     return all(
@@ -41,7 +44,10 @@ def _generated_or_in_progress(
 
 
 def build_checkpoint_sensor(
-    checkpoint_partitions: dg.DynamicPartitionsDefinition, shard_keys: list[str], root: Path, targets: list
+    checkpoint_partitions: dg.DynamicPartitionsDefinition,
+    shard_keys: Sequence[str],
+    root: Path,
+    targets: list[dg.AssetsDefinition],
 ) -> dg.SensorDefinition:
     @dg.sensor(
         name="new_checkpoints",

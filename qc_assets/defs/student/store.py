@@ -75,7 +75,7 @@ def read_manifest(directory: Path) -> dict:
 
 def list_checkpoints(root: Path, warn=log.warning) -> list[Checkpoint]:
     """Complete checkpoints, oldest first; staging directories are skipped silently, broken ones with a warning."""
-    found = []
+    found: list[Checkpoint] = []
     if not root.is_dir():
         return found
     for slug_dir in sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")):

@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import peft
@@ -224,7 +224,10 @@ class Examples:
 
 
 def tokenize_examples(rows: Mapping[str, list[str]], tokenizer, max_length: int) -> Examples:
-    input_ids, completion_masks, sources, endings = [], [], Counter(), set()
+    input_ids: list[list[int]] = []
+    completion_masks: list[list[int]] = []
+    sources: Counter[str] = Counter()
+    endings: set[str] = set()
     dropped = truncated = 0
     for category, text, answer in zip(*(rows[column] for column in DATASET_COLUMNS)):
         example = training_example(tokenizer, category, text, answer)
@@ -321,7 +324,7 @@ class PipesProgress(TrainerCallback):
         self.log(line)
 
 
-def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+def checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     """transformers 5.23 renamed TrainingArguments' gradient_checkpointing to activation_checkpointing; the range
     vLLM allows (5.16-5.19) has only the old name. TRL defaults it to on: always set whichever exists."""
     names = {field.name for field in dataclasses.fields(SFTConfig)}
@@ -411,7 +414,8 @@ def build_trainer(
         "train_examples": train_rows,
         # With a step count, a seeded uniform sample of the split big enough for every step (see examples_needed).
         "train_examples_sampled": len(rows["system"]),
-        "train_examples_used": len(trainer.train_dataset),
+        # The map-style Dataset passed in above, which SFTTrainer keeps map-style.
+        "train_examples_used": len(cast(datasets.Dataset, trainer.train_dataset)),
         "train_examples_dropped": examples.dropped,
         "train_examples_truncated": examples.truncated,
         "completion_sources": examples.completion_sources,

@@ -1,6 +1,8 @@
 """The teacher-labels asset: seven labels per document, per shard, each key paid for once."""
 
 import statistics
+from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from qc_assets.defs.teacher.replay_teacher import (
     ReplayTeacher,
     replay_source_name,
 )
-from qc_assets.lake.resource import LakeResource
+from qc_assets.lake.resource import LakeResource, fetch_row
 from qc_assets.lake.tables import CORPUS, TEACHER_LABELS, TEACHER_QUARANTINE
 from qc_assets.settings import DEFAULT_OPENAI_TEACHER_MODEL, Settings, env_name
 
@@ -163,7 +165,7 @@ def _outcomes_table(report: LabelingReport) -> str:
     statuses = ("labeled", "quarantined", "stopped", "absent")
     lines = ["| category | " + " | ".join(statuses) + " |", "|---" * (len(statuses) + 1) + "|"]
     for name in CATEGORIES:
-        counts = report.by_category.get(name, {})
+        counts = report.by_category.get(name, Counter())
         lines.append(f"| {name} | " + " | ".join(str(counts.get(status, 0)) for status in statuses) + " |")
     return "\n".join(lines)
 
@@ -258,9 +260,11 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         except (TeacherConfigError, ReplayError) as error:
             raise dg.Failure(description=f"shard {shard}: {error}") from None
         with lake.get_connection() as connection:
-            labels_in_shard = connection.execute(
-                "SELECT count(*) FROM teacher_labels WHERE shard = $1 AND teacher = $2", [shard, backend.teacher]
-            ).fetchone()[0]
+            labels_in_shard = fetch_row(
+                connection.execute(
+                    "SELECT count(*) FROM teacher_labels WHERE shard = $1 AND teacher = $2", [shard, backend.teacher]
+                )
+            )[0]
         metadata = report_metadata(report, labels_in_shard)
         context.log.info(
             f"shard {shard}: {report.count('labeled')} labelled, {report.count('quarantined')} quarantined, "
@@ -303,7 +307,7 @@ def hourly_cron(window: UtcWindow) -> str:
     return f"{window.start.minute} {','.join(map(str, hours))} * * *"
 
 
-def build_discount_schedule(job, shard_keys: list[str], window: UtcWindow | None) -> dg.ScheduleDefinition:
+def build_discount_schedule(job, shard_keys: Sequence[str], window: UtcWindow | None) -> dg.ScheduleDefinition:
     @dg.schedule(
         job=job,
         name="teacher_discount_window",

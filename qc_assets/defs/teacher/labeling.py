@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 import duckdb
 import pyarrow as pa
@@ -27,7 +28,7 @@ from filelock import FileLock, Timeout
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest, TeacherBackend, Usage
-from qc_assets.lake.resource import LakeResource, run_transaction
+from qc_assets.lake.resource import LakeResource, fetch_row, run_transaction
 from qc_assets.lake.tables import TEACHER_LABELS, TEACHER_QUARANTINE, Table
 
 KEY_COLUMNS = ("doc_id", "category", "teacher", "prompt_version")
@@ -44,7 +45,7 @@ class Journal:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._handle = None
+        self._handle: TextIO | None = None
         self._segment: Path | None = None
 
     def segments(self) -> list[Path]:
@@ -159,11 +160,11 @@ def write_outcome_rows(
         if labels:
             connection.register("incoming_labels", pa.Table.from_pylist(labels))
             if plain:
-                inserted = connection.execute(_plain_insert_sql(TEACHER_LABELS, "incoming_labels")).fetchone()[0]
+                inserted = fetch_row(connection.execute(_plain_insert_sql(TEACHER_LABELS, "incoming_labels")))[0]
             else:
-                inserted = connection.execute(
-                    _insert_new_sql(TEACHER_LABELS, "incoming_labels", "$1"), [shard]
-                ).fetchone()[0]
+                inserted = fetch_row(
+                    connection.execute(_insert_new_sql(TEACHER_LABELS, "incoming_labels", "$1"), [shard])
+                )[0]
                 connection.execute(_delete_keys_sql(TEACHER_QUARANTINE, "incoming_labels", "$1"), [shard])
             connection.unregister("incoming_labels")
         if quarantined:
@@ -204,7 +205,7 @@ class KnownKeys:
 
 def outcome_row(outcome: LabelOutcome, backend: TeacherBackend, run_id: str) -> dict:
     request = outcome.request
-    row = {
+    row: dict[str, object] = {
         "kind": "label" if outcome.status == "labeled" else "quarantine",
         "doc_id": request.doc_id,
         "shard": request.shard,

@@ -53,9 +53,25 @@ class RequestOptions:
         cls, base_url: str, thinking: str | None, reasoning_effort: str | None, response_format: str | None
     ) -> RequestOptions:
         """DeepSeek's API takes `json_object` (its documented JSON mode); other servers get what they are told."""
-        dialect = "deepseek" if urlsplit(base_url).hostname == DEEPSEEK_HOST else "openai-compatible"
-        default_format = "json_object" if dialect == "deepseek" else "none"
-        return cls(dialect, thinking, reasoning_effort, response_format or default_format)
+        dialect: Literal["deepseek", "openai-compatible"] = (
+            "deepseek" if urlsplit(base_url).hostname == DEEPSEEK_HOST else "openai-compatible"
+        )
+        # Settings validate these, but a resource's config in the launchpad takes any string.
+        match thinking:
+            case "enabled" | "disabled" | None:
+                pass
+            case _:
+                raise ValueError(f"QC_TEACHER_THINKING={thinking!r}: expected `enabled` or `disabled`")
+        match response_format:
+            case "json_schema" | "json_object" | "none":
+                chosen_format = response_format
+            case None | "":
+                chosen_format = "json_object" if dialect == "deepseek" else "none"
+            case _:
+                raise ValueError(
+                    f"QC_TEACHER_RESPONSE_FORMAT={response_format!r}: expected `json_schema`, `json_object` or `none`"
+                )
+        return cls(dialect, thinking, reasoning_effort, chosen_format)
 
 
 def request_body(model: str, category: Category, text: str, max_tokens: int, options: RequestOptions) -> dict:
@@ -376,7 +392,7 @@ class OpenAITeacher:
                 # while this answer is still unrecorded: a SIGKILL loses at most the requests in flight.
                 if record is not None and not aborted and (final or outcome.attempts >= self.max_attempts):
                     record(outcome)
-                if slot is not None:
+                if slot is not None and self.key_budget is not None:
                     self.key_budget.release(slot)
                 await self.limit.release()
             await asyncio.sleep(self._backoff(outcome.attempts, retry_after))
@@ -386,7 +402,7 @@ class OpenAITeacher:
         choices = completion.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
         message = choice.get("message") if choice else None
-        if not isinstance(message, dict):
+        if choice is None or not isinstance(message, dict):
             outcome.retries["malformed_response"] += 1
             outcome.error = "the response has no choices[0].message"
             outcome.raw_output = json.dumps(completion, ensure_ascii=False)[:2000]

@@ -80,6 +80,8 @@ class ReplayColumns:
 
         match = f"CAST({quoted(self.match_column)} AS VARCHAR)"
         if self.category is not None:
+            if self.query is None:
+                raise ReplayError("QC_TEACHER_REPLAY_COLUMNS: long format (category=) needs query= as well")
             reasoning = f"CAST({quoted(self.reasoning)} AS VARCHAR)" if self.reasoning else "NULL"
             return (
                 f"SELECT {match} AS match, CAST({quoted(self.category)} AS VARCHAR) AS category, "
