@@ -82,7 +82,7 @@ def main() -> None:
             "docs/s",
             "plain DuckDB copy into the lake",
             copy_rate,
-            round(asset_rate / copy_rate, 3),
+            asset_rate / copy_rate,
             "≥ 100,000 docs/s or ≥ 0.5 of the copy",
             asset_rate >= 100_000 or asset_rate >= 0.5 * copy_rate,
         ),

@@ -130,7 +130,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
             "h",
             "seed 000's projection (1 query a document)",
             SEED_PROJECTED_R1_HOURS,
-            round(teacher_hours / SEED_PROJECTED_R1_HOURS, 3),
+            teacher_hours / SEED_PROJECTED_R1_HOURS,
         ),
         figure(
             f"{documents:,} documents: teacher cost, 7 queries a document",
@@ -138,7 +138,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
             "USD",
             "seed 000's projection (1 query a document)",
             SEED_PROJECTED_R1_USD,
-            round(teacher_usd / SEED_PROJECTED_R1_USD, 3),
+            teacher_usd / SEED_PROJECTED_R1_USD,
         ),
         figure(
             f"{documents:,} documents: teacher, 1 query a document (seed 000's unit)",
@@ -146,7 +146,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
             "h",
             "seed 000's projection",
             SEED_PROJECTED_R1_HOURS,
-            round(teacher_hours / per_document / SEED_PROJECTED_R1_HOURS, 3),
+            teacher_hours / per_document / SEED_PROJECTED_R1_HOURS,
         ),
         figure(
             "requests in flight one labelling process can keep up with at R1's latency",
@@ -154,7 +154,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
             "requests",
             "seed 000's concurrency",
             SEED_R1_CONCURRENCY,
-            round(concurrency_one_process_sustains / SEED_R1_CONCURRENCY, 1),
+            concurrency_one_process_sustains / SEED_R1_CONCURRENCY,
         ),
     ]
     for n, hours in generation_hours.items():
@@ -165,7 +165,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
                 "h",
                 "seed 000's projection (1 GPU, 1 query a document)",
                 SEED_PROJECTED_STUDENT_HOURS,
-                round(hours / SEED_PROJECTED_STUDENT_HOURS, 3),
+                hours / SEED_PROJECTED_STUDENT_HOURS,
             )
         )
     rows.append(
@@ -175,7 +175,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
             "h",
             "seed 000's projection",
             SEED_PROJECTED_STUDENT_HOURS,
-            round(seed_unit_generation_hours / SEED_PROJECTED_STUDENT_HOURS, 3),
+            seed_unit_generation_hours / SEED_PROJECTED_STUDENT_HOURS,
         )
     )
     rows.append(
@@ -185,7 +185,7 @@ def project(scaling: dict, generation: dict | None, documents: int, gpus: list[i
             "h",
             "student generation on 1 GPU, 7 queries a document",
             round(generation_hours[gpus[0]] * gpus[0], 1),
-            round(overhead_hours / (generation_hours[gpus[0]] * gpus[0]), 3),
+            overhead_hours / (generation_hours[gpus[0]] * gpus[0]),
         )
     )
     rows.append(figure(f"{documents:,} documents: lake size", projection["lake_gib"], "GiB"))

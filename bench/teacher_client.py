@@ -28,7 +28,7 @@ from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E40
 from qc_assets.categories import CATEGORIES  # noqa: E402
 from qc_assets.defs.teacher.backends import Budget, LabelRequest  # noqa: E402
 from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name  # noqa: E402
-from qc_assets.defs.teacher.labeling import _event_loop_factory, label_shard  # noqa: E402
+from qc_assets.defs.teacher.labeling import LabelSinks, ShardRun, _event_loop_factory, label_shard  # noqa: E402
 from qc_assets.defs.teacher.openai_teacher import OpenAITeacher  # noqa: E402
 from qc_assets.defs.teacher.prices import PRICES  # noqa: E402
 from qc_assets.lake.resource import LakeResource  # noqa: E402
@@ -84,7 +84,12 @@ def full_path_rate(base_url: str, docs: list[tuple[str, str]], work: Path) -> tu
     lake = LakeResource(catalog=f"sqlite:{work / 'catalog.sqlite'}", data_path=f"{work / 'files'}/")
     started = time.perf_counter()
     report = label_shard(
-        "bench", docs, backend_for(base_url, work), lake, work / "journal", Budget(), "bench", 256, 5.0, lambda _: None
+        ShardRun("bench", "bench"),
+        documents=docs,
+        backend=backend_for(base_url, work),
+        budget=Budget(),
+        sinks=LabelSinks(lake, work / "journal", batch_size=256, flush_seconds=5.0),
+        log=lambda _: None,
     )
     elapsed = time.perf_counter() - started
     return report.count("labeled") / elapsed, report.lake_writes

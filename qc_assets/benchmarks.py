@@ -67,7 +67,10 @@ def figure(
     goal: str | None = None,
     goal_met: bool | None = None,
 ) -> dict:
-    """One row of the performance table: a measured value, the reference it is compared with, and the goal."""
+    """One row of the performance table: a measured value, the reference it is compared with, and the goal. The
+    ratio keeps 3 significant digits, so a small one stays as exact as a large one."""
+    if ratio is not None:
+        ratio = float(f"{ratio:.3g}")
     return {
         "measure": measure,
         "value": value,

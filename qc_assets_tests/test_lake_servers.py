@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 import duckdb
 import pytest
 
-from qc_assets.lake.resource import LakeResource, _load_extension, sql_literal
+from qc_assets.lake.resource import LakeResource, _load_extension
+from qc_assets.lake.sql import sql_literal
 from qc_assets_tests.lake_servers import PostgresServer, S3Server
 
 

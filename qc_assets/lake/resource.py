@@ -27,6 +27,7 @@ from dagster_duckdb import DuckDBResource
 from filelock import FileLock
 from pydantic import Field
 
+from qc_assets.lake.sql import sql_identifier, sql_literal
 from qc_assets.lake.tables import TABLES, VIEWS, Table
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ def fetch_row(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
     if row is None:
         raise RuntimeError("DuckDB returned no row where the statement always yields one")
     return row
-
-
-def sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def extension_file(name: str) -> str:
@@ -268,7 +265,7 @@ class LakeResource(DuckDBResource):
         def create_or_evolve(connection: duckdb.DuckDBPyConnection) -> None:
             for table in TABLES.values():
                 connection.execute(table.create_sql())
-                existing = {row[0] for row in connection.execute(f'DESCRIBE "{table.name}"').fetchall()}
+                existing = {row[0] for row in connection.execute(f"DESCRIBE {sql_identifier(table.name)}").fetchall()}
                 for statement in table.add_missing_columns_sql(existing):
                     connection.execute(statement)
             comments = dict(
@@ -279,7 +276,7 @@ class LakeResource(DuckDBResource):
             for view in VIEWS.values():
                 if comments.get(view.name) != view.comment:
                     connection.execute(view.create_sql())
-                    connection.execute(f'COMMENT ON VIEW "{view.name}" IS {sql_literal(view.comment)}')
+                    connection.execute(f"COMMENT ON VIEW {sql_identifier(view.name)} IS {sql_literal(view.comment)}")
 
         retry_transient(lambda: _run_in_transaction(connection, create_or_evolve), "create lake tables")
         _tables_ready.add(key)
@@ -332,9 +329,10 @@ def replace_partition(
     connection: duckdb.DuckDBPyConnection, table: Table, partition: dict[str, str], rows_relation: str
 ) -> int:
     """Delete a partition's rows and insert the new ones; call inside `LakeResource.transaction`."""
-    where = " AND ".join(f'"{column}" = ?' for column in partition)
+    name = sql_identifier(table.name)
+    where = " AND ".join(f"{sql_identifier(column)} = ?" for column in partition)
     values = list(partition.values())
-    connection.execute(f'DELETE FROM "{table.name}" WHERE {where}', values)
-    columns = ", ".join(f'"{name}"' for name in table.column_names)
-    connection.execute(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM {rows_relation}')
-    return fetch_row(connection.execute(f'SELECT count(*) FROM "{table.name}" WHERE {where}', values))[0]
+    connection.execute(f"DELETE FROM {name} WHERE {where}", values)
+    columns = ", ".join(sql_identifier(column) for column in table.column_names)
+    connection.execute(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM {rows_relation}")
+    return fetch_row(connection.execute(f"SELECT count(*) FROM {name} WHERE {where}", values))[0]

@@ -9,6 +9,21 @@ import hashlib
 from dataclasses import dataclass
 
 import dagster as dg
+import pyarrow as pa
+
+from qc_assets.lake.sql import sql_identifier
+
+# The Arrow type of each DuckDB column type used below: what DuckDB reads into that column without a cast.
+# TIMESTAMP WITH TIME ZONE is kept in microseconds UTC, as DuckDB stores it.
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "VARCHAR": pa.string(),
+    "INTEGER": pa.int32(),
+    "BIGINT": pa.int64(),
+    "UBIGINT": pa.uint64(),
+    "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
+    "TIMESTAMP WITH TIME ZONE": pa.timestamp("us", tz="UTC"),
+}
 
 
 @dataclass(frozen=True)
@@ -16,6 +31,11 @@ class Column:
     name: str
     sql_type: str
     description: str
+
+    def arrow_field(self) -> pa.Field:
+        if self.sql_type not in ARROW_TYPES:
+            raise KeyError(f"column {self.name!r}: no Arrow type for {self.sql_type}; add it to ARROW_TYPES")
+        return pa.field(self.name, ARROW_TYPES[self.sql_type])
 
 
 @dataclass(frozen=True)
@@ -30,15 +50,19 @@ class Table:
         return [column.name for column in self.columns]
 
     def create_sql(self) -> str:
-        body = ", ".join(f'"{column.name}" {column.sql_type}' for column in self.columns)
-        return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({body})'
+        body = ", ".join(f"{sql_identifier(column.name)} {column.sql_type}" for column in self.columns)
+        return f"CREATE TABLE IF NOT EXISTS {sql_identifier(self.name)} ({body})"
 
     def add_missing_columns_sql(self, existing: set[str]) -> list[str]:
         return [
-            f'ALTER TABLE "{self.name}" ADD COLUMN "{column.name}" {column.sql_type}'
+            f"ALTER TABLE {sql_identifier(self.name)} ADD COLUMN {sql_identifier(column.name)} {column.sql_type}"
             for column in self.columns
             if column.name not in existing
         ]
+
+    def arrow_schema(self) -> pa.Schema:
+        """The table's rows as Arrow, in column order: build rows with it, so Python never restates the columns."""
+        return pa.schema([column.arrow_field() for column in self.columns])
 
     def dagster_schema(self) -> dg.TableSchema:
         return dg.TableSchema(
@@ -232,7 +256,7 @@ class View:
         return f"{self.description} [definition {digest}]"
 
     def create_sql(self) -> str:
-        return f'CREATE OR REPLACE VIEW "{self.name}" AS {self.sql}'
+        return f"CREATE OR REPLACE VIEW {sql_identifier(self.name)} AS {self.sql}"
 
 
 _SPEND_SUMS = (

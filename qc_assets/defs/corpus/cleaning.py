@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import duckdb
 
 from qc_assets.lake.resource import fetch_row
+from qc_assets.lake.sql import sql_identifier
 from qc_assets.lake.tables import CORPUS
 
 # C0 controls except tab and newline (a lone CR included, after CRLF became LF), DEL and C1 controls.
@@ -98,7 +99,7 @@ def resolve_against_lake(connection: duckdb.DuckDBPyConnection, shard: str) -> i
 
     Returns how many rows of later shards were removed because this shard holds their first occurrence.
     """
-    corpus = f'"{CORPUS.name}"'
+    corpus = sql_identifier(CORPUS.name)
     connection.execute(
         f"""
         UPDATE {STAGED} SET status = CASE

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -13,11 +12,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qc_assets.lake.resource import sql_literal
+from qc_assets.lake.sql import sql_identifier, sql_literal
+from qc_assets.naming import slug
 
 HF_PREFIX = "hf:"
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 BAD_ROWS_SHOWN = 20
 
 
@@ -66,10 +65,13 @@ class CorpusSource(Protocol):
 
 
 def shard_key(relative_name: str) -> str:
+    """A shard's partition key from its file name, without the format suffix: `2024/a b.parquet` -> `2024__a_b`.
+
+    No digest: keys stay readable, and two files that map to one key stop the run (`_unique_shards`)."""
     stem = relative_name
     for suffix in _FORMATS:
         stem = stem.removesuffix(suffix)
-    return _UNSAFE_KEY_CHARS.sub("_", stem.replace("/", "__")).strip("_") or "shard"
+    return slug(stem, separator="__", trim="_", fallback="shard", digest="never")
 
 
 def _unique_shards(candidates: list[tuple[str, str, str]], source: str) -> list[Shard]:
@@ -107,10 +109,6 @@ def _rows_from_arrow(table: pa.Table, location: str, text_column: str, id_column
     return ShardRows(num_rows=rows.num_rows, table=rows)
 
 
-def _quoted(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
 def read_parquet(location: str, text_column: str, id_column: str) -> ShardRows:
     """Checks the footer and schema here, so a broken file fails with its name before any SQL runs."""
     try:
@@ -121,9 +119,9 @@ def read_parquet(location: str, text_column: str, id_column: str) -> ShardRows:
     if text_column not in schema.names:
         raise _missing_text_column(location, text_column, schema.names)
     _check_text_type(schema.field(text_column).type, location, text_column)
-    source_id = f"CAST({_quoted(id_column)} AS VARCHAR)" if id_column in schema.names else "NULL::VARCHAR"
+    source_id = f"CAST({sql_identifier(id_column)} AS VARCHAR)" if id_column in schema.names else "NULL::VARCHAR"
     select = (
-        f"SELECT {source_id} AS source_id, {_quoted(text_column)} AS raw_text, file_row_number AS source_row "
+        f"SELECT {source_id} AS source_id, {sql_identifier(text_column)} AS raw_text, file_row_number AS source_row "
         f"FROM read_parquet({sql_literal(location)}, file_row_number = true)"
     )
     return ShardRows(num_rows=num_rows, parquet_select=select)

@@ -4,7 +4,9 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import dagster as dg
 import duckdb
@@ -12,7 +14,14 @@ import pyarrow as pa
 from pydantic import Field
 
 from qc_assets.categories import CATEGORIES, Category
-from qc_assets.defs.generation.backends import GenerationRequest, GeneratorUnavailable, TokenCaps, open_generator
+from qc_assets.defs.generation.backends import (
+    GeneratedQuery,
+    GenerationRequest,
+    GeneratorUnavailable,
+    QueryGenerator,
+    TokenCaps,
+    open_generator,
+)
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints
@@ -133,60 +142,37 @@ class GenerationTally:
         return round(amount / self.generate_seconds, 2) if self.generate_seconds else 0.0
 
 
-def _rows(results, shard: str, checkpoint: str, backend: str, tally: GenerationTally) -> pa.Table:
-    now = datetime.now(UTC)
-    rows = []
-    for result in results:
-        doc_id, name = result.key
-        rows.append(
-            {
-                "doc_id": doc_id,
-                "shard": shard,
-                "category": name,
-                "checkpoint": checkpoint,
-                "query": result.query,
-                "input_tokens": result.input_tokens,
-                "output_tokens": result.output_tokens,
-                "backend": backend,
-                "created_at": now,
-            }
-        )
-        tally.add(checkpoint, name, result.query, result.input_tokens, result.output_tokens)
-    return pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA)
+_ARROW_SCHEMA = GENERATED_QUERIES.arrow_schema()
 
 
-def _write_partition(connection, table: pa.Table, checkpoint: str, shard: str) -> None:
-    def write(connection):
-        connection.register("generated_rows", table)
-        count = replace_partition(
-            connection, GENERATED_QUERIES, {"checkpoint": checkpoint, "shard": shard}, "generated_rows"
-        )
-        # The connection outlives this write: it should not hold on to the rows.
-        connection.unregister("generated_rows")
-        return count
+@dataclass(frozen=True)
+class GenerationRun:
+    """What every checkpoint and shard of one run shares."""
 
-    run_transaction(connection, write, f"write generated queries {checkpoint}|{shard}")
+    generation: GenerationResource
+    connection: duckdb.DuckDBPyConnection
+    test_fraction: float
+    log: dg.DagsterLogManager
+    tally: GenerationTally
 
 
-def _generate_shard(
-    context, generator, connection, checkpoint: str, shard: str, test_fraction: float, tally: GenerationTally
-) -> None:
-    documents = evaluation_documents(connection, shard, test_fraction)
-    requests = [
-        GenerationRequest(key=(doc_id, name), category=name, text=text)
-        for doc_id, text in documents
-        for name in CATEGORIES
-    ]
-    context.log.info(f"{checkpoint}|{shard}: {len(requests)} queries for {len(documents)} test documents")
-    started, cpu_started = time.perf_counter(), time.process_time()
-    results = generator.generate(requests, log=context.log.info)
-    tally.generate_seconds += time.perf_counter() - started
-    tally.generate_cpu_seconds += time.process_time() - cpu_started
-    _write_partition(connection, _rows(results, shard, checkpoint, generator.name, tally), checkpoint, shard)
-    tally.documents += len(documents)
+def checkpoint_and_shard(partitions_def: dg.MultiPartitionsDefinition, key: str) -> tuple[str, str]:
+    """The checkpoint and shard that a (checkpoint, shard) partition key names."""
+    dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
+    return dimensions[CHECKPOINT_DIMENSION], dimensions[SHARD_DIMENSION]
 
 
-def _open(generation: GenerationResource, found: Checkpoint, tally: GenerationTally):
+def _shards_by_checkpoint(
+    partition_keys: list[str], partitions_def: dg.MultiPartitionsDefinition
+) -> dict[str, list[str]]:
+    by_checkpoint: dict[str, list[str]] = defaultdict(list)
+    for key in partition_keys:
+        checkpoint, shard = checkpoint_and_shard(partitions_def, key)
+        by_checkpoint[checkpoint].append(shard)
+    return by_checkpoint
+
+
+def _open_generator(generation: GenerationResource, found: Checkpoint, tally: GenerationTally) -> QueryGenerator:
     started = time.perf_counter()
     try:
         generator = open_generator(
@@ -204,16 +190,101 @@ def _open(generation: GenerationResource, found: Checkpoint, tally: GenerationTa
     return generator
 
 
-def _shards_by_checkpoint(context, partitions_def) -> dict[str, list[str]]:
-    by_checkpoint: dict[str, list[str]] = defaultdict(list)
-    for key in context.partition_keys:
-        dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
-        by_checkpoint[dimensions[CHECKPOINT_DIMENSION]].append(dimensions[SHARD_DIMENSION])
-    return by_checkpoint
+def _generate_checkpoint(run: GenerationRun, checkpoint: str, shards: list[str]) -> None:
+    found = find_checkpoint(Path(run.generation.checkpoints_root), checkpoint, run.log.warning)
+    run.tally.tiny = run.tally.tiny or bool(found.manifest.get("tiny_model"))
+    run.log.info(
+        f"{checkpoint}: generating for the test documents of {len(shards)} shards with {run.generation.backend}"
+    )
+    generator = _open_generator(run.generation, found, run.tally)
+    try:
+        # One shard at a time: the checkpoint is loaded once, and what is held in memory is one shard's requests and
+        # answers, however many shards the run covers.
+        for shard in shards:
+            _generate_shard(run, generator, checkpoint, shard)
+    finally:
+        generator.close()
+
+
+def _generate_shard(run: GenerationRun, generator: QueryGenerator, checkpoint: str, shard: str) -> None:
+    documents = evaluation_documents(run.connection, shard, run.test_fraction)
+    requests = [
+        GenerationRequest(key=(doc_id, name), category=name, text=text)
+        for doc_id, text in documents
+        for name in CATEGORIES
+    ]
+    run.log.info(f"{checkpoint}|{shard}: {len(requests)} queries for {len(documents)} test documents")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    results = generator.generate(requests, log=run.log.info)
+    run.tally.generate_seconds += time.perf_counter() - started
+    run.tally.generate_cpu_seconds += time.process_time() - cpu_started
+    rows = _query_rows(results, checkpoint, shard, generator.name)
+    for row in rows:
+        run.tally.add(checkpoint, row["category"], row["query"], row["input_tokens"], row["output_tokens"])
+    _write_queries(run.connection, pa.Table.from_pylist(rows, schema=_ARROW_SCHEMA), checkpoint, shard)
+    run.tally.documents += len(documents)
+
+
+def _query_rows(results: list[GeneratedQuery], checkpoint: str, shard: str, backend: str) -> list[dict]:
+    now = datetime.now(UTC)
+    rows = []
+    for result in results:
+        # The key _generate_shard gave the request.
+        doc_id, category = cast(tuple[str, str], result.key)
+        rows.append(
+            {
+                "doc_id": doc_id,
+                "shard": shard,
+                "category": category,
+                "checkpoint": checkpoint,
+                "query": result.query,
+                "input_tokens": result.input_tokens,
+                "output_tokens": result.output_tokens,
+                "backend": backend,
+                "created_at": now,
+            }
+        )
+    return rows
+
+
+def _write_queries(connection: duckdb.DuckDBPyConnection, table: pa.Table, checkpoint: str, shard: str) -> None:
+    replace = partial(_replace_queries, table=table, partition={"checkpoint": checkpoint, "shard": shard})
+    run_transaction(connection, replace, f"write generated queries {checkpoint}|{shard}")
+
+
+def _replace_queries(connection: duckdb.DuckDBPyConnection, table: pa.Table, partition: dict[str, str]) -> int:
+    connection.register("generated_rows", table)
+    count = replace_partition(connection, GENERATED_QUERIES, partition, "generated_rows")
+    # The connection outlives this write: it should not hold on to the rows.
+    connection.unregister("generated_rows")
+    return count
+
+
+_CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        "empty_queries",
+        asset=GENERATED_QUERIES.name,
+        blocking=True,
+        description="Share of empty queries per checkpoint and category is at most QC_GENERATION_MAX_EMPTY_RATE.",
+    ),
+    dg.AssetCheckSpec(
+        "category_validity",
+        asset=GENERATED_QUERIES.name,
+        description="Share of queries that pass their category's validator (warns below 50%).",
+    ),
+]
 
 
 def _results(tally: GenerationTally, generation: GenerationResource, checkpoints: int, partitions: int, seconds: float):
-    yield dg.MaterializeResult(
+    yield _materialization(tally, generation, checkpoints, partitions, seconds)
+    yield _empty_queries_check(tally, generation)
+    yield _category_validity_check(tally)
+
+
+def _materialization(
+    tally: GenerationTally, generation: GenerationResource, checkpoints: int, partitions: int, seconds: float
+) -> dg.MaterializeResult:
+    return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(tally.queries.values()),
             "checkpoints": checkpoints,
@@ -234,11 +305,14 @@ def _results(tally: GenerationTally, generation: GenerationResource, checkpoints
             "seconds": round(seconds, 2),
         }
     )
+
+
+def _empty_queries_check(tally: GenerationTally, generation: GenerationResource) -> dg.AssetCheckResult:
     rates = tally.empty_rates()
     worst = max(rates, key=rates.__getitem__) if rates else None
     # A tiny random-weight student often answers with nothing at all; that is expected of it, so for tiny
     # checkpoints the blocking check only warns.
-    yield dg.AssetCheckResult(
+    return dg.AssetCheckResult(
         check_name="empty_queries",
         passed=worst is None or rates[worst] <= generation.max_empty_rate,
         severity=dg.AssetCheckSeverity.WARN if tally.tiny else dg.AssetCheckSeverity.ERROR,
@@ -253,8 +327,11 @@ def _results(tally: GenerationTally, generation: GenerationResource, checkpoints
             "tiny_model": tally.tiny,
         },
     )
+
+
+def _category_validity_check(tally: GenerationTally) -> dg.AssetCheckResult:
     validity = tally.validity_by_category()
-    yield dg.AssetCheckResult(
+    return dg.AssetCheckResult(
         check_name="category_validity",
         passed=min(validity.values()) >= 0.5,
         severity=dg.AssetCheckSeverity.WARN,
@@ -284,61 +361,22 @@ def build_generation_asset(partitions_def: dg.MultiPartitionsDefinition, backend
             "dagster/column_schema": GENERATED_QUERIES.dagster_schema(),
             "dagster/table_name": f"lake.{GENERATED_QUERIES.name}",
         },
-        check_specs=[
-            dg.AssetCheckSpec(
-                "empty_queries",
-                asset=GENERATED_QUERIES.name,
-                blocking=True,
-                description="Share of empty queries per checkpoint and category is at most "
-                "QC_GENERATION_MAX_EMPTY_RATE.",
-            ),
-            dg.AssetCheckSpec(
-                "category_validity",
-                asset=GENERATED_QUERIES.name,
-                description="Share of queries that pass their category's validator (warns below 50%).",
-            ),
-        ],
+        check_specs=_CHECK_SPECS,
     )
     def generated_queries(
         context: dg.AssetExecutionContext, generation: GenerationResource, sft: SftResource, lake: LakeResource
     ):
-        by_checkpoint = _shards_by_checkpoint(context, partitions_def)
+        by_checkpoint = _shards_by_checkpoint(context.partition_keys, partitions_def)
         tally = GenerationTally()
         started = time.perf_counter()
         # One lake connection for the whole run: attaching the lake (loading DuckDB's extensions, reading the
         # catalog) costs about half a second of CPU, which a connection per read and per write paid twice a shard.
         with lake.get_connection() as connection:
+            run = GenerationRun(generation, connection, sft.test_fraction, context.log, tally)
             for checkpoint, shards in by_checkpoint.items():
-                found = find_checkpoint(Path(generation.checkpoints_root), checkpoint, context.log.warning)
-                tally.tiny = tally.tiny or bool(found.manifest.get("tiny_model"))
-                context.log.info(
-                    f"{checkpoint}: generating for the test documents of {len(shards)} shards with {generation.backend}"
-                )
-                generator = _open(generation, found, tally)
-                try:
-                    # One shard at a time: the checkpoint is loaded once, and what is held in memory is one shard's
-                    # requests and answers, however many shards the run covers.
-                    for shard in shards:
-                        _generate_shard(context, generator, connection, checkpoint, shard, sft.test_fraction, tally)
-                finally:
-                    generator.close()
+                _generate_checkpoint(run, checkpoint, shards)
         yield from _results(
             tally, generation, len(by_checkpoint), len(context.partition_keys), time.perf_counter() - started
         )
 
     return generated_queries
-
-
-_ARROW_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("shard", pa.string()),
-        ("category", pa.string()),
-        ("checkpoint", pa.string()),
-        ("query", pa.string()),
-        ("input_tokens", pa.int32()),
-        ("output_tokens", pa.int32()),
-        ("backend", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-    ]
-)

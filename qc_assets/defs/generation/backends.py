@@ -536,7 +536,7 @@ class OpenAIGenerator:
             return pool.submit(asyncio.run, self._generate(requests, log)).result()
 
     def _client(self):
-        from qc_assets.defs.teacher.openai_teacher import async_client
+        from qc_assets.openai_api import async_client
 
         # A client per call: the aiohttp session belongs to the event loop it was made on.
         return async_client(self.base_url, self._api_key, self.concurrency, self.timeout_s, self.max_retries)
@@ -588,14 +588,12 @@ class OpenAIGenerator:
         return results  # type: ignore[return-value]
 
     async def _request(self, client, request: GenerationRequest) -> GeneratedQuery:
-        import httpx2
+        from qc_assets.openai_api import post_chat_completion
 
-        # The SDK's documented raw `post`: no TypedDict transform or pydantic parse per request.
-        response = await client.post("/chat/completions", body=self.body(request), cast_to=httpx2.Response)
-        completion = json.loads(response.content)
-        choices = completion.get("choices") if isinstance(completion, dict) else None
+        completion = await post_chat_completion(client, self.body(request))
+        choices = completion.get("choices")
         if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
-            raise ValueError(f"the response has no choices: {response.text[:200]}")
+            raise ValueError(f"the response has no choices: {json.dumps(completion, ensure_ascii=False)[:200]}")
         message = choices[0].get("message")
         content = message.get("content") if isinstance(message, dict) else None
         usage = completion.get("usage")

@@ -1,6 +1,7 @@
 """The reranker_scores asset: a cross-encoder and a character-bigram BM25 check on students' and teacher's queries."""
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -10,9 +11,9 @@ import duckdb
 import pyarrow as pa
 from pydantic import Field
 
-from qc_assets.defs.generation.assets import CHECKPOINT_DIMENSION, SHARD_DIMENSION
+from qc_assets.defs.generation.assets import SHARD_DIMENSION, checkpoint_and_shard
 from qc_assets.defs.scoring.lexical import ShardIndex, lexical_checks
-from qc_assets.defs.scoring.scorers import open_scorer
+from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer
 from qc_assets.defs.sft.assets import SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.teacher.assets import TeacherResource
@@ -56,41 +57,115 @@ class ScoringResource(dg.ConfigurableResource):
         return open_scorer(self.model, max_length=self.max_length, batch_size=self.batch_size)
 
 
-_ARROW_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("shard", pa.string()),
-        ("category", pa.string()),
-        ("source", pa.string()),
-        ("scorer", pa.string()),
-        ("score", pa.float64()),
-        ("query", pa.string()),
-        ("bm25_overlap", pa.float64()),
-        ("bm25_rank", pa.int32()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
+_ARROW_SCHEMA = RERANKER_SCORES.arrow_schema()
+
+
+# A query and the document it is scored against: (doc_id, category, query).
+Pair = tuple[str, str, str]
+
+
+@dataclass
+class ScoringTally:
+    """What a run wrote and where its time went: the metadata and the check read it."""
+
+    student_pairs: int = 0
+    teacher_pairs: int = 0
+    out_of_range: int = 0
+    model_load_seconds: float = 0.0
+    score_seconds: float = 0.0
+    score_cpu_seconds: float = 0.0
+    lexical_seconds: float = 0.0
+    index_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScoringRun:
+    """What every partition of one run shares."""
+
+    scorer: QueryScorer
+    connection: duckdb.DuckDBPyConnection
+    teacher_name: str
+    prompt_versions: dict[str, str]
+    test_fraction: float
+    log: dg.DagsterLogManager
+    tally: ScoringTally
+
+    @property
+    def teacher_source(self) -> str:
+        return TEACHER_SOURCE_PREFIX + self.teacher_name
+
+
+def _score_partition(run: ScoringRun, checkpoint: str, shard: str) -> None:
+    texts = _shard_texts(run.connection, shard)
+    student = _student_pairs(run.connection, checkpoint, shard)
+    if not student:
+        # A small shard can have no test-split document; then generated_queries wrote nothing either.
+        run.log.warning(f"{checkpoint}|{shard}: no generated queries to score")
+        return
+    teacher = _teacher_pairs(run, shard, texts)
+    by_source = {checkpoint: student}
+    # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
+    if teacher and _stored_teacher_scores(run, shard) != len(teacher):
+        by_source[run.teacher_source] = teacher
+    tables = _score_sources(run, shard, texts, by_source)
+    # The writes need only the scored rows: the shard's documents go before them.
+    del texts
+    for source, table in tables.items():
+        _write_scores(run, shard, source, table)
+    run.log.info(f"{checkpoint}|{shard}: {len(student)} student and {len(teacher)} teacher pairs scored")
+
+
+def _shard_texts(connection: duckdb.DuckDBPyConnection, shard: str) -> dict[str, str]:
+    return dict(connection.execute(f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1', [shard]).fetchall())
+
+
+def _student_pairs(connection: duckdb.DuckDBPyConnection, checkpoint: str, shard: str) -> list[Pair]:
+    return connection.execute(
+        "SELECT doc_id, category, query FROM generated_queries WHERE checkpoint = $1 AND shard = $2 ORDER BY ALL",
+        [checkpoint, shard],
+    ).fetchall()
+
+
+def _teacher_pairs(run: ScoringRun, shard: str, texts: dict[str, str]) -> list[Pair]:
+    """The teacher's labels of the shard's test documents, under the prompt versions the settings label with."""
+    labels = run.connection.execute(
+        f"""SELECT l.doc_id, l.category, l.query FROM teacher_labels l
+            WHERE l.shard = $1 AND l.teacher = $2 AND {split_is_test_sql("l.doc_id", run.test_fraction)}
+            ORDER BY ALL""",
+        [shard, run.teacher_name],
+    ).fetchall()
+    return [pair for pair in labels if run.prompt_versions.get(pair[1]) is not None and pair[0] in texts]
+
+
+def _stored_teacher_scores(run: ScoringRun, shard: str) -> int:
+    return fetch_row(
+        run.connection.execute(
+            "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
+            [shard, run.teacher_source, run.scorer.name],
+        )
+    )[0]
+
+
+def _score_sources(
+    run: ScoringRun, shard: str, texts: dict[str, str], by_source: dict[str, list[Pair]]
+) -> dict[str, pa.Table]:
+    index_started = time.perf_counter()
+    index = ShardIndex(list(texts), list(texts.values()))
+    run.tally.index_seconds += time.perf_counter() - index_started
+    return {source: _score_rows(run, index, texts, pairs, shard, source) for source, pairs in by_source.items()}
 
 
 def _score_rows(
-    scorer,
-    index: ShardIndex,
-    texts: dict[str, str],
-    items: list[tuple[str, str, str]],
-    shard: str,
-    source: str,
-    log,
-    seconds: dict[str, float],
+    run: ScoringRun, index: ShardIndex, texts: dict[str, str], pairs: list[Pair], shard: str, source: str
 ) -> pa.Table:
-    """items: (doc_id, category, query) -> rows with the neural score and the lexical check; adds the time spent in
-    the cross-encoder and in the lexical check to `seconds`."""
+    """The neural score and the lexical check of each pair; adds the time spent in each to the run's tally."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    scores = scorer.score([(query, texts[doc_id]) for doc_id, _, query in items], log=log)
+    scores = run.scorer.score([(query, texts[doc_id]) for doc_id, _, query in pairs], log=run.log.info)
     scored = time.perf_counter()
-    seconds["score_cpu"] += time.process_time() - cpu_started
-    lexical = lexical_checks(index, [(query, doc_id) for doc_id, _, query in items])
-    seconds["score"] += scored - started
-    seconds["lexical"] += time.perf_counter() - scored
+    run.tally.score_cpu_seconds += time.process_time() - cpu_started
+    lexical = lexical_checks(index, [(query, doc_id) for doc_id, _, query in pairs])
+    run.tally.score_seconds += scored - started
+    run.tally.lexical_seconds += time.perf_counter() - scored
     now = datetime.now(UTC)
     return pa.Table.from_pylist(
         [
@@ -99,25 +174,68 @@ def _score_rows(
                 "shard": shard,
                 "category": category,
                 "source": source,
-                "scorer": scorer.name,
+                "scorer": run.scorer.name,
                 "score": float(score),
                 "query": query,
                 "bm25_overlap": float(overlap),
                 "bm25_rank": int(rank),
                 "created_at": now,
             }
-            for (doc_id, category, query), score, (overlap, rank) in zip(items, scores, lexical)
+            for (doc_id, category, query), score, (overlap, rank) in zip(pairs, scores, lexical)
         ],
         schema=_ARROW_SCHEMA,
     )
 
 
-def _write_scores(connection: duckdb.DuckDBPyConnection, table: pa.Table, partition: dict[str, str]) -> int:
+def _write_scores(run: ScoringRun, shard: str, source: str, table: pa.Table) -> None:
+    run.tally.out_of_range += sum(not (0.0 <= score <= 1.0) for score in table.column("score").to_pylist())
+    partition = {"shard": shard, "source": source, "scorer": run.scorer.name}
+    replace = partial(_replace_scores, table=table, partition=partition)
+    count = run_transaction(run.connection, replace, f"write reranker scores {source}|{shard}")
+    if source == run.teacher_source:
+        run.tally.teacher_pairs += count
+    else:
+        run.tally.student_pairs += count
+
+
+def _replace_scores(connection: duckdb.DuckDBPyConnection, table: pa.Table, partition: dict[str, str]) -> int:
     connection.register("scored_rows", table)
     count = replace_partition(connection, RERANKER_SCORES, partition, "scored_rows")
     # The connection outlives this write: it should not hold on to the rows.
     connection.unregister("scored_rows")
     return count
+
+
+_CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        "scores_in_range",
+        asset=RERANKER_SCORES.name,
+        blocking=True,
+        description="Every score is a number in 0..1.",
+    ),
+]
+
+
+def _results(tally: ScoringTally, scorer_name: str, tiny_scorer: bool, seconds: float):
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": tally.student_pairs,
+            "scorer": scorer_name,
+            "tiny_scorer": tiny_scorer,
+            "student_pairs": tally.student_pairs,
+            "teacher_pairs_rescored": tally.teacher_pairs,
+            "seconds": round(seconds, 2),
+            # Model compute: time inside the cross-encoder, and loading it. The BM25 check is not model compute.
+            "score_seconds": round(tally.score_seconds, 3),
+            "score_cpu_seconds": round(tally.score_cpu_seconds, 3),
+            "model_load_seconds": round(tally.model_load_seconds, 3),
+            "bm25_index_seconds": round(tally.index_seconds, 3),
+            "bm25_check_seconds": round(tally.lexical_seconds, 3),
+        }
+    )
+    yield dg.AssetCheckResult(
+        check_name="scores_in_range", passed=tally.out_of_range == 0, metadata={"out_of_range": tally.out_of_range}
+    )
 
 
 def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
@@ -141,14 +259,7 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
             "dagster/column_schema": RERANKER_SCORES.dagster_schema(),
             "dagster/table_name": f"lake.{RERANKER_SCORES.name}",
         },
-        check_specs=[
-            dg.AssetCheckSpec(
-                "scores_in_range",
-                asset=RERANKER_SCORES.name,
-                blocking=True,
-                description="Every score is a number in 0..1.",
-            ),
-        ],
+        check_specs=_CHECK_SPECS,
     )
     def reranker_scores(
         context: dg.AssetExecutionContext,
@@ -159,106 +270,21 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
     ):
         started = time.perf_counter()
         teacher_name, prompt_versions = teacher.identity()
-        teacher_source = TEACHER_SOURCE_PREFIX + teacher_name
-        seconds = {"model_load": 0.0, "score": 0.0, "score_cpu": 0.0, "lexical": 0.0, "index": 0.0}
         scorer = scoring.open()
-        seconds["model_load"] = time.perf_counter() - started
+        tally = ScoringTally(model_load_seconds=time.perf_counter() - started)
         context.log.info(f"scoring with {scorer.name}")
-        written = {"student": 0, "teacher": 0}
-        out_of_range = 0
         try:
             # One lake connection for the whole run: attaching the lake (loading DuckDB's extensions, reading the
             # catalog) costs about half a second of CPU, which a connection per read and per write paid 2-3 times a
             # partition.
             with lake.get_connection() as connection:
+                run = ScoringRun(
+                    scorer, connection, teacher_name, prompt_versions, sft.test_fraction, context.log, tally
+                )
                 for key in context.partition_keys:
-                    dimensions = partitions_def.get_partition_key_from_str(key).keys_by_dimension
-                    checkpoint, shard = dimensions[CHECKPOINT_DIMENSION], dimensions[SHARD_DIMENSION]
-                    texts = dict(
-                        connection.execute(
-                            f'SELECT doc_id, text FROM "{CORPUS.name}" WHERE shard = $1', [shard]
-                        ).fetchall()
-                    )
-                    student = connection.execute(
-                        "SELECT doc_id, category, query FROM generated_queries WHERE checkpoint = $1 AND shard = $2 ORDER BY ALL",
-                        [checkpoint, shard],
-                    ).fetchall()
-                    teacher_items = connection.execute(
-                        f"""SELECT l.doc_id, l.category, l.query FROM teacher_labels l
-                            WHERE l.shard = $1 AND l.teacher = $2 AND {split_is_test_sql("l.doc_id", sft.test_fraction)}
-                            ORDER BY ALL""",
-                        [shard, teacher_name],
-                    ).fetchall()
-                    teacher_items = [
-                        item for item in teacher_items if prompt_versions.get(item[1]) is not None and item[0] in texts
-                    ]
-                    already = fetch_row(
-                        connection.execute(
-                            "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
-                            [shard, teacher_source, scorer.name],
-                        )
-                    )[0]
-                    if not student:
-                        # A small shard can have no test-split document; then generated_queries wrote nothing either.
-                        context.log.warning(f"{checkpoint}|{shard}: no generated queries to score")
-                        continue
-                    index_started = time.perf_counter()
-                    index = ShardIndex(list(texts), list(texts.values()))
-                    seconds["index"] += time.perf_counter() - index_started
-                    batches = [
-                        (
-                            checkpoint,
-                            _score_rows(scorer, index, texts, student, shard, checkpoint, context.log.info, seconds),
-                        )
-                    ]
-                    # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
-                    if teacher_items and already != len(teacher_items):
-                        batches.append(
-                            (
-                                teacher_source,
-                                _score_rows(
-                                    scorer,
-                                    index,
-                                    texts,
-                                    teacher_items,
-                                    shard,
-                                    teacher_source,
-                                    context.log.info,
-                                    seconds,
-                                ),
-                            )
-                        )
-                    del index, texts
-                    for source, table in batches:
-                        scores = table.column("score").to_pylist()
-                        out_of_range += sum(not (0.0 <= score <= 1.0) for score in scores)
-                        partition = {"shard": shard, "source": source, "scorer": scorer.name}
-                        write = partial(_write_scores, table=table, partition=partition)
-                        count = run_transaction(connection, write, f"write reranker scores {source}|{shard}")
-                        written["teacher" if source == teacher_source else "student"] += count
-                    context.log.info(
-                        f"{checkpoint}|{shard}: {len(student)} student and {len(teacher_items)} teacher pairs scored"
-                    )
+                    _score_partition(run, *checkpoint_and_shard(partitions_def, key))
         finally:
             scorer.close()
-        yield dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": written["student"],
-                "scorer": scorer.name,
-                "tiny_scorer": scoring.is_tiny,
-                "student_pairs": written["student"],
-                "teacher_pairs_rescored": written["teacher"],
-                "seconds": round(time.perf_counter() - started, 2),
-                # Model compute: time inside the cross-encoder, and loading it. The BM25 check is not model compute.
-                "score_seconds": round(seconds["score"], 3),
-                "score_cpu_seconds": round(seconds["score_cpu"], 3),
-                "model_load_seconds": round(seconds["model_load"], 3),
-                "bm25_index_seconds": round(seconds["index"], 3),
-                "bm25_check_seconds": round(seconds["lexical"], 3),
-            }
-        )
-        yield dg.AssetCheckResult(
-            check_name="scores_in_range", passed=out_of_range == 0, metadata={"out_of_range": out_of_range}
-        )
+        yield from _results(tally, scorer.name, scoring.is_tiny, time.perf_counter() - started)
 
     return reranker_scores

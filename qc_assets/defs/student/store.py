@@ -12,11 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from qc_assets.naming import slug
 
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"  # resumable training states, hidden from listings
@@ -25,11 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def model_slug(base_model: str) -> str:
-    """A directory and partition name for a base model id or path: `Qwen/Qwen3-1.7B` -> `Qwen--Qwen3-1.7B`."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", base_model.strip().replace("/", "--")).strip(".-")
-    if not readable or readable != base_model.replace("/", "--"):
-        readable = f"{readable[:60] or 'model'}-{hashlib.sha256(base_model.encode()).hexdigest()[:8]}"
-    return readable
+    """A directory and partition name for a base model id or path: `Qwen/Qwen3-1.7B` -> `Qwen--Qwen3-1.7B`.
+
+    Readable as the hub id itself where it can be; a digest only where characters were lost (paths, odd names)."""
+    return slug(base_model, separator="--", fill="-", trim=".-", fallback="model", digest="if_changed")
 
 
 def new_checkpoint_id(slug: str, dataset_version: str, now: datetime | None = None) -> str:

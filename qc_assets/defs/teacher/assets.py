@@ -12,7 +12,7 @@ from pydantic import Field
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, TeacherBackend, TeacherConfigError
 from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
-from qc_assets.defs.teacher.labeling import LabelingReport, label_shard
+from qc_assets.defs.teacher.labeling import LabelingReport, LabelSinks, ShardRun, label_shard
 from qc_assets.defs.teacher.prices import PriceError, UtcWindow, off_peak_window, resolve_price
 from qc_assets.defs.teacher.replay_teacher import (
     REPLAY_PROMPT_VERSION,
@@ -95,6 +95,10 @@ class TeacherResource(dg.ConfigurableResource):
     @property
     def journal_root(self) -> Path:
         return Path(self.work_dir) / "journal"
+
+    def sinks(self, lake: LakeResource) -> LabelSinks:
+        """Where a run's answers go: this teacher's journal, then `lake` in batches."""
+        return LabelSinks(lake, self.journal_root, self.batch_size, self.flush_seconds)
 
     @property
     def openai_model(self) -> str:
@@ -246,16 +250,12 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         )
         try:
             report = label_shard(
-                shard,
-                documents,
-                backend,
-                lake,
-                teacher.journal_root,
-                budget,
-                context.run.run_id,
-                teacher.batch_size,
-                teacher.flush_seconds,
-                context.log.info,
+                ShardRun(shard, context.run.run_id),
+                documents=documents,
+                backend=backend,
+                budget=budget,
+                sinks=teacher.sinks(lake),
+                log=context.log.info,
             )
         except (TeacherConfigError, ReplayError) as error:
             raise dg.Failure(description=f"shard {shard}: {error}") from None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.assets import TeacherResource, read_documents
 from qc_assets.defs.teacher.backends import Budget
-from qc_assets.defs.teacher.labeling import LabelingReport, label_shard
+from qc_assets.defs.teacher.labeling import LabelingReport, ShardRun, label_shard
 from qc_assets.lake.resource import LakeResource
 
 # Seed 000: 100k documents through the R1 API at concurrency 100 took about 7 h and $40; its 100M-document
@@ -76,16 +76,12 @@ def estimate(
     pilot = read_documents(lake, shard, limit=documents)
     backend = teacher.open_backend(teacher.max_usd)
     report = label_shard(
-        shard,
-        pilot,
-        backend,
-        lake,
-        teacher.journal_root,
-        Budget(max_usd=teacher.max_usd),
-        "qc-estimate",
-        teacher.batch_size,
-        teacher.flush_seconds,
-        log,
+        ShardRun(shard, "qc-estimate"),
+        documents=pilot,
+        backend=backend,
+        budget=Budget(max_usd=teacher.max_usd),
+        sinks=teacher.sinks(lake),
+        log=log,
     )
     with lake.get_connection() as connection:
         connection.register("pilot", _pilot_table(pilot))

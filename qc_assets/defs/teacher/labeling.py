@@ -11,12 +11,11 @@ segment whose batch did commit writes nothing twice.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from qc_assets.categories import CATEGORIES
 from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest, TeacherBackend, Usage
 from qc_assets.lake.resource import LakeResource, fetch_row, run_transaction
 from qc_assets.lake.tables import TEACHER_LABELS, TEACHER_QUARANTINE, Table
+from qc_assets.naming import slug
 
 KEY_COLUMNS = ("doc_id", "category", "teacher", "prompt_version")
 PROGRESS_EVERY_S = 10.0
@@ -37,8 +37,7 @@ PROGRESS_EVERY_S = 10.0
 
 def path_component(name: str) -> str:
     """A file name for a shard or teacher that cannot escape its directory, unique per name."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "x"
-    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return slug(name)
 
 
 class Journal:
@@ -284,24 +283,66 @@ def _quarantined_keys(
     return set(rows)
 
 
+@dataclass(frozen=True)
+class ShardRun:
+    """The shard being labelled and the run labelling it, whose id every row it writes carries."""
+
+    shard: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class LabelSinks:
+    """Where answers go: each to the journal under `journal_root` as it arrives, then to the lake in batches of
+    `batch_size` rows, or sooner once `flush_seconds` have passed since the last write."""
+
+    lake: LakeResource
+    journal_root: Path
+    batch_size: int
+    flush_seconds: float
+
+
 def label_shard(
-    shard: str,
+    run: ShardRun,
+    *,
     documents: list[tuple[str, str]],
     backend: TeacherBackend,
-    lake: LakeResource,
-    journal_root: Path,
     budget: Budget,
-    run_id: str,
-    batch_size: int,
-    flush_seconds: float,
+    sinks: LabelSinks,
     log: Callable[[str], None],
 ) -> LabelingReport:
     """Label every (document, category) of `documents` that the lake does not hold for this teacher."""
-    report = LabelingReport(shard=shard, teacher=backend.teacher)
-    directory = journal_root / path_component(backend.teacher) / path_component(shard)
+    report = LabelingReport(shard=run.shard, teacher=backend.teacher)
+    directory = sinks.journal_root / path_component(backend.teacher) / path_component(run.shard)
+    with _shard_lock(directory, run.shard, backend.teacher, log), sinks.lake.get_connection() as connection:
+        # Batches are small; one DuckDB thread writes them without taking a core from the event loop.
+        connection.execute("SET threads = 1")
+        journal = Journal(directory)
+        _replay_journal(connection, journal, run.shard, report, log)
+        requests = _requests_to_ask(connection, run.shard, documents, backend, report, log)
+        known = KnownKeys(_quarantined_keys(connection, run.shard, backend.teacher))
+        writer = _BatchWriter(connection, journal, run.shard, sinks, report, known)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+                runner.run(
+                    _collect(requests, run=run, backend=backend, budget=budget, writer=writer, report=report, log=log)
+                )
+        finally:
+            journal.close()
+            report.seconds = time.perf_counter() - started
+            report.cpu_seconds = time.process_time() - cpu_started
+            report.requests = getattr(backend, "requests", 0)
+            report.lowest_concurrency = getattr(getattr(backend, "limit", None), "lowest", None)
+            report.stopped_because = budget.stopped_because
+    return report
+
+
+@contextmanager
+def _shard_lock(directory: Path, shard: str, teacher: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Two runs labelling one shard would pay twice for its keys, so the second waits for the first and then asks
+    only for what is still missing (usually nothing). The lock is the kernel's: a killed holder frees it."""
     directory.mkdir(parents=True, exist_ok=True)
-    # Two runs labelling one shard would pay twice for its keys, so the second waits for the first and then asks
-    # only for what is still missing (usually nothing). The lock is the kernel's: a killed holder frees it.
     lock = FileLock(str(directory / ".lock"))
     wait = 0.0
     while True:
@@ -310,66 +351,42 @@ def label_shard(
             break
         except Timeout:
             log(
-                f"shard {shard} is being labelled by teacher {backend.teacher} in another run; waiting for it "
+                f"shard {shard} is being labelled by teacher {teacher} in another run; waiting for it "
                 f"(lock {lock.lock_file})"
             )
             wait = PROGRESS_EVERY_S
     try:
-        with lake.get_connection() as connection:
-            # Batches are small; one DuckDB thread writes them without taking a core from the event loop.
-            connection.execute("SET threads = 1")
-            journal = Journal(directory)
-            _replay_journal(connection, journal, shard, report, log)
-            existing = _existing_keys(connection, shard, backend.teacher)
-            known = KnownKeys(_quarantined_keys(connection, shard, backend.teacher))
-            versions = {name: backend.prompt_version(category) for name, category in CATEGORIES.items()}
-            report.keys_total = len(documents) * len(CATEGORIES)
-            report.keys_already_labeled = sum(
-                (doc_id, name, versions[name]) in existing for doc_id, _ in documents for name in CATEGORIES
-            )
-            missing = report.keys_to_ask = report.keys_total - report.keys_already_labeled
-            log(
-                f"shard {shard}: {len(documents)} documents, {report.keys_total} keys; {report.keys_already_labeled} "
-                f"already labelled by {backend.teacher}, {missing} to ask for"
-            )
-
-            def requests() -> Iterator[LabelRequest]:
-                for doc_id, text in documents:
-                    for name, category in CATEGORIES.items():
-                        if (doc_id, name, versions[name]) not in existing:
-                            yield LabelRequest(doc_id=doc_id, shard=shard, category=category, text=text)
-
-            started, cpu_started = time.perf_counter(), time.process_time()
-            try:
-                with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-                    runner.run(
-                        _collect(
-                            requests(),
-                            missing,
-                            backend,
-                            connection,
-                            journal,
-                            shard,
-                            budget,
-                            run_id,
-                            batch_size,
-                            flush_seconds,
-                            report,
-                            log,
-                            known,
-                        )
-                    )
-            finally:
-                journal.close()
-                report.seconds = time.perf_counter() - started
-                report.cpu_seconds = time.process_time() - cpu_started
-                report.requests = getattr(backend, "requests", 0)
-                limit = getattr(backend, "limit", None)
-                report.lowest_concurrency = getattr(limit, "lowest", None)
-                report.stopped_because = budget.stopped_because
+        yield
     finally:
         lock.release()
-    return report
+
+
+def _requests_to_ask(
+    connection: duckdb.DuckDBPyConnection,
+    shard: str,
+    documents: list[tuple[str, str]],
+    backend: TeacherBackend,
+    report: LabelingReport,
+    log: Callable[[str], None],
+) -> Iterator[LabelRequest]:
+    """The keys of `documents` the lake does not hold for this teacher, counted into `report` and logged."""
+    existing = _existing_keys(connection, shard, backend.teacher)
+    versions = {name: backend.prompt_version(category) for name, category in CATEGORIES.items()}
+    report.keys_total = len(documents) * len(CATEGORIES)
+    report.keys_already_labeled = sum(
+        (doc_id, name, versions[name]) in existing for doc_id, _ in documents for name in CATEGORIES
+    )
+    report.keys_to_ask = report.keys_total - report.keys_already_labeled
+    log(
+        f"shard {shard}: {len(documents)} documents, {report.keys_total} keys; {report.keys_already_labeled} "
+        f"already labelled by {backend.teacher}, {report.keys_to_ask} to ask for"
+    )
+    return (
+        LabelRequest(doc_id=doc_id, shard=shard, category=category, text=text)
+        for doc_id, text in documents
+        for name, category in CATEGORIES.items()
+        if (doc_id, name, versions[name]) not in existing
+    )
 
 
 def _replay_journal(connection, journal: Journal, shard: str, report: LabelingReport, log) -> None:
@@ -386,77 +403,109 @@ def _replay_journal(connection, journal: Journal, shard: str, report: LabelingRe
         )
 
 
-async def _collect(
-    requests: Iterator[LabelRequest],
-    missing: int,
-    backend: TeacherBackend,
-    connection: duckdb.DuckDBPyConnection,
-    journal: Journal,
-    shard: str,
-    budget: Budget,
-    run_id: str,
-    batch_size: int,
-    flush_seconds: float,
-    report: LabelingReport,
-    log: Callable[[str], None],
-    known: KnownKeys,
-) -> None:
-    buffer: list[dict] = []
-    writing: asyncio.Task | None = None
-    last_write = last_progress = time.perf_counter()
-    started = last_progress
-    done = 0
+class _BatchWriter:
+    """Rows journaled as they arrive and written to the lake in batches, one batch at a time, each in a thread so
+    that answers keep arriving (and being journaled) meanwhile."""
 
-    def write(rows: list[dict], segment: Path | None) -> None:
-        write_outcome_rows(connection, shard, rows, known)
-        report.lake_writes += 1
+    def __init__(
+        self,
+        connection: duckdb.DuckDBPyConnection,
+        journal: Journal,
+        shard: str,
+        sinks: LabelSinks,
+        report: LabelingReport,
+        known: KnownKeys,
+    ) -> None:
+        self._connection = connection
+        self._journal = journal
+        self._shard = shard
+        self._sinks = sinks
+        self._report = report
+        self._known = known
+        self._buffer: list[dict] = []
+        self._writing: asyncio.Task | None = None
+        self._last_write = 0.0
+
+    def start(self) -> None:
+        self._last_write = time.perf_counter()
+        self._journal.start_segment()
+
+    def add(self, row: dict) -> None:
+        self._journal.append(row)
+        self._buffer.append(row)
+
+    async def write_if_due(self, now: float) -> None:
+        """Start a lake write if none is running and the buffer is full or has waited `flush_seconds`."""
+        if (
+            self._buffer
+            and (self._writing is None or self._writing.done())
+            and (len(self._buffer) >= self._sinks.batch_size or now - self._last_write >= self._sinks.flush_seconds)
+        ):
+            await self._start_write()
+
+    async def finish(self) -> None:
+        """Wait for the write in progress and write what is left, so that it is not replayed next run."""
+        if self._writing is not None:
+            await self._writing
+        if self._buffer:
+            self._write(self._buffer, self._journal.start_segment())
+
+    async def _start_write(self) -> None:
+        if self._writing is not None:
+            await self._writing
+        rows, self._buffer = self._buffer, []
+        self._writing = asyncio.create_task(asyncio.to_thread(self._write, rows, self._journal.start_segment()))
+        self._last_write = time.perf_counter()
+
+    def _write(self, rows: list[dict], segment: Path | None) -> None:
+        write_outcome_rows(self._connection, self._shard, rows, self._known)
+        self._report.lake_writes += 1
         if segment is not None:
             segment.unlink(missing_ok=True)
 
-    async def start_write() -> None:
-        nonlocal buffer, writing, last_write
-        if writing is not None:
-            await writing
-        rows, buffer = buffer, []
-        # The lake write runs in a thread so answers keep arriving (and being journaled) meanwhile.
-        writing = asyncio.create_task(asyncio.to_thread(write, rows, journal.start_segment()))
-        last_write = time.perf_counter()
+
+async def _collect(
+    requests: Iterator[LabelRequest],
+    *,
+    run: ShardRun,
+    backend: TeacherBackend,
+    budget: Budget,
+    writer: _BatchWriter,
+    report: LabelingReport,
+    log: Callable[[str], None],
+) -> None:
+    last_progress = started = time.perf_counter()
+    done = 0
 
     def record(outcome: LabelOutcome) -> None:
         # Called by the backend as each answer arrives, before its request slot goes to another request.
         if outcome.status in ("labeled", "quarantined"):
-            row = outcome_row(outcome, backend, run_id)
-            journal.append(row)
-            buffer.append(row)
+            writer.add(outcome_row(outcome, backend, run.run_id))
 
-    journal.start_segment()
+    writer.start()
     try:
         async for outcome in backend.label_all(requests, budget, record):
             done += 1
-            report.by_category[outcome.request.category.name][outcome.status] += 1
-            report.retries.update(outcome.retries)
-            report.usage.add(outcome.usage)
-            if outcome.latency_s is not None:
-                report.latencies.append(outcome.latency_s)
+            _count_outcome(report, outcome)
             now = time.perf_counter()
-            if (
-                buffer
-                and (writing is None or writing.done())
-                and (len(buffer) >= batch_size or now - last_write >= flush_seconds)
-            ):
-                await start_write()
+            await writer.write_if_due(now)
             if now - last_progress >= PROGRESS_EVERY_S:
                 last_progress = now
                 rate = done / (now - started)
                 log(
-                    f"shard {shard}: {done}/{missing} keys done ({report.count('labeled')} labelled, "
+                    f"shard {run.shard}: {done}/{report.keys_to_ask} keys done ({report.count('labeled')} labelled, "
                     f"{report.count('quarantined')} quarantined), {rate:.1f}/s, ${report.usage.cost_usd:.4f}, "
                     f"{sum(report.retries.values())} retries"
                 )
     finally:
         # Also on the way out of an error: what arrived is written now rather than replayed next run.
         await backend.aclose()
-        if writing is not None:
-            await writing
-        if buffer:
-            write(buffer, journal.start_segment())
+        await writer.finish()
+
+
+def _count_outcome(report: LabelingReport, outcome: LabelOutcome) -> None:
+    report.by_category[outcome.request.category.name][outcome.status] += 1
+    report.retries.update(outcome.retries)
+    report.usage.add(outcome.usage)
+    if outcome.latency_s is not None:
+        report.latencies.append(outcome.latency_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import enum
 import json
 import random
 import re
@@ -21,13 +22,13 @@ from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
-import httpx2
 import openai
 
 from qc_assets.categories import Category, LabelError
 from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest, TeacherConfigError, Usage
 from qc_assets.defs.teacher.key_budget import KeyBudget
 from qc_assets.defs.teacher.prices import Price
+from qc_assets.openai_api import async_client, post_chat_completion
 
 MAX_RETRY_AFTER_S = 120.0
 MAX_BACKOFF_S = 60.0
@@ -36,6 +37,8 @@ DEEPSEEK_HOST = "api.deepseek.com"
 # How endpoints say the model is unknown: DeepSeek's 400 "Model Not Exist", vLLM's 404 "The model `x` does not
 # exist.", OpenAI's "model_not_found", Ollama's "model 'x' not found", and "Unknown model".
 _UNKNOWN_MODEL = re.compile(r"model\b.*\bnot (exist|found)|model_not_found|unknown model", re.IGNORECASE | re.DOTALL)
+# The failures `_after_error` judges; anything else (a cancellation, say) propagates.
+_REQUEST_ERRORS = (openai.APIStatusError, openai.APIConnectionError, openai.APIResponseValidationError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -213,26 +216,19 @@ def _inline_reasoning(content: str | None) -> str | None:
     return None
 
 
-def async_client(
-    base_url: str | None, api_key: str | None, concurrency: int, timeout_s: float, max_retries: int
-) -> openai.AsyncOpenAI:
-    """The SDK's async client for an OpenAI-compatible endpoint, sized for `concurrency` requests in flight.
+class _Next(enum.Enum):
+    """What follows one attempt."""
 
-    It uses the SDK's aiohttp transport: httpx's pool scans every connection on each request (and polls each idle
-    socket), which at 100 connections costs more CPU than the request itself. The aiohttp session belongs to the
-    event loop it is first used on.
-    """
-    connections = concurrency + 16
-    return openai.AsyncOpenAI(
-        base_url=base_url,
-        # Local servers (vLLM, Ollama) take any key; the SDK insists on one.
-        api_key=api_key or "no-key",
-        max_retries=max_retries,
-        timeout=timeout_s,
-        http_client=openai.DefaultAioHttpClient(
-            limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
-            timeout=timeout_s,
-        ),
+    DONE = "done"  # the key has its outcome, labelled or not
+    RETRY = "retry"  # rate limited: ask again as soon as a slot frees (a 429's Retry-After pauses the slots)
+    BACK_OFF = "back_off"  # a server error, timeout or unusable answer: ask again after a jittered wait
+
+
+def _mark_stopped(outcome: LabelOutcome, budget: Budget) -> None:
+    """The budget ran out before this attempt: a key never asked is `stopped`, one that failed stays quarantined."""
+    outcome.status = "stopped" if outcome.attempts == 0 else "quarantined"
+    outcome.error = f"{budget.stopped_because} after {outcome.attempts} attempts" + (
+        f"; last error: {outcome.error}" if outcome.error else ""
     )
 
 
@@ -312,91 +308,95 @@ class OpenAITeacher:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
+    @property
+    def _limit(self) -> AdaptiveLimit:
+        assert self.limit is not None, "label_all sets the limit before any request"
+        return self.limit
+
     async def _label(
         self, request: LabelRequest, budget: Budget, record: Callable[[LabelOutcome], None] | None
     ) -> LabelOutcome:
-        category = request.category
-        body = request_body(self.teacher, category, request.text, self.max_tokens, self.options)
+        body = request_body(self.teacher, request.category, request.text, self.max_tokens, self.options)
         outcome = LabelOutcome(request=request, status="quarantined", retries=Counter())
-        assert self.limit is not None
         while outcome.attempts < self.max_attempts:
-            retry_after: float | None = None
-            await self.limit.acquire()
-            # This run's own limit first, then a slot of the key's budget shared with every other run.
-            slot = await self.key_budget.acquire() if self.key_budget is not None else None
-            final = aborted = False
-            try:
-                if self.refused is not None:
-                    raise self.refused
-                if not budget.may_start():
-                    outcome.status = "stopped" if outcome.attempts == 0 else "quarantined"
-                    outcome.error = f"{budget.stopped_because} after {outcome.attempts} attempts" + (
-                        f"; last error: {outcome.error}" if outcome.error else ""
-                    )
-                    final = True
-                    return outcome
-                outcome.attempts += 1
-                self.requests += 1
-                asked_at = self.clock()
-                started = time.perf_counter()
-                try:
-                    # The SDK's documented raw `post`: `chat.completions.create` walks the request through a
-                    # TypedDict transform and the answer through pydantic models, which together cost more CPU
-                    # than the HTTP exchange. Status errors, timeouts and connection errors are the SDK's as usual.
-                    response = await self._client.post("/chat/completions", body=body, cast_to=httpx2.Response)
-                    completion = json.loads(response.content)
-                    if not isinstance(completion, dict):
-                        raise ValueError(f"the response body is JSON but not an object: {response.text[:200]}")
-                except openai.RateLimitError as error:
-                    retry_after = retry_after_seconds(error.response.headers)
-                    self.limit.rate_limited(retry_after)
-                    if retry_after and self.key_budget is not None:
-                        self.key_budget.pause(retry_after)
-                    self._failed(outcome, "rate_limited", error)
-                    continue
-                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
-                    raise self._refuse(error) from None
-                except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
-                    if says_unknown_model(error):
-                        raise self._refuse(error) from None
-                    # The request itself is wrong for this document (too long, say): retrying cannot help.
-                    self._failed(outcome, f"http_{error.status_code}", error)
-                    final = True
-                    return outcome
-                except openai.APIStatusError as error:
-                    retry_after = retry_after_seconds(error.response.headers)
-                    self._failed(outcome, f"http_{error.status_code}", error)
-                    continue
-                except openai.APITimeoutError as error:
-                    self._failed(outcome, "timeout", error)
-                    continue
-                except openai.APIConnectionError as error:
-                    self._failed(outcome, "connection", error)
-                    continue
-                except (openai.APIResponseValidationError, ValueError) as error:
-                    self._failed(outcome, "malformed_response", error)
-                    continue
-                usage = _usage_of(completion, self.price, asked_at)
-                outcome.usage.add(usage)
-                budget.charge(usage.cost_usd)
-                if self._accept(outcome, completion, category):
-                    outcome.latency_s = time.perf_counter() - started
-                    await self.limit.succeeded()
-                    final = True
-                    return outcome
-            except BaseException:  # a refused key or a cancellation: nothing to record
-                aborted = True
-                raise
-            finally:
-                # Recorded while this request's slots are held, so that no other request is sent, and paid for,
-                # while this answer is still unrecorded: a SIGKILL loses at most the requests in flight.
-                if record is not None and not aborted and (final or outcome.attempts >= self.max_attempts):
-                    record(outcome)
-                if slot is not None and self.key_budget is not None:
-                    self.key_budget.release(slot)
-                await self.limit.release()
-            await asyncio.sleep(self._backoff(outcome.attempts, retry_after))
+            then = await self._attempt(body, outcome, budget, record)
+            if then is _Next.DONE:
+                break
+            if then is _Next.BACK_OFF:
+                await asyncio.sleep(self._backoff(outcome.attempts))
         return outcome
+
+    async def _attempt(
+        self, body: dict, outcome: LabelOutcome, budget: Budget, record: Callable[[LabelOutcome], None] | None
+    ) -> _Next:
+        """One request, made and recorded while holding a slot of this run's limit and one of the key's budget."""
+        await self._limit.acquire()
+        # This run's own limit first, then a slot of the key's budget shared with every other run.
+        slot = await self.key_budget.acquire() if self.key_budget is not None else None
+        try:
+            then = await self._ask(body, outcome, budget)
+            # Recorded while this request's slots are held, so that no other request is sent, and paid for,
+            # while this answer is still unrecorded: a SIGKILL loses at most the requests in flight.
+            if record is not None and (then is _Next.DONE or outcome.attempts >= self.max_attempts):
+                record(outcome)
+            return then
+        finally:
+            if slot is not None and self.key_budget is not None:
+                self.key_budget.release(slot)
+            await self._limit.release()
+
+    async def _ask(self, body: dict, outcome: LabelOutcome, budget: Budget) -> _Next:
+        """Send the request, unless the run was refused or the budget is spent, and judge what comes back."""
+        if self.refused is not None:
+            raise self.refused
+        if not budget.may_start():
+            _mark_stopped(outcome, budget)
+            return _Next.DONE
+        outcome.attempts += 1
+        self.requests += 1
+        asked_at = self.clock()
+        started = time.perf_counter()
+        try:
+            completion = await post_chat_completion(self._client, body)
+        except _REQUEST_ERRORS as error:
+            return self._after_error(outcome, error)
+        usage = _usage_of(completion, self.price, asked_at)
+        outcome.usage.add(usage)
+        budget.charge(usage.cost_usd)
+        if not self._accept(outcome, completion, outcome.request.category):
+            return _Next.BACK_OFF
+        outcome.latency_s = time.perf_counter() - started
+        await self._limit.succeeded()
+        return _Next.DONE
+
+    def _after_error(self, outcome: LabelOutcome, error: Exception) -> _Next:
+        """Retry, give up on this key, or (raising) stop the run, as the error says."""
+        match error:
+            case openai.RateLimitError():
+                retry_after = retry_after_seconds(error.response.headers)
+                self._limit.rate_limited(retry_after)
+                if retry_after and self.key_budget is not None:
+                    self.key_budget.pause(retry_after)
+                self._failed(outcome, "rate_limited", error)
+                return _Next.RETRY
+            case openai.AuthenticationError() | openai.PermissionDeniedError() | openai.NotFoundError():
+                raise self._refuse(error) from None
+            case openai.BadRequestError() | openai.UnprocessableEntityError() if says_unknown_model(error):
+                raise self._refuse(error) from None
+            case openai.BadRequestError() | openai.UnprocessableEntityError():
+                # The request itself is wrong for this document (too long, say): retrying cannot help.
+                self._failed(outcome, f"http_{error.status_code}", error)
+                return _Next.DONE
+            case openai.APIStatusError():
+                self._failed(outcome, f"http_{error.status_code}", error)
+            case openai.APITimeoutError():
+                self._failed(outcome, "timeout", error)
+            case openai.APIConnectionError():
+                self._failed(outcome, "connection", error)
+            case _:
+                self._failed(outcome, "malformed_response", error)
+        # A struggling server answered or did not: asking again at once would add to its load.
+        return _Next.BACK_OFF
 
     def _accept(self, outcome: LabelOutcome, completion: dict, category: Category) -> bool:
         choices = completion.get("choices")
@@ -448,7 +448,6 @@ class OpenAITeacher:
         if body is not None:
             outcome.raw_output = self.redact(str(body))
 
-    def _backoff(self, attempts: int, retry_after: float | None) -> float:
-        """Full jitter (AWS's recipe); a server's Retry-After wins when it asks for longer."""
-        delay = random.uniform(0, min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempts - 1)))
-        return max(delay, retry_after or 0.0)
+    def _backoff(self, attempts: int) -> float:
+        """Full jitter (AWS's recipe)."""
+        return random.uniform(0, min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempts - 1)))

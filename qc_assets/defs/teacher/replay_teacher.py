@@ -18,6 +18,7 @@ from filelock import FileLock
 
 from qc_assets.categories import CATEGORIES, Category, LabelError
 from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest
+from qc_assets.lake.sql import sql_identifier, sql_literal
 
 HF_PREFIX = "hf:"
 REPLAY_PROMPT_VERSION = "replay"
@@ -75,20 +76,17 @@ class ReplayColumns:
     def select_sql(self, source_sql: str) -> str:
         """(match, category, query, reasoning) rows of the source, in a stable order."""
 
-        def quoted(column: str) -> str:
-            return '"' + column.replace('"', '""') + '"'
-
-        match = f"CAST({quoted(self.match_column)} AS VARCHAR)"
+        match = f"CAST({sql_identifier(self.match_column)} AS VARCHAR)"
         if self.category is not None:
             if self.query is None:
                 raise ReplayError("QC_TEACHER_REPLAY_COLUMNS: long format (category=) needs query= as well")
-            reasoning = f"CAST({quoted(self.reasoning)} AS VARCHAR)" if self.reasoning else "NULL"
+            reasoning = f"CAST({sql_identifier(self.reasoning)} AS VARCHAR)" if self.reasoning else "NULL"
             return (
-                f"SELECT {match} AS match, CAST({quoted(self.category)} AS VARCHAR) AS category, "
-                f"CAST({quoted(self.query)} AS VARCHAR) AS query, {reasoning} AS reasoning FROM {source_sql}"
+                f"SELECT {match} AS match, CAST({sql_identifier(self.category)} AS VARCHAR) AS category, "
+                f"CAST({sql_identifier(self.query)} AS VARCHAR) AS query, {reasoning} AS reasoning FROM {source_sql}"
             )
         return " UNION ALL ".join(
-            f"SELECT {match} AS match, '{category}' AS category, CAST({quoted(column)} AS VARCHAR) AS query, "
+            f"SELECT {match} AS match, '{category}' AS category, CAST({sql_identifier(column)} AS VARCHAR) AS query, "
             f"NULL AS reasoning FROM {source_sql}"
             for category, column in self.per_category.items()
         )
@@ -122,7 +120,7 @@ class ReplayTeacher:
             path = Path(self.source).expanduser()
             if not path.is_file():
                 raise ReplayError(f"QC_TEACHER_REPLAY_SOURCE: no file at {path}")
-        literal = "'" + str(path).replace("'", "''") + "'"
+        literal = sql_literal(str(path))
         if path.suffix == ".parquet":
             return f"read_parquet({literal})"
         if path.suffix in (".jsonl", ".json", ".ndjson"):
