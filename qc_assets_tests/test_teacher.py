@@ -307,7 +307,7 @@ def test_every_fault_ends_as_one_valid_label_or_one_quarantine_row_and_nothing_i
 
 
 def test_concurrency_halves_on_rate_limits_and_grows_back_with_successes():
-    async def scenario() -> list[int]:
+    async def scenario() -> tuple[list[int], float]:
         limit = AdaptiveLimit(16)
         seen = [limit.limit]
         limit.rate_limited(None)
@@ -321,10 +321,12 @@ def test_concurrency_halves_on_rate_limits_and_grows_back_with_successes():
         limit.rate_limited(0.3)
         started = time.monotonic()
         await limit.acquire()
-        seen.append(round(time.monotonic() - started, 1))
-        return seen
+        return seen, time.monotonic() - started
 
-    assert asyncio.run(scenario()) == [16, 8, 16, 0.3]
+    limits, paused_s = asyncio.run(scenario())
+    assert limits == [16, 8, 16]
+    # At least the Retry-After; the upper bound only catches a pause that never ends (a busy machine adds delay).
+    assert 0.29 <= paused_s < 5
 
 
 def test_a_new_model_or_prompt_labels_again_under_new_keys_and_keeps_the_old_labels(environment, tmp_path, monkeypatch):
