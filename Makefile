@@ -45,11 +45,13 @@ test: $(INSTALLED) postgresql
 test-scenarios: $(INSTALLED) chromium postgresql
 	$(BIN)/pytest -n 2 --dist worksteal -m long --durations=15
 
-# The linter, the formatter (check only: `ruff format` fixes) and the type checker, as CI runs them.
+# The linter, the formatter (check only: `ruff format` fixes), the type checker and Dagster's own check that the
+# code location loads, as CI runs them.
 check: $(INSTALLED)
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check
 	$(BIN)/mypy
+	$(BIN)/dg check defs
 
 ui: $(INSTALLED)
 	$(EMBEDDED) $(BIN)/qc ui
