@@ -40,9 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -62,12 +60,12 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    Qwen3Config,
     Qwen3ForCausalLM,
     XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
 )
 
+from qc_assets.benchmarks import figure, machine, write_results  # noqa: E402
 from qc_assets.categories import CATEGORY_NAMES  # noqa: E402
 from qc_assets.defs.corpus.synthetic import japanese_like_texts, sentence_pool  # noqa: E402
 from qc_assets.defs.generation.backends import (  # noqa: E402
@@ -80,49 +78,8 @@ from qc_assets.defs.generation.backends import (  # noqa: E402
     stop_token_ids,
 )
 from qc_assets.defs.scoring.scorers import open_scorer  # noqa: E402
-from qc_assets.models.tiny import CROSS_ENCODER_DIR, STUDENT_DIR, ensure_tiny_models  # noqa: E402
-
-try:  # `qc bench`'s helpers; they import qc_assets.settings, hence pydantic, which the lent GPU machine lacks
-    from qc_assets.benchmarks import figure, machine, write_results
-except ImportError:  # pragma: no cover - the same rows and file, written here
-
-    def figure(measure, value, unit, reference=None, reference_value=None, ratio=None, goal=None, goal_met=None):
-        return {
-            "measure": measure,
-            "value": value,
-            "unit": unit,
-            "reference": reference,
-            "reference_value": reference_value,
-            "ratio": ratio,
-            "goal": goal,
-            "goal_met": goal_met,
-        }
-
-    def machine() -> dict:
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        return {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "device": device,
-        }
-
-    def write_results(path: Path, payload: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def sample_texts() -> list[str]:
-    """qc_assets.models.tiny.sample_texts (the text the tiny tokenizers are trained on) without its import of
-    qc_assets.settings: the lent GPU machine has torch, transformers, sentence-transformers and pyarrow, but not
-    pydantic."""
-    return [
-        json.loads(line)["text"]
-        for path in sorted((ROOT / "qc_assets" / "sample" / "corpus").glob("*.jsonl"))
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
-
+from qc_assets.defs.student.memory import seed_student_configs  # noqa: E402
+from qc_assets.models.tiny import CROSS_ENCODER_DIR, STUDENT_DIR, ensure_tiny_models, sample_texts  # noqa: E402
 
 CATEGORIES_PER_DOCUMENT = len(CATEGORY_NAMES)
 # Seed 000's anchor (verified facts): vLLM on an RTX 5090, Qwen3-1.7B, 10k documents (one query each) in < 100 s.
@@ -146,22 +103,10 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 def qwen3_1_7b_shaped(tokenizer_dir: Path, target: Path) -> Path:
     """Random weights with Qwen3-1.7B's shape (verified facts), the tiny tokenizer (its ids fit the real vocab)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=40960,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = seed_student_configs()["Qwen/Qwen3-1.7B"]
+    config.bos_token_id = None
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)

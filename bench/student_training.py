@@ -25,12 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers import AutoTokenizer, Qwen3ForCausalLM  # noqa: E402
 
 from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
+from qc_assets.defs.student.memory import seed_student_configs  # noqa: E402
 from qc_assets.defs.student.train import train  # noqa: E402
 from qc_assets.models.tiny import build_tiny_student, sample_texts  # noqa: E402
-from qc_assets.settings import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS  # noqa: E402
+from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS  # noqa: E402
 
 H100_BF16_FLOPS = 790e12
 QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN = 3 * 3.4e9
@@ -38,19 +39,7 @@ QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN = 3 * 3.4e9
 
 def qwen3_1_7b_shaped(tokenizer_dir: Path, target: Path) -> Path:
     """Random weights with Qwen3-1.7B's shape (verified facts); the tiny tokenizer, since only FLOPs matter."""
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=40960,
-    )
+    config = seed_student_configs()["Qwen/Qwen3-1.7B"]
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(target)

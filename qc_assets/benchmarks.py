@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from qc_assets.settings import PROJECT_ROOT
+from qc_assets.paths import PROJECT_ROOT
 
 BENCH_DIR = PROJECT_ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"

@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 import duckdb
 
-from qc_assets.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
+from qc_assets.paths import PROJECT_ROOT
+from qc_assets.settings import Settings, SettingsError, load_settings
 
 SUMMARY_QUERIES = {
     "corpus": "SELECT count(*) AS documents, count(DISTINCT shard) AS shards, round(avg(n_chars)) AS mean_chars FROM corpus",

@@ -26,7 +26,8 @@ from filelock import FileLock
 
 from qc_assets.defs.generation.assets import SHARD_DIMENSION
 from qc_assets.execution import GPU_POOL
-from qc_assets.settings import PROJECT_ROOT, Settings
+from qc_assets.paths import PROJECT_ROOT
+from qc_assets.settings import Settings
 
 DEFINITIONS_MODULE = "qc_assets.definitions"
 # Tells `qc run`'s runs from the UI's in the runs list (and for bench/scaling.py).

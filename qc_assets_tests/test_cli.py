@@ -10,8 +10,9 @@ import sys
 import dagster as dg
 
 from qc_assets.definitions import build_definitions
+from qc_assets.paths import PROJECT_ROOT, SAMPLE_CORPUS
 from qc_assets.runner import partition_blocks, plan_stages, select_shards, threads_per_run
-from qc_assets.settings import PROJECT_ROOT, SAMPLE_CORPUS, load_settings
+from qc_assets.settings import load_settings
 from qc_assets_tests.conftest import BIN, document, run_qc, write_jsonl
 
 

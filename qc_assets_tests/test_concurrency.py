@@ -14,8 +14,9 @@ import pytest
 
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
 from qc_assets.lake.resource import LakeResource
+from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets.runner import prepare_dagster_home
-from qc_assets.settings import SAMPLE_CORPUS, load_settings
+from qc_assets.settings import load_settings
 from qc_assets_tests.analyst import analyst_session, inconsistencies
 from qc_assets_tests.conftest import BIN, lake_rows, run_qc
 from qc_assets_tests.teacher_server import run_teacher_server

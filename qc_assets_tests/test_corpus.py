@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
-from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import document, lake_rows, materialization_metadata, materialize, write_jsonl
 
 

@@ -36,7 +36,8 @@ from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from dagster_webserver.cli import dagster_webserver as webserver_cli
 
 from qc_assets.definitions import build_definitions
-from qc_assets.settings import PROJECT_ROOT, SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS, load_settings
+from qc_assets.paths import PROJECT_ROOT, SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS
+from qc_assets.settings import load_settings
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -352,8 +353,8 @@ def test_a_non_editable_install_runs_the_embedded_sample_from_any_directory(tmp_
         [
             sys.executable,
             "-c",
-            "import qc_assets.settings as s; print(s.__file__, s.PROJECT_ROOT, s.SAMPLE_CORPUS, "
-            "s.SAMPLE_TEACHER_LABELS, s.load_settings().data_root, sep='\\n')",
+            "import qc_assets.paths as p, qc_assets.settings as s; print(s.__file__, p.PROJECT_ROOT, p.SAMPLE_CORPUS, "
+            "p.SAMPLE_TEACHER_LABELS, s.load_settings().data_root, sep='\\n')",
         ],
         cwd=elsewhere,
         env=env,

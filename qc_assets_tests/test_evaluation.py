@@ -11,7 +11,7 @@ import pytest
 from qc_assets.categories import CATEGORIES
 from qc_assets.definitions import build_definitions
 from qc_assets.defs.student.store import new_checkpoint_id, publish, staging_directory
-from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import lake_rows, materialization_metadata, materialize, materialize_asset
 
 SHARDS = ("sample-00000", "sample-00001")

@@ -31,7 +31,7 @@ from qc_assets.defs.generation.backends import (
     postprocess,
     render_prompt,
 )
-from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import build_talkative_student
 
 GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n\n</think>\n\n"

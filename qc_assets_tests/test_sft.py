@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.sft.dataset import current_version, is_test_document, split_is_test_sql
-from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import document, materialization_metadata, materialize, materialize_asset, write_jsonl
 
 

@@ -19,7 +19,7 @@ from qc_assets.defs.student.memory import (
 )
 from qc_assets.defs.student.store import MANIFEST, list_checkpoints
 from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
-from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import (
     lake_rows,
     materialization_metadata,

@@ -25,7 +25,8 @@ from qc_assets.defs.teacher.assets import TeacherResource
 from qc_assets.defs.teacher.backends import Budget, LabelRequest
 from qc_assets.defs.teacher.openai_teacher import AdaptiveLimit, OpenAITeacher, RequestOptions, request_body
 from qc_assets.defs.teacher.prices import PRICES, PriceError, resolve_price
-from qc_assets.settings import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS, SettingsError, load_settings
+from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS
+from qc_assets.settings import SettingsError, load_settings
 from qc_assets_tests.conftest import document, lake_rows, materialization_metadata, materialize, run_qc, write_jsonl
 from qc_assets_tests.teacher_server import label_for, run_teacher_server, text_key
 

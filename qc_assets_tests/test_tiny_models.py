@@ -21,7 +21,7 @@ from qc_assets.models.tiny import (
     qwen_chat,
     trl_chat_template,
 )
-from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import run_qc
 
 

@@ -43,7 +43,7 @@ from qc_assets.models.tiny import (
     llama3_chat,
     qwen_chat,
 )
-from qc_assets.settings import SAMPLE_CORPUS
+from qc_assets.paths import SAMPLE_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = [sys.executable, "-m", "qc_assets.defs.student.train"]

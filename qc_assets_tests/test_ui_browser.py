@@ -17,7 +17,8 @@ import dagster as dg
 import pytest
 
 from qc_assets.definitions import build_definitions
-from qc_assets.settings import PROJECT_ROOT, SAMPLE_CORPUS, load_settings
+from qc_assets.paths import PROJECT_ROOT, SAMPLE_CORPUS
+from qc_assets.settings import load_settings
 from qc_assets_tests.dagster_ui import DagsterUI
 
 OUTPUT = PROJECT_ROOT / "test-output" / "browser"

@@ -20,7 +20,8 @@ from qc_assets.defs.generation.assets import answer_token_cap
 from qc_assets.defs.generation.backends import GenerationRequest, open_generator
 from qc_assets.defs.student.store import model_slug
 from qc_assets.models.tiny import sample_texts
-from qc_assets.settings import SAMPLE_CORPUS, Settings, load_settings
+from qc_assets.paths import SAMPLE_CORPUS
+from qc_assets.settings import Settings, load_settings
 from qc_assets_tests.conftest import (
     build_talkative_student,
     lake_rows,

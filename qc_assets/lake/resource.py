@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import duckdb
+import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 from filelock import FileLock
 from pydantic import Field
@@ -336,3 +337,16 @@ def replace_partition(
     columns = ", ".join(sql_identifier(column) for column in table.column_names)
     connection.execute(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM {rows_relation}")
     return fetch_row(connection.execute(f"SELECT count(*) FROM {name} WHERE {where}", values))[0]
+
+
+def replace_partition_rows(
+    connection: duckdb.DuckDBPyConnection, table: Table, partition: dict[str, str], rows: pa.Table
+) -> int:
+    """`replace_partition` from an Arrow table of rows."""
+    view = f"{table.name}_new_rows"
+    connection.register(view, rows)
+    try:
+        return replace_partition(connection, table, partition, view)
+    finally:
+        # The connection outlives this write: it should not hold on to the rows.
+        connection.unregister(view)

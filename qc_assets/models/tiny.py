@@ -19,6 +19,8 @@ from typing import TypedDict
 
 from filelock import FileLock
 
+from qc_assets.paths import SAMPLE_CORPUS
+
 TINY_MARKER = "qc_tiny_model.json"
 STUDENT_DIR = "tiny-qwen3-student"
 CROSS_ENCODER_DIR = "tiny-xlmr-cross-encoder"
@@ -232,8 +234,6 @@ def build_tiny_cross_encoder(directory: Path, texts: list[str], vocab_size: int 
 
 def sample_texts() -> list[str]:
     """The embedded sample corpus, which the tiny tokenizers are trained on."""
-    from qc_assets.settings import SAMPLE_CORPUS
-
     return [
         json.loads(line)["text"]
         for path in sorted(SAMPLE_CORPUS.glob("*.jsonl"))

@@ -26,7 +26,7 @@ from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints
 from qc_assets.execution import GPU_POD, GPU_POOL
-from qc_assets.lake.resource import LakeResource, replace_partition, run_transaction
+from qc_assets.lake.resource import LakeResource, replace_partition_rows, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
 from qc_assets.settings import Settings
 
@@ -248,16 +248,9 @@ def _query_rows(results: list[GeneratedQuery], checkpoint: str, shard: str, back
 
 
 def _write_queries(connection: duckdb.DuckDBPyConnection, table: pa.Table, checkpoint: str, shard: str) -> None:
-    replace = partial(_replace_queries, table=table, partition={"checkpoint": checkpoint, "shard": shard})
+    partition = {"checkpoint": checkpoint, "shard": shard}
+    replace = partial(replace_partition_rows, table=GENERATED_QUERIES, partition=partition, rows=table)
     run_transaction(connection, replace, f"write generated queries {checkpoint}|{shard}")
-
-
-def _replace_queries(connection: duckdb.DuckDBPyConnection, table: pa.Table, partition: dict[str, str]) -> int:
-    connection.register("generated_rows", table)
-    count = replace_partition(connection, GENERATED_QUERIES, partition, "generated_rows")
-    # The connection outlives this write: it should not hold on to the rows.
-    connection.unregister("generated_rows")
-    return count
 
 
 _CHECK_SPECS = [

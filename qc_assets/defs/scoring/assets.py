@@ -18,7 +18,7 @@ from qc_assets.defs.sft.assets import SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.defs.teacher.assets import TeacherResource
 from qc_assets.execution import GPU_POD, GPU_POOL
-from qc_assets.lake.resource import LakeResource, fetch_row, replace_partition, run_transaction
+from qc_assets.lake.resource import LakeResource, fetch_row, replace_partition_rows, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES, RERANKER_SCORES, TEACHER_LABELS, TEACHER_SOURCE_PREFIX
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, ensure_tiny_models, sample_texts
 from qc_assets.settings import TINY_STUDENT, Settings
@@ -190,20 +190,12 @@ def _score_rows(
 def _write_scores(run: ScoringRun, shard: str, source: str, table: pa.Table) -> None:
     run.tally.out_of_range += sum(not (0.0 <= score <= 1.0) for score in table.column("score").to_pylist())
     partition = {"shard": shard, "source": source, "scorer": run.scorer.name}
-    replace = partial(_replace_scores, table=table, partition=partition)
+    replace = partial(replace_partition_rows, table=RERANKER_SCORES, partition=partition, rows=table)
     count = run_transaction(run.connection, replace, f"write reranker scores {source}|{shard}")
     if source == run.teacher_source:
         run.tally.teacher_pairs += count
     else:
         run.tally.student_pairs += count
-
-
-def _replace_scores(connection: duckdb.DuckDBPyConnection, table: pa.Table, partition: dict[str, str]) -> int:
-    connection.register("scored_rows", table)
-    count = replace_partition(connection, RERANKER_SCORES, partition, "scored_rows")
-    # The connection outlives this write: it should not hold on to the rows.
-    connection.unregister("scored_rows")
-    return count
 
 
 _CHECK_SPECS = [
