@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import sys
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 import click
 import duckdb
 
-from qc_assets.paths import PROJECT_ROOT
 from qc_assets.settings import Settings, SettingsError, load_settings
 
 SUMMARY_QUERIES = {
@@ -42,17 +40,6 @@ def _lake(settings: Settings, read_only: bool):
     return LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_only=read_only)
 
 
-def _recover_abandoned_runs(instance) -> None:
-    from qc_assets.recovery import recover_abandoned_runs
-
-    recovered = recover_abandoned_runs(instance)
-    if recovered:
-        click.echo(
-            f"{len(recovered)} runs whose process was killed marked failed, their GPU slots freed: "
-            f"{', '.join(recovered)}"
-        )
-
-
 @click.group()
 def main() -> None:
     """qc_assets: Japanese query-generation data, students and scores as a Dagster asset graph."""
@@ -60,14 +47,6 @@ def main() -> None:
 
 @main.command()
 @click.option("--select", default=None, help="Dagster asset selection, e.g. 'corpus' or 'key:corpus+'. Default: all.")
-@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64), help="Runs at once.")
-@click.option(
-    "--executor",
-    default="in_process",
-    show_default=True,
-    type=click.Choice(["in_process", "multiprocess"]),
-    help="Executor inside each run.",
-)
 @click.option(
     "--shard",
     "shard_patterns",
@@ -75,62 +54,29 @@ def main() -> None:
     metavar="GLOB",
     help="Only these shards (glob, repeatable), e.g. 'data/train-0000*'; base-model partitions are not filtered.",
 )
-def run(select: str | None, parallel: int, executor: str, shard_patterns: tuple[str, ...]) -> None:
-    """Materialize the graph (or the selection) for every partition on the persistent instance."""
+def run(select: str | None, shard_patterns: tuple[str, ...]) -> None:
+    """Materialize the graph (or the selection) as one backfill on the persistent instance, and wait for it and for
+    what the checkpoint sensor and the report's automation launch after it."""
     settings = _settings()
-    from qc_assets.runner import plan_stages, prepare_dagster_home, run_stages
-
-    home = prepare_dagster_home(settings)
-    import dagster as dg
-
     from qc_assets.definitions import build_definitions
+    from qc_assets.orchestration.run import RunRequest, RunRequestError, run_graph
 
     try:
         definitions = build_definitions(settings)
-        stages = plan_stages(definitions, select)
     except Exception as error:
         raise click.ClickException(str(error)) from None
-    if not stages:
-        raise click.UsageError(f"--select {select!r} matches no asset")
-    corpus_partitions = definitions.resolve_assets_def("corpus").partitions_def
-    if corpus_partitions is None:
-        raise click.ClickException("the corpus asset has no shard partitions")
-    shards = corpus_partitions.get_partition_keys()
-    for pattern in shard_patterns:
-        if not any(fnmatch.fnmatchcase(shard, pattern) for shard in shards):
-            raise click.UsageError(f"--shard {pattern!r} matches none of the {len(shards)} shards, e.g. {shards[0]!r}")
-    click.echo(f"Dagster home {home}; lake {settings.catalog}")
+    click.echo(f"Dagster home {settings.dagster_home}; lake {settings.catalog}")
     started = time.perf_counter()
-
-    def report(outcome) -> None:
-        where = f"[{outcome.partition}]" if outcome.partition else ""
-        line = f"  {outcome.status:<8} {outcome.stage}{where}"
-        click.echo(line + (f"  run {outcome.run_id}" if outcome.run_id else ""))
-        for error in outcome.errors:
-            click.echo(f"           {error}", err=outcome.status != "success")
-
-    from qc_assets.defs.student.sensors import register_checkpoint_partitions
-
-    with dg.DagsterInstance.get() as instance:
-        _recover_abandoned_runs(instance)
-        # Checkpoints copied into the store by hand are evaluated too, as the sensor would have them.
-        register_checkpoint_partitions(
-            instance, settings.data_root / "checkpoints", lambda message: click.echo(message, err=True)
-        )
-        for stage in stages:
-            click.echo(f"stage {stage.label}")
-        shard_partitions = definitions.resolve_assets_def("corpus").partitions_def
-        outcomes = run_stages(stages, instance, parallel, executor, report, shard_partitions, shard_patterns)
-    elapsed = time.perf_counter() - started
-    counts = {
-        status: sum(outcome.status == status for outcome in outcomes) for status in ("success", "failure", "skipped")
-    }
+    try:
+        outcome = run_graph(settings, RunRequest(select, shard_patterns), definitions, click.echo)
+    except RunRequestError as error:
+        raise click.UsageError(str(error)) from None
     click.echo(
-        f"\n{len(outcomes)} runs in {elapsed:.1f}s: {counts['success']} succeeded, "
-        f"{counts['failure']} failed, {counts['skipped']} skipped"
+        f"\n{outcome.runs} runs in {time.perf_counter() - started:.1f}s: {outcome.failed_runs} failed"
+        + (f"; backfill {outcome.backfill_status}" if outcome.backfill_status else "")
     )
     _print_summary(settings)
-    if counts["failure"] or counts["skipped"]:
+    if not outcome.success:
         sys.exit(1)
 
 
@@ -286,26 +232,25 @@ def tiny_models(force: bool) -> None:
 def ui(port: int, host: str) -> None:
     """Start the Dagster webserver and daemon with the project's persistent instance."""
     settings = _settings()
-    from qc_assets.runner import prepare_dagster_home
-
-    prepare_dagster_home(settings)
     import dagster as dg
 
+    from qc_assets.orchestration.home import prepare_dagster_home
+    from qc_assets.orchestration.recovery import recover_abandoned_runs
+    from qc_assets.orchestration.service import InstanceServiceLock, dagster_dev_command
+
+    prepare_dagster_home(settings)
+    lock = InstanceServiceLock(settings.dagster_home)
+    if not lock.try_acquire():
+        raise click.ClickException(
+            f"a `qc run` or another `qc ui` is running Dagster on this instance ({settings.dagster_home}); "
+            "open the UI once it has ended"
+        )
+    lock.publish("ui", f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", keep_across_exec=True)
     # The daemon's sensor would find them within a minute; at start-up a backfill waiting on them goes on at once.
     with dg.DagsterInstance.get() as instance:
-        _recover_abandoned_runs(instance)
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(PROJECT_ROOT / "workspace.yaml"),
-        "-h",
-        host,
-        "-p",
-        str(port),
-    ]
+        for run_id in recover_abandoned_runs(instance):
+            click.echo(f"run {run_id}: its process was killed; marked failed and its GPU slots freed")
+    command = dagster_dev_command(host, port)
     click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
     # The code server resolves a relative QC_DATA_DIR against its own working directory; pin it to this one's.
     os.environ["QC_DATA_DIR"] = str(settings.data_root)

@@ -9,21 +9,17 @@ import dagster as dg
 
 from qc_assets.defs.corpus.assets import CorpusResource, build_corpus_asset
 from qc_assets.defs.corpus.sources import Shard
-from qc_assets.defs.generation.assets import (
-    CHECKPOINT_DIMENSION,
-    SHARD_DIMENSION,
-    GenerationResource,
-    build_generation_asset,
-)
-from qc_assets.defs.report.assets import ReportResource, eval_summary
+from qc_assets.defs.generation.assets import GenerationResource, build_generation_asset
+from qc_assets.defs.report.assets import ReportResource, eval_summary, report_automation
 from qc_assets.defs.scoring.assets import ScoringResource, build_scoring_asset
 from qc_assets.defs.sft.assets import SftResource, sft_dataset
 from qc_assets.defs.student.assets import StudentResource, build_student_asset
-from qc_assets.defs.student.sensors import CHECKPOINT_PARTITIONS, build_checkpoint_sensor
+from qc_assets.defs.student.sensors import build_checkpoint_sensor
 from qc_assets.defs.teacher.assets import TeacherResource, build_discount_schedule, build_teacher_asset
 from qc_assets.execution import Environment, executor_for
 from qc_assets.lake.resource import LakeResource
-from qc_assets.recovery import abandoned_runs_sensor
+from qc_assets.orchestration.recovery import abandoned_runs_sensor
+from qc_assets.partitions import evaluation_partitions, shard_partitions
 from qc_assets.settings import Settings, load_settings
 
 # The beta APIs used here (multi-dimension partition mappings, backfill policies) are deliberate, with Dagster
@@ -40,18 +36,15 @@ def build_definitions(
     corpus_source = CorpusResource.from_settings(settings)
     if shards is None:
         shards = corpus_source.open().shards()
-    shard_partitions = dg.StaticPartitionsDefinition([shard.key for shard in shards])
-    teacher_labels = build_teacher_asset(shard_partitions)
+    by_shard = shard_partitions([shard.key for shard in shards])
+    teacher_labels = build_teacher_asset(by_shard)
     teacher_job = dg.define_asset_job("teacher_labels_job", selection=[teacher_labels])
-    checkpoint_partitions = dg.DynamicPartitionsDefinition(name=CHECKPOINT_PARTITIONS)
-    evaluation_partitions = dg.MultiPartitionsDefinition(
-        {CHECKPOINT_DIMENSION: checkpoint_partitions, SHARD_DIMENSION: shard_partitions}
-    )
-    generated_queries = build_generation_asset(evaluation_partitions, settings.generation_backend)
-    reranker_scores = build_scoring_asset(evaluation_partitions)
+    by_checkpoint_and_shard = evaluation_partitions(by_shard)
+    generated_queries = build_generation_asset(by_checkpoint_and_shard, settings.generation_backend)
+    reranker_scores = build_scoring_asset(by_checkpoint_and_shard)
     return dg.Definitions(
         assets=[
-            build_corpus_asset(shards, shard_partitions),
+            build_corpus_asset(shards, by_shard),
             teacher_labels,
             sft_dataset,
             build_student_asset(settings.student_models),
@@ -63,20 +56,17 @@ def build_definitions(
         schedules=[
             build_discount_schedule(
                 teacher_job,
-                shard_partitions.get_partition_keys(),
+                by_shard.get_partition_keys(),
                 TeacherResource.from_settings(settings).discount_window(),
             )
         ],
         sensors=[
             build_checkpoint_sensor(
-                checkpoint_partitions,
-                shard_partitions.get_partition_keys(),
+                by_shard.get_partition_keys(),
                 settings.data_root / "checkpoints",
                 [generated_queries, reranker_scores],
             ),
-            dg.AutomationConditionSensorDefinition(
-                "evaluation_report_automation", target=[eval_summary], default_status=dg.DefaultSensorStatus.RUNNING
-            ),
+            report_automation,
             abandoned_runs_sensor,
         ],
         resources={

@@ -28,10 +28,8 @@ from qc_assets.defs.student.store import Checkpoint, list_checkpoints
 from qc_assets.execution import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource, replace_partition_rows, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES
+from qc_assets.partitions import CHECKPOINT_DIMENSION, SHARD_DIMENSION
 from qc_assets.settings import Settings
-
-CHECKPOINT_DIMENSION = "checkpoint"
-SHARD_DIMENSION = "shard"
 
 
 class GenerationResource(dg.ConfigurableResource):

@@ -160,3 +160,12 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"regressions": dg.MetadataValue.json(worse)},
     )
+
+
+report_automation = dg.AutomationConditionSensorDefinition(
+    "evaluation_report_automation",
+    target=[eval_summary],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    # Short, so that `qc run` ends soon after the last scores; an evaluation reads the instance's records only.
+    minimum_interval_seconds=5,
+)

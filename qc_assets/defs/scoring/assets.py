@@ -11,7 +11,7 @@ import duckdb
 import pyarrow as pa
 from pydantic import Field
 
-from qc_assets.defs.generation.assets import SHARD_DIMENSION, checkpoint_and_shard
+from qc_assets.defs.generation.assets import checkpoint_and_shard
 from qc_assets.defs.scoring.lexical import ShardIndex, lexical_checks
 from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer
 from qc_assets.defs.sft.assets import SftResource
@@ -21,6 +21,7 @@ from qc_assets.execution import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource, fetch_row, replace_partition_rows, run_transaction
 from qc_assets.lake.tables import CORPUS, GENERATED_QUERIES, RERANKER_SCORES, TEACHER_LABELS, TEACHER_SOURCE_PREFIX
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, ensure_tiny_models, sample_texts
+from qc_assets.partitions import SHARD_DIMENSION
 from qc_assets.settings import TINY_STUDENT, Settings
 
 

@@ -9,7 +9,6 @@ from pydantic import Field
 
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
 from qc_assets.defs.sft.dataset import current_version
-from qc_assets.defs.student.sensors import register_checkpoint_partitions
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints, model_slug, new_checkpoint_id
 from qc_assets.execution import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource
@@ -185,7 +184,6 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
             for checkpoint in existing:
                 if _same_inputs(checkpoint, base_model, dataset_dir.name, hyperparameters):
                     context.log.info(f"{checkpoint.checkpoint} was trained on the same inputs: not training again")
-                    register_checkpoint_partitions(context.instance, root, context.log.warning)
                     return dg.MaterializeResult(
                         metadata={
                             "checkpoint": checkpoint.checkpoint,
@@ -214,7 +212,6 @@ def build_student_asset(base_models: list[str]) -> dg.AssetsDefinition:
         register_checkpoints(
             lake, [c for c in list_checkpoints(root, warn=context.log.warning) if c.checkpoint == checkpoint_id]
         )
-        register_checkpoint_partitions(context.instance, root, context.log.warning)
         return dg.MaterializeResult(
             metadata={**(result.metadata or {}), "dataset_version": dataset_dir.name, "trained_now": True}
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dagster as dg
 import psutil
-from dagster._core.launcher import DefaultRunLauncher
 
 SENSOR_INTERVAL_S = 60
 # psutil derives a process's start time from the boot time, which the kernel gives in whole seconds.
@@ -31,7 +30,7 @@ def _worker_is_gone(pid: int, run_started_at: float) -> bool:
 
 def recover_abandoned_runs(instance: dg.DagsterInstance) -> list[str]:
     """Fail the STARTED runs whose worker process is gone and free their pool slots; returns their run ids."""
-    if not isinstance(instance.run_launcher, DefaultRunLauncher):
+    if not isinstance(instance.run_launcher, dg.DefaultRunLauncher):
         # Another launcher's workers run elsewhere (a cluster's pods), where a pid means nothing; its own
         # run monitoring watches them.
         return []
