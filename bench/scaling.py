@@ -154,15 +154,13 @@ def build_tiny_models(directory: Path, env: dict[str, str]) -> Path:
     return models
 
 
-def run_qc(
-    env: dict[str, str], log_path: Path, parallel: int, code: Path
-) -> tuple[int, float, int, float, MemorySampler]:
+def run_qc(env: dict[str, str], log_path: Path, code: Path) -> tuple[int, float, int, float, MemorySampler]:
     """`qc run` as a subprocess; (exit status, wall seconds, max RSS of it and its descendants in bytes, their CPU
     seconds, sampler)."""
     started = time.perf_counter()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(QC), "run", "--parallel", str(parallel)], env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT
+            [str(QC), "run"], env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT
         )
         sampler = MemorySampler(process.pid)
         sampler.start()
@@ -177,11 +175,10 @@ def run_qc(
 def instance_figures(dagster_home: Path) -> dict:
     """Runs, steps and compute seconds from the run's Dagster instance."""
     import dagster as dg
-    from dagster._core.instance.ref import InstanceRef
-
-    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
     try:
-        records = instance.get_run_records(dg.RunsFilter(tags={"qc/launched_by": "qc run"}))
+        # A fresh instance: its runs are the backfill's and those the sensor and the automation launched after it.
+        records = instance.get_run_records()
         stages: dict[str, dict] = {}
         steps: dict[str, dict] = defaultdict(lambda: {"seconds": 0.0, "count": 0, "intervals": []})
         compute: dict[str, float] = defaultdict(float)
@@ -303,7 +300,6 @@ def measure(
     size: int,
     shard_docs: int,
     mean_chars: int,
-    parallel: int,
     work: Path,
     models: Path | None,
     base_env: dict,
@@ -328,7 +324,7 @@ def measure(
             "QC_TEACHER_BACKOFF_S": "0.05",
         }
         server_cpu_before = server.cpu_seconds()
-        status, wall, peak_rss, cpu, sampler = run_qc(env, directory / "qc-run.log", parallel, code)
+        status, wall, peak_rss, cpu, sampler = run_qc(env, directory / "qc-run.log", code)
         server_cpu = server.cpu_seconds() - server_cpu_before
     if status != 0:
         tail = (directory / "qc-run.log").read_text(errors="replace")[-4000:]
@@ -551,7 +547,6 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated document counts")
     parser.add_argument("--shard-docs", type=int, default=10_000, help="documents per shard")
     parser.add_argument("--mean-chars", type=int, default=1000, help="mean characters per document")
-    parser.add_argument("--parallel", type=int, default=2, help="qc run --parallel")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -611,7 +606,7 @@ def main() -> None:
             print(
                 f"== {size:,} documents ({-(-size // args.shard_docs)} shards of up to {args.shard_docs:,})", flush=True
             )
-            result = measure(size, args.shard_docs, args.mean_chars, args.parallel, work, models, base_env, code)
+            result = measure(size, args.shard_docs, args.mean_chars, work, models, base_env, code)
             print_size(result)
             results.append(result)
     finally:
@@ -633,7 +628,6 @@ def main() -> None:
         "threads": args.threads,
         "shard_documents": args.shard_docs,
         "mean_chars": args.mean_chars,
-        "parallel": args.parallel,
         "sizes": results,
         "comparisons": pairs,
         "figures": rows,

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from qc_assets.defs.teacher.prices import UtcWindow
+from qc_assets.lake.sql import catalog_parts
 from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS
 
 ENV_PREFIX = "QC_"
@@ -192,6 +193,13 @@ class Settings(BaseModel):
                 f"QC_CORPUS_MIN_CHARS ({self.corpus_min_chars}) is larger than QC_CORPUS_MAX_CHARS ({self.corpus_max_chars})"
             )
         return self
+
+    @field_validator("lake_catalog")
+    @classmethod
+    def _catalog_kind_is_known(cls, value: str | None) -> str | None:
+        if value is not None:
+            catalog_parts(value)
+        return value
 
     @field_validator("teacher_window")
     @classmethod

@@ -4,17 +4,16 @@ GraphQL, and stopped with its whole process group, so that no dagster process ou
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Self
 
+from qc_assets.orchestration.graphql import UNFINISHED_BACKFILL_STATUSES, DagsterGraphQL
+from qc_assets.orchestration.service import free_loopback_port
 from qc_assets_tests.conftest import BIN
 
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -23,22 +22,6 @@ UI_PROCESS_NAMES = {
     "webserver": (b"dagster-webserver", b"dagster_webserver"),
     "daemon": (b"dagster._daemon", b"dagster-daemon"),
 }
-
-WORKSPACE_QUERY = """
-{
-  workspaceOrError {
-    __typename
-    ... on PythonError { message }
-    ... on Workspace {
-      locationEntries {
-        name
-        loadStatus
-        locationOrLoadError { __typename ... on PythonError { message } }
-      }
-    }
-  }
-}
-"""
 
 RUN_QUERY = """
 query Run($runId: ID!) {
@@ -66,27 +49,6 @@ REEXECUTE_MUTATION = (
     "{parentRunId: $parentRunId, strategy: FROM_FAILURE}) {" + LAUNCH_RESULT + "} }"
 )
 
-BACKFILL_MUTATION = """
-mutation Backfill($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-  }
-}
-"""
-BACKFILL_QUERY = """
-query Backfill($backfillId: String!) {
-  partitionBackfillOrError(backfillId: $backfillId) {
-    __typename
-    ... on PartitionBackfill { status }
-    ... on PythonError { message }
-  }
-}
-"""
-UNFINISHED_BACKFILL_STATUSES = {"REQUESTED", "CANCELING", "FAILING"}
-
 RUN_ERRORS_QUERY = """
 query RunErrors($runId: ID!) {
   logsForRun(runId: $runId) {
@@ -110,18 +72,12 @@ def _command_line(pid: int) -> bytes:
         return b""
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class DagsterUI:
+class DagsterUI(DagsterGraphQL):
     """`qc ui --port <free port>` (the default host) in its own session, its output in `log_path`."""
 
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
         self.port = port or free_loopback_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.log_path = log_path
         # The processes to account for at the end are those carrying this environment, whatever their group.
         self._marker = f"QC_DATA_DIR={env['QC_DATA_DIR']}"
@@ -166,60 +122,12 @@ class DagsterUI:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def graphql(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}/graphql",
-            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = json.load(response)
-        if body.get("errors"):
-            raise RuntimeError(f"GraphQL errors: {body['errors']}")
-        return body["data"]
-
-    def _check_alive(self, waiting_for: str) -> None:
+    def check_alive(self, waiting_for: str) -> None:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(
                 f"`qc ui` exited with code {self.process.returncode} while waiting for {waiting_for}; "
                 f"its output:\n{self.log_tail()}"
             )
-
-    def wait_until_loaded(self, timeout: float = 120) -> None:
-        """Until the webserver answers and every code location has loaded; a load error fails at once."""
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            self._check_alive("the webserver")
-            try:
-                with urllib.request.urlopen(f"{self.url}/server_info", timeout=5) as response:
-                    response.read()
-                workspace = self.graphql(WORKSPACE_QUERY, timeout=10)["workspaceOrError"]
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
-                last = f"{type(error).__name__}: {error}"
-                time.sleep(0.5)
-                continue
-            if workspace["__typename"] != "Workspace":
-                raise RuntimeError(f"the workspace could not be read: {workspace}")
-            entries = workspace["locationEntries"]
-            errors = [
-                f"{entry['name']}: {entry['locationOrLoadError']['message']}"
-                for entry in entries
-                if (entry["locationOrLoadError"] or {}).get("__typename") == "PythonError"
-            ]
-            if errors:
-                raise RuntimeError("code location failed to load:\n" + "\n".join(errors))
-            if entries and all(
-                entry["loadStatus"] == "LOADED"
-                and (entry["locationOrLoadError"] or {}).get("__typename") == "RepositoryLocation"
-                for entry in entries
-            ):
-                return
-            last = f"locations {[(entry['name'], entry['loadStatus']) for entry in entries]}"
-            time.sleep(0.5)
-        raise TimeoutError(
-            f"the UI at {self.url} was not ready after {timeout:.0f}s ({last}); its output:\n{self.log_tail()}"
-        )
 
     def run(self, run_id: str) -> dict:
         result = self.graphql(RUN_QUERY, {"runId": run_id})["runOrError"]
@@ -249,26 +157,14 @@ class DagsterUI:
         """The assets' partitions launched as a backfill, as the "Materialize selected" dialog does (every partition
         of every asset, in dependency order, when `partitions` is None); its id."""
         chosen = {"allPartitions": True} if partitions is None else {"partitionNames": partitions}
-        result = self.graphql(
-            BACKFILL_MUTATION,
-            {
-                "params": {
-                    **chosen,
-                    "assetSelection": [{"path": [asset]} for asset in assets],
-                    "fromFailure": False,
-                }
-            },
-        )["launchPartitionBackfill"]
-        if result["__typename"] != "LaunchBackfillSuccess":
-            raise RuntimeError(f"the backfill was refused: {result}")
-        return result["backfillId"]
+        return self.launch_backfill({**chosen, "assetSelection": [{"path": [asset]} for asset in assets]})
 
     def wait_for_backfill(self, backfill_id: str, timeout: float = 300) -> str:
         """The backfill's status once the daemon has finished with it."""
         deadline = time.monotonic() + timeout
         while True:
-            self._check_alive(f"backfill {backfill_id}")
-            status = self.graphql(BACKFILL_QUERY, {"backfillId": backfill_id})["partitionBackfillOrError"]["status"]
+            self.check_alive(f"backfill {backfill_id}")
+            status = self.backfill(backfill_id)["status"]
             if status not in UNFINISHED_BACKFILL_STATUSES:
                 return status
             if time.monotonic() > deadline:
@@ -294,7 +190,7 @@ class DagsterUI:
         """The run once it has finished, whatever its outcome; a run still going at the deadline raises."""
         deadline = time.monotonic() + timeout
         while True:
-            self._check_alive(f"run {run_id}")
+            self.check_alive(f"run {run_id}")
             run = self.run(run_id)
             if run["status"] in TERMINAL_RUN_STATUSES:
                 return run
@@ -329,7 +225,7 @@ class DagsterUI:
         names = UI_PROCESS_NAMES[kind]
         deadline = time.monotonic() + timeout
         while True:
-            self._check_alive(f"its {kind} to start")
+            self.check_alive(f"its {kind} to start")
             found = [pid for pid in self.processes() if any(name in _command_line(pid) for name in names)]
             if len(found) == 1:
                 return found[0]

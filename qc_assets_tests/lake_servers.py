@@ -17,8 +17,8 @@ from typing import Self
 
 import psutil
 
+from qc_assets.orchestration.service import free_loopback_port
 from qc_assets_tests.conftest import BIN
-from qc_assets_tests.dagster_ui import free_loopback_port
 
 START_TIMEOUT_S = 60
 # PostgreSQL refuses to run as root; as root, its commands run as the postgres user that Debian's package creates.

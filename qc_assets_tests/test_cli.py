@@ -11,7 +11,8 @@ import pytest
 from qc_assets.definitions import build_definitions
 from qc_assets.orchestration.backfill import plan_backfill
 from qc_assets.paths import PROJECT_ROOT, SAMPLE_CORPUS
-from qc_assets_tests.conftest import BIN, document, run_qc, write_jsonl
+from qc_assets.settings import load_settings
+from qc_assets_tests.conftest import BIN, document, materialize_asset, run_qc, write_jsonl
 
 
 def test_a_wrong_setting_fails_at_start_up_naming_the_variable(environment, tmp_path):
@@ -65,7 +66,8 @@ def test_qc_sql_formats_inputs_and_refuses_writes(environment, tmp_path):
     source = tmp_path / "corpus"
     write_jsonl(source / "s0.jsonl", [{"id": f"d{i}", "text": document(i)} for i in range(2)])
     env = environment(source)
-    assert run_qc(["run", "--select", "corpus"], env).returncode == 0
+    with dg.instance_for_test() as instance:
+        assert materialize_asset(load_settings(env), "corpus", instance, partition="s0").success
     query = "SELECT doc_id, n_chars FROM corpus ORDER BY doc_id"
     table = run_qc(["sql", query], env)
     assert table.returncode == 0 and "doc_id" in table.stdout and "d1" in table.stdout and "│" in table.stdout

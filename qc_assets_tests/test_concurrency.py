@@ -10,15 +10,16 @@ import sys
 import threading
 import time
 
+import dagster as dg
 import pytest
 
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
 from qc_assets.lake.resource import LakeResource
+from qc_assets.orchestration.home import prepare_dagster_home
 from qc_assets.paths import SAMPLE_CORPUS
-from qc_assets.runner import prepare_dagster_home
 from qc_assets.settings import load_settings
 from qc_assets_tests.analyst import analyst_session, inconsistencies
-from qc_assets_tests.conftest import BIN, lake_rows, run_qc
+from qc_assets_tests.conftest import BIN, lake_rows, materialize_asset, run_qc
 from qc_assets_tests.teacher_server import run_teacher_server
 from qc_assets_tests.test_teacher import openai_environment
 
@@ -77,7 +78,7 @@ def test_writers_and_an_open_reader_never_lock_each_other_out(tmp_path, environm
             output, _ = writer.communicate(timeout=300)
             assert writer.returncode == 0, output[-3000:]
         # Three new shards and three replaced ones, three runs at a time.
-        parallel_runs = run_qc(["run", "--select", "corpus", "--parallel", "3", "--executor", "multiprocess"], env)
+        parallel_runs = run_qc(["run", "--select", "corpus"], env)
         assert parallel_runs.returncode == 0, parallel_runs.stdout[-3000:] + parallel_runs.stderr[-3000:]
     finally:
         stop_file.touch()
@@ -111,7 +112,7 @@ def test_qc_sql_in_a_loop_reads_consistent_counts_while_runs_write(tmp_path, env
             QC_TEACHER_TIMEOUT_S="10",
         )
         with analyst_session(tmp_path, env) as analyst:
-            writes = run_qc(["run", "--select", "key:corpus or key:teacher_labels", "--parallel", "2"], env)
+            writes = run_qc(["run", "--select", "key:corpus or key:teacher_labels"], env)
             assert writes.returncode == 0, writes.stdout[-3000:]
         final = analyst.final_by_shard()
     assert analyst.failures == []
@@ -177,7 +178,9 @@ def test_processes_that_open_a_new_lake_at_the_same_moment_all_succeed(tmp_path)
 
 
 @pytest.mark.long(60)
-def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_path, environment):
+def test_two_runs_of_one_shards_labels_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_path, environment):
+    """Two runs of the same teacher partition at once (a backfill and a run launched by hand, say), each a
+    `dagster asset materialize` process on the same instance: the journal's lock makes one wait for the other."""
     from filelock import FileLock
 
     from qc_assets.categories import CATEGORIES
@@ -189,8 +192,10 @@ def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_
     with run_teacher_server(tmp_path, {"latency_ms": 100, "rules": []}) as server:
         env = openai_environment(environment, source, server, QC_TEACHER_CONCURRENCY="4")
         settings = load_settings(env)
-        assert run_qc(["run", "--select", "corpus"], env).returncode == 0
+        with dg.instance_for_test() as instance:
+            assert materialize_asset(settings, "corpus", instance, partition=SHARD).success
         clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
+        dagster_home = prepare_dagster_home(settings)
         # Both runs find the shard taken and wait; released, they race for it. Without this, on a busy machine one
         # run can finish before the other has started, and nothing is tested.
         lock_path = settings.teacher_dir / "journal" / path_component("test-teacher") / path_component(SHARD) / ".lock"
@@ -198,8 +203,9 @@ def test_two_qc_runs_started_at_once_both_succeed_and_pay_for_each_key_once(tmp_
         with FileLock(lock_path):
             runs = [
                 subprocess.Popen(
-                    [str(BIN / "qc"), "run", "--select", "teacher_labels"],
-                    env={**clean, **env},
+                    [str(BIN / "dagster"), "asset", "materialize", "-m", "qc_assets.definitions"]
+                    + ["--select", "teacher_labels", "--partition", SHARD],
+                    env={**clean, **env, "DAGSTER_HOME": dagster_home},
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,

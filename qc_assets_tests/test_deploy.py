@@ -315,7 +315,7 @@ def test_asset_modules_import_no_code_location():
     assert not re.search(r"^\s*(from|import) qc_assets", source, re.MULTILINE), "qc_assets.execution must stay a leaf"
 
 
-@pytest.mark.long(40)
+@pytest.mark.long(90)
 def test_a_non_editable_install_runs_the_embedded_sample_from_any_directory(tmp_path):
     """`pip install .` (not editable) carries the sample corpus and labels and dagster.yaml: `qc run` finds them in
     the installed package, from a directory outside the checkout, with the checkout not on the path."""
@@ -383,7 +383,7 @@ def test_a_non_editable_install_runs_the_embedded_sample_from_any_directory(tmp_
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "4 runs in" in result.stdout and "4 succeeded, 0 failed" in result.stdout, result.stdout
+    assert "4 runs in" in result.stdout and "0 failed; backfill COMPLETED_SUCCESS" in result.stdout, result.stdout
     assert f"from {package / 'sample' / 'corpus'}" in output, "the corpus was not read from the installed package"
     labels = len(SAMPLE_TEACHER_LABELS.read_text(encoding="utf-8").splitlines())
     assert re.search(rf"handwritten-sample\s*│\s*{labels}\s*│\s*64\s*│", result.stdout), result.stdout

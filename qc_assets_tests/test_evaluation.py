@@ -170,24 +170,6 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run
         cursor = result.cursor
         assert set(json.loads(cursor)) == {first, second}
 
-        # Trained by `qc run` (which registers it) and generated for by it before the sensor's tick: not asked again.
-        # Half of its shards done is not enough.
-        third, _ = fake_checkpoint(root, "tiny", "cccccccc", 3)
-        instance.add_dynamic_partitions("checkpoint", [third])
-        for shard in shards[: len(shards) // 2]:
-            instance.report_runless_asset_event(
-                dg.AssetMaterialization("generated_queries", partition=f"{third}|{shard}")
-            )
-        (run,) = tick(cursor).run_requests
-        assert requested(run) == [f"{third}|{shard}" for shard in shards]
-        for shard in shards[len(shards) // 2 :]:
-            instance.report_runless_asset_event(
-                dg.AssetMaterialization("generated_queries", partition=f"{third}|{shard}")
-            )
-        result = tick(cursor)
-        assert result.run_requests == [] and set(json.loads(result.cursor)) == {first, second, third}
-        cursor = result.cursor
-
         shutil.rmtree(root / "tiny" / first)  # removed: not an error, nothing requested
         (root / "tiny" / "broken").mkdir()
         (root / "tiny" / "broken" / "manifest.json").write_text("[")

@@ -136,7 +136,7 @@ def test_a_writer_killed_mid_commit_on_postgres_resumes_with_nothing_lost_or_dou
         pass  # the empty lake, so that its commits can be counted from the start
     before = snapshots(env["QC_LAKE_CATALOG"])
     writer = subprocess.Popen(
-        [str(BIN / "qc"), "run", "--select", "corpus", "--parallel", "1"],
+        [str(BIN / "qc"), "run", "--select", "corpus"],
         env=clean_env(env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

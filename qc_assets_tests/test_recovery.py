@@ -14,8 +14,8 @@ import uuid
 import dagster as dg
 
 from qc_assets.execution import GPU_POOL
-from qc_assets.recovery import abandoned_runs_sensor, recover_abandoned_runs
-from qc_assets.runner import prepare_dagster_home
+from qc_assets.orchestration.home import prepare_dagster_home
+from qc_assets.orchestration.recovery import abandoned_runs_sensor, recover_abandoned_runs
 from qc_assets.settings import load_settings
 
 

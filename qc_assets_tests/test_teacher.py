@@ -700,6 +700,7 @@ def test_an_unknown_model_stops_the_run_at_once_naming_the_setting_and_quarantin
         ) == [(0, 0)]
 
 
+@pytest.mark.long(60)
 def test_qc_run_with_an_unknown_model_exits_non_zero_quickly_naming_the_setting(environment, tmp_path):
     source = write_corpus(tmp_path / "corpus", [document(i) for i in range(3)])
     with run_teacher_server(tmp_path, {"models": ["deepseek-v4-flash"], "rules": []}) as server:

@@ -45,7 +45,7 @@ def test_killed_labelling_runs_resume_asking_only_for_keys_still_missing(environ
         calls_at_kill: list[int] = []
         for kill_after in (10, 45):
             process = subprocess.Popen(
-                [str(BIN / "qc"), "run", "--select", "teacher_labels", "--parallel", "1"],
+                [str(BIN / "qc"), "run", "--select", "teacher_labels"],
                 env={**clean, **env},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from qc_assets_tests.dagster_ui import free_loopback_port
+from qc_assets.orchestration.service import free_loopback_port
 
 READY_TIMEOUT_S = 180.0
 

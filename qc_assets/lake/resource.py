@@ -28,7 +28,7 @@ from dagster_duckdb import DuckDBResource
 from filelock import FileLock
 from pydantic import Field
 
-from qc_assets.lake.sql import sql_identifier, sql_literal
+from qc_assets.lake.sql import catalog_parts, sql_identifier, sql_literal
 from qc_assets.lake.tables import TABLES, VIEWS, Table
 
 if TYPE_CHECKING:
@@ -159,14 +159,6 @@ def _held_once(lock: AdvisoryLock) -> Iterator[None]:
             yield
     finally:
         lock.close()
-
-
-def catalog_parts(catalog: str) -> tuple[str, str]:
-    """(kind, location) of a QC_LAKE_CATALOG value: ("sqlite", path) or ("postgres", libpq dsn)."""
-    kind, _, location = catalog.partition(":")
-    if kind not in ("sqlite", "postgres"):
-        raise ValueError(f"QC_LAKE_CATALOG must start with sqlite: or postgres:, got {catalog!r}")
-    return kind, location
 
 
 def _catalog_lock(catalog: str, purpose: str):

@@ -1,4 +1,5 @@
-"""Quoting for SQL text built in Python: the one place for identifiers and the one for string literals.
+"""Quoting for SQL text built in Python (the one place for identifiers and the one for string literals), and the
+catalog setting's parts.
 
 Values belong in parameters (`?`, `$name`) wherever DuckDB takes them; these are for the places it does not
 (table and column names, file paths in table functions, ATTACH, LOAD, secrets, comments).
@@ -15,3 +16,11 @@ def sql_identifier(name: str) -> str:
 def sql_literal(value: str) -> str:
     """A string as a single-quoted SQL literal: `it's` -> `'it''s'`."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def catalog_parts(catalog: str) -> tuple[str, str]:
+    """(kind, location) of a QC_LAKE_CATALOG value: ("sqlite", path) or ("postgres", libpq dsn)."""
+    kind, _, location = catalog.partition(":")
+    if kind not in ("sqlite", "postgres"):
+        raise ValueError(f"QC_LAKE_CATALOG must start with sqlite: or postgres:, got {catalog!r}")
+    return kind, location

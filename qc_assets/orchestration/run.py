@@ -16,6 +16,7 @@ import dagster as dg
 from qc_assets.defs.report.assets import report_automation
 from qc_assets.defs.student.sensors import CHECKPOINT_SENSOR
 from qc_assets.orchestration.backfill import LAUNCHED_BY, LAUNCHED_BY_TAG, BackfillPlan, matching_shards, plan_backfill
+from qc_assets.orchestration.graphql import DagsterGraphQL
 from qc_assets.orchestration.home import prepare_dagster_home
 from qc_assets.orchestration.recovery import recover_abandoned_runs
 from qc_assets.orchestration.service import DagsterService, InstanceServiceLock, child_environment
@@ -70,7 +71,7 @@ def plan(request: RunRequest, definitions: dg.Definitions, instance: dg.DagsterI
 
 
 @contextmanager
-def instance_service(settings: Settings, echo: Echo) -> Iterator[tuple[DagsterService, bool]]:
+def instance_service(settings: Settings, echo: Echo) -> Iterator[tuple[DagsterGraphQL, bool]]:
     """The instance's `dagster dev`: the UI's when `qc ui` is open, else one started here (after any other `qc run`
     on this instance has ended); True when it is this process's own."""
     lock = InstanceServiceLock(settings.dagster_home)
@@ -78,17 +79,17 @@ def instance_service(settings: Settings, echo: Echo) -> Iterator[tuple[DagsterSe
         holder = lock.holder()
         if holder.get("kind") == "ui":
             echo(f"`qc ui` is open on this instance: launching through its Dagster at {holder['url']}")
-            service = DagsterService.at(holder["url"])
+            service = DagsterGraphQL(holder["url"])
             service.wait_until_loaded()
             yield service, False
             return
         echo("another `qc run` is using this instance; waiting for it to end")
         lock.acquire()
     try:
-        log = settings.dagster_home / "qc-run-dagster.log"
-        with DagsterService(child_environment(settings.data_root), log) as service:
+        logs = settings.dagster_home / "qc-run-logs"
+        with DagsterService(child_environment(settings.data_root), logs) as service:
             lock.publish("run", service.url)
-            echo(f"Dagster (webserver, daemon) at {service.url}, its log in {log}")
+            echo(f"Dagster's webserver at {service.url}; its processes' logs in {logs}")
             service.wait_until_loaded()
             yield service, True
     finally:
@@ -111,8 +112,12 @@ def run_graph(settings: Settings, request: RunRequest, definitions: dg.Definitio
                     service.cancel_backfill(stale)
             watch = RunWatch(service, instance, echo)
             backfill = None
-            if backfill_plan.targets:
-                backfill_id = service.launch_backfill(backfill_plan.params(request.description))
+            backfill_id = (
+                service.launch_backfill(backfill_plan.params(request.description)) if backfill_plan.targets else None
+            )
+            if isinstance(service, DagsterService):
+                service.start_daemon()
+            if backfill_id is not None:
                 echo(f"backfill {backfill_id}: {', '.join(t.key.to_user_string() for t in backfill_plan.targets)}")
                 backfill = watch.wait_for_backfill(backfill_id)
                 echo(f"backfill {backfill_id} {backfill['status']}:")

@@ -1,7 +1,8 @@
-"""`dagster dev` (webserver, daemon and code server) on the project's instance, and its GraphQL API.
+"""Dagster's processes on the project's instance (code server, webserver, daemon), and the webserver's GraphQL API.
 
-`qc ui` replaces itself with it; `qc run` starts one on a free loopback port for as long as it runs, asks it for a
-backfill through the same GraphQL mutation the UI's "Materialize" dialog sends, and stops it at the end.
+`qc ui` replaces itself with `dagster dev`, which starts all three; `qc run` starts them itself for as long as it
+runs, asks the webserver for a backfill through the same GraphQL mutation the UI's "Materialize" dialog sends, and
+stops them at the end.
 """
 
 from __future__ import annotations
@@ -15,80 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Self
 
+from qc_assets.orchestration.graphql import LOCATION, DagsterGraphQL
 from qc_assets.paths import PROJECT_ROOT
 
-LOCATION = "qc_assets"
-REPOSITORY = "__repository__"
-UNFINISHED_BACKFILL_STATUSES = {"REQUESTED", "CANCELING", "FAILING"}
-
-WORKSPACE_QUERY = """
-{
-  workspaceOrError {
-    __typename
-    ... on PythonError { message }
-    ... on Workspace {
-      locationEntries { name loadStatus locationOrLoadError { __typename ... on PythonError { message } } }
-    }
-  }
-}
-"""
-BACKFILL_MUTATION = """
-mutation Backfill($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-    ... on PartitionSetNotFoundError { message }
-  }
-}
-"""
-BACKFILL_QUERY = """
-query Backfill($backfillId: String!) {
-  partitionBackfillOrError(backfillId: $backfillId) {
-    __typename
-    ... on PythonError { message }
-    ... on PartitionBackfill {
-      status
-      assetBackfillData {
-        assetBackfillStatuses {
-          __typename
-          ... on AssetPartitionsStatusCounts {
-            assetKey { path } numPartitionsTargeted numPartitionsMaterialized numPartitionsFailed
-          }
-          ... on UnpartitionedAssetStatus { assetKey { path } materialized failed }
-        }
-      }
-    }
-  }
-}
-"""
-UNFINISHED_BACKFILLS_QUERY = """
-{
-  partitionBackfillsOrError(status: REQUESTED) {
-    __typename
-    ... on PartitionBackfills { results { id tags { key value } } }
-  }
-}
-"""
-CANCEL_BACKFILL_MUTATION = """
-mutation Cancel($backfillId: String!) {
-  cancelPartitionBackfill(backfillId: $backfillId) { __typename ... on PythonError { message } }
-}
-"""
-SENSOR_TICK_QUERY = """
-query Tick($selector: SensorSelector!) {
-  sensorOrError(sensorSelector: $selector) {
-    __typename
-    ... on Sensor { sensorState { status ticks(limit: 1) { timestamp status } } }
-  }
-}
-"""
+DEFINITIONS_MODULE = "qc_assets.definitions"
 
 
 def free_loopback_port() -> int:
@@ -112,6 +46,11 @@ def dagster_dev_command(host: str, port: int) -> list[str]:
     ]
 
 
+def _script(name: str) -> str:
+    """A console script of this environment (`dagster-daemon`, `dagster-webserver`), beside its interpreter."""
+    return str(Path(sys.executable).with_name(name))
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the parent dies, so a killed `qc run` leaves no daemon behind
     launching runs on its own (Linux; elsewhere the child outlives it)."""
@@ -119,42 +58,72 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class GraphQLError(RuntimeError):
-    pass
+class DagsterService(DagsterGraphQL):
+    """Dagster's processes for one `qc run` on the project's instance, each logging to `log_dir`: a code server for
+    the code location, the webserver on 127.0.0.1:`port` (spoken to over GraphQL), and, once `start_daemon` is
+    called, the daemon, which runs backfills, the run queue and sensors.
 
+    The daemon starts last, once the backfill is in: its backfill loop looks for work every 30 s from its start, so
+    a backfill already there is picked up at once instead of up to 30 s later. `dagster dev` starts all three at once.
+    """
 
-class DagsterService:
-    """`dagster dev` on 127.0.0.1:`port`, its output in `log_path`, spoken to over GraphQL."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
+    def __init__(self, env: dict[str, str], log_dir: Path, port: int | None = None):
         self.port = port or free_loopback_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
+        super().__init__(f"http://127.0.0.1:{self.port}")
+        self.log_dir = log_dir
+        self.log_path = log_dir / "webserver.log"
         self.env = env
-        self.process: subprocess.Popen | None = None
+        self.grpc_port = free_loopback_port()
+        self.processes: dict[str, subprocess.Popen] = {}
 
-    @classmethod
-    def at(cls, url: str) -> Self:
-        """One already running (the UI's), which this process neither starts nor stops."""
-        service = cls({}, Path(os.devnull))
-        service.url = url
-        return service
-
-    def command(self) -> list[str]:
-        return dagster_dev_command("127.0.0.1", self.port)
-
-    def start(self) -> Self:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(),
+    def _spawn(self, name: str, command: list[str], to_log: bool = True) -> None:
+        """Start `command`; its output goes to `name`.log, or with `to_log` False, to this process's own output."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            self.processes[name] = subprocess.Popen(
+                command,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdout=log if to_log else None,
+                stderr=subprocess.STDOUT if to_log else None,
                 preexec_fn=_die_with_parent,
             )
+
+    def _workspace(self) -> list[str]:
+        """The code server as the `qc_assets` location, the name the UI's workspace.yaml gives it, so that runs
+        launched here and there belong to the same location."""
+        workspace = self.log_dir / "workspace.yaml"
+        workspace.write_text(
+            "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
+            f"      port: {self.grpc_port}\n      location_name: {LOCATION}\n"
+        )
+        return ["-w", str(workspace)]
+
+    def start(self) -> Self:
+        """The code server, then (once it answers) the webserver."""
+        self._spawn(
+            "code-server",
+            [sys.executable, "-m", "dagster", "code-server", "start", "-m", DEFINITIONS_MODULE]
+            + ["-h", "127.0.0.1", "-p", str(self.grpc_port)],
+            # The runs' workers are its children: their step logs are `qc run`'s progress, shown as they come.
+            to_log=False,
+        )
+        self._wait_for_code_server()
+        webserver = [_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port)]
+        self._spawn("webserver", webserver + self._workspace())
         return self
+
+    def start_daemon(self) -> None:
+        self._spawn("daemon", [_script("dagster-daemon"), "run", *self._workspace()])
+
+    def _wait_for_code_server(self, timeout: float = 180) -> None:
+        check = [sys.executable, "-m", "dagster", "api", "grpc-health-check", "-p", str(self.grpc_port)]
+        deadline = time.monotonic() + timeout
+        while subprocess.run(check, capture_output=True, env=self.env).returncode != 0:
+            self.check_alive("the code server")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the code server did not answer in {timeout:.0f}s (its output is above)")
+            time.sleep(0.5)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -163,117 +132,33 @@ class DagsterService:
         self.stop()
 
     def stop(self, grace: float = 30) -> None:
-        """SIGINT, as Ctrl-C: `dagster dev` stops its webserver, daemon and code server; SIGKILL after `grace`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """SIGTERM to each, the daemon first (no new runs), then SIGKILL to any left after `grace` seconds."""
+        for name in ("daemon", "webserver", "code-server"):
+            process = self.processes.get(name)
+            if process is not None and process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + grace
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, name: str = "webserver", lines: int = 40) -> str:
         try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+            text = (self.log_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def graphql(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}/graphql",
-            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                body = json.load(response)
-        except urllib.error.HTTPError as error:
-            # GraphQL's own errors (a query the schema refuses) come back as HTTP 500 with a JSON body.
-            raise GraphQLError(
-                f"GraphQL answered {error.code}: {error.read().decode(errors='replace')[:2000]}"
-            ) from None
-        if body.get("errors"):
-            raise GraphQLError(f"GraphQL errors: {body['errors']}")
-        return body["data"]
-
     def check_alive(self, waiting_for: str) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(
-                f"dagster dev exited with code {self.process.returncode} while waiting for {waiting_for}; "
-                f"its output ({self.log_path}):\n{self.log_tail()}"
-            )
-
-    def _location_state(self) -> tuple[bool, str]:
-        """(loaded, what is known): a load error raises at once."""
-        workspace = self.graphql(WORKSPACE_QUERY, timeout=10)["workspaceOrError"]
-        if workspace["__typename"] != "Workspace":
-            raise RuntimeError(f"the workspace could not be read: {workspace}")
-        entries = workspace["locationEntries"]
-        errors = [
-            f"{entry['name']}: {entry['locationOrLoadError']['message']}"
-            for entry in entries
-            if (entry["locationOrLoadError"] or {}).get("__typename") == "PythonError"
-        ]
-        if errors:
-            raise RuntimeError("the code location failed to load:\n" + "\n".join(errors))
-        loaded = bool(entries) and all(
-            entry["loadStatus"] == "LOADED"
-            and (entry["locationOrLoadError"] or {}).get("__typename") == "RepositoryLocation"
-            for entry in entries
-        )
-        return loaded, f"locations {[(entry['name'], entry['loadStatus']) for entry in entries]}"
-
-    def wait_until_loaded(self, timeout: float = 180) -> None:
-        """Until the webserver answers and every code location has loaded."""
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            self.check_alive("the webserver")
-            try:
-                loaded, last = self._location_state()
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
-                loaded, last = False, f"{type(error).__name__}: {error}"
-            if loaded:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"dagster dev at {self.url} was not ready after {timeout:.0f}s ({last}):\n{self.log_tail()}")
-
-    def launch_backfill(self, params: dict) -> str:
-        """`launchPartitionBackfill` with `params` (LaunchBackfillParams); the backfill's id."""
-        result = self.graphql(BACKFILL_MUTATION, {"params": params})["launchPartitionBackfill"]
-        if result["__typename"] != "LaunchBackfillSuccess":
-            raise RuntimeError(f"the backfill was refused: {result.get('message', result)}")
-        return result["backfillId"]
-
-    def backfill(self, backfill_id: str) -> dict:
-        """The backfill's status and its per-asset counts."""
-        result = self.graphql(BACKFILL_QUERY, {"backfillId": backfill_id})["partitionBackfillOrError"]
-        if result["__typename"] != "PartitionBackfill":
-            raise RuntimeError(f"backfill {backfill_id}: {result}")
-        return result
-
-    def unfinished_backfills(self, tag: tuple[str, str]) -> list[str]:
-        """Ids of the backfills still REQUESTED that carry `tag`."""
-        result = self.graphql(UNFINISHED_BACKFILLS_QUERY)["partitionBackfillsOrError"]
-        return [
-            backfill["id"]
-            for backfill in result.get("results", [])
-            if {"key": tag[0], "value": tag[1]} in backfill["tags"]
-        ]
-
-    def cancel_backfill(self, backfill_id: str) -> None:
-        self.graphql(CANCEL_BACKFILL_MUTATION, {"backfillId": backfill_id})
-
-    def last_sensor_tick(self, sensor: str) -> dict | None:
-        """The sensor's latest tick (`timestamp`, `status`), None before its first; raises for an unknown sensor."""
-        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": sensor}
-        result = self.graphql(SENSOR_TICK_QUERY, {"selector": selector})["sensorOrError"]
-        if result["__typename"] != "Sensor":
-            raise RuntimeError(f"sensor {sensor}: {result}")
-        ticks = result["sensorState"]["ticks"]
-        return ticks[0] if ticks else None
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"Dagster's {name} exited with code {process.returncode} while waiting for {waiting_for}; "
+                    f"its output ({self.log_dir / name}.log):\n{self.log_tail(name)}"
+                )
 
 
 def child_environment(data_root: Path) -> dict[str, str]:

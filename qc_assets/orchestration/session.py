@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from qc_assets.orchestration.service import UNFINISHED_BACKFILL_STATUSES, DagsterService
+from qc_assets.orchestration.graphql import UNFINISHED_BACKFILL_STATUSES, DagsterGraphQL
 from qc_assets.partitions import RANGE_END_TAG, RANGE_START_TAG
 
 PARTITION_TAG = "dagster/partition"
@@ -83,7 +83,7 @@ def failure_messages(instance: dg.DagsterInstance, run_id: str) -> tuple[str, ..
 class RunWatch:
     """The runs created since `since` (this `qc run`'s start), reported through `echo` as each ends."""
 
-    service: DagsterService
+    service: DagsterGraphQL
     instance: dg.DagsterInstance
     echo: Callable[[str], None]
     since: float = field(default_factory=time.time)
