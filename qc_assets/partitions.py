@@ -22,6 +22,20 @@ def evaluation_partitions(shards: dg.PartitionsDefinition) -> dg.MultiPartitions
     return dg.MultiPartitionsDefinition({CHECKPOINT_DIMENSION: CHECKPOINT_PARTITIONS, SHARD_DIMENSION: shards})
 
 
+def contiguous_runs(ordered: Sequence[str], chosen: set[str]) -> list[list[str]]:
+    """The keys of `chosen` in `ordered`'s order, split where a key is not chosen: each run is one partition range."""
+    runs: list[list[str]] = []
+    previous_chosen = False
+    for key in ordered:
+        if key in chosen:
+            if previous_chosen:
+                runs[-1].append(key)
+            else:
+                runs.append([key])
+        previous_chosen = key in chosen
+    return runs
+
+
 def evaluation_key(checkpoint: str, shard: str) -> str:
     return str(dg.MultiPartitionKey({CHECKPOINT_DIMENSION: checkpoint, SHARD_DIMENSION: shard}))
 

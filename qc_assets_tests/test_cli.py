@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import dagster as dg
@@ -156,3 +157,38 @@ def test_the_backfill_covers_the_selected_shards_in_ranges_and_leaves_base_model
         "teacher_labels": None,
         "deferred": [],
     }
+
+
+@pytest.mark.long(300)
+def test_a_corrupt_shard_leaves_its_labels_and_evaluation_unmaterialized_and_the_run_exits_non_zero(
+    environment, tmp_path
+):
+    """The whole graph on two sample shards; then a third shard that is not parquet at all, and a run of the shard
+    stages and the evaluation. Dagster's backfill fails the shard's corpus partition and leaves its labels, queries
+    and scores unmaterialized; the other shards' evaluation still runs."""
+    source = tmp_path / "corpus"
+    source.mkdir()
+    for shard in ("sample-00000", "sample-00001"):
+        shutil.copy(SAMPLE_CORPUS / f"{shard}.jsonl", source)
+    env = environment(source, QC_STUDENT_BASE_MODELS="tiny", QC_SCORER_MODEL="tiny")
+    first = run_qc(["run"], env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    (source / "sample-00002.parquet").write_bytes(b"PAR1 this is not parquet")
+    selection = "key:corpus or key:teacher_labels or key:generated_queries or key:reranker_scores"
+    second = run_qc(["run", "--select", selection], env)
+    assert second.returncode == 1, second.stdout[-3000:]
+    assert str(source / "sample-00002.parquet") in second.stdout + second.stderr
+    for line in (
+        "corpus: 2 of 3 partitions materialized, 1 failed or not run because upstream failed",
+        "teacher_labels: 2 of 3 partitions materialized, 1 failed or not run because upstream failed",
+        "generated_queries: 2 of 3 partitions materialized, 1 failed or not run because upstream failed",
+        "reranker_scores: 2 of 3 partitions materialized, 1 failed or not run because upstream failed",
+    ):
+        assert line in second.stdout, second.stdout
+    with dg.DagsterInstance.from_config(str(tmp_path / "data" / "dagster")) as instance:
+        for asset in ("corpus", "teacher_labels", "generated_queries", "reranker_scores"):
+            materialized = {str(key) for key in instance.get_materialized_partitions(dg.AssetKey(asset))}
+            assert not any("sample-00002" in key for key in materialized), (asset, materialized)
+        backfills = {run.tags.get("dagster/backfill") for run in instance.get_runs() if "dagster/backfill" in run.tags}
+        assert len(backfills) == 2

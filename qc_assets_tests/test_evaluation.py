@@ -115,6 +115,33 @@ def fake_checkpoint(root, slug: str, version: str, minute: int, complete: bool =
     return checkpoint, publish(staging, manifest)
 
 
+def test_the_sensor_evaluates_a_checkpoint_only_on_shards_whose_corpus_and_labels_are_materialized(
+    settings_for, tmp_path
+):
+    settings = settings_for(SAMPLE_CORPUS)
+    repository = build_definitions(settings).get_repository_def()
+    sensor = repository.get_sensor_def("new_checkpoints")
+    shards = sorted(path.stem for path in SAMPLE_CORPUS.glob("*.jsonl"))
+    checkpoint, _ = fake_checkpoint(settings.data_root / "checkpoints", "tiny", "aaaaaaaa", 1)
+    with dg.instance_for_test() as instance:
+
+        def tick():
+            return sensor(dg.build_sensor_context(instance=instance, repository_def=repository))
+
+        waiting = tick()
+        assert isinstance(waiting, dg.SkipReason) and "no shard has its corpus and labels" in waiting.skip_message
+        # The third shard's corpus failed; the second has its corpus but not its labels.
+        for shard in (shards[0], shards[1], shards[3]):
+            instance.report_runless_asset_event(dg.AssetMaterialization("corpus", partition=shard))
+        for shard in (shards[0], shards[3]):
+            instance.report_runless_asset_event(dg.AssetMaterialization("teacher_labels", partition=shard))
+        result = tick()
+        ranges = [(run.partition_key_range.start, run.partition_key_range.end) for run in result.run_requests]
+        assert ranges == [(f"{checkpoint}|{shard}", f"{checkpoint}|{shard}") for shard in (shards[0], shards[3])]
+        assert len({run.run_key for run in result.run_requests}) == 2
+        assert json.loads(result.cursor) == [checkpoint]
+
+
 def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run_over_every_shard(
     settings_for, tmp_path
 ):
@@ -139,6 +166,9 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run
             )
 
         assert isinstance(tick(None), dg.SkipReason)
+        for shard in shards:
+            for asset in ("corpus", "teacher_labels"):
+                instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=shard))
         first, staging = fake_checkpoint(root, "tiny", "aaaaaaaa", 1, complete=False)
         assert isinstance(tick(None), dg.SkipReason)  # half-written: invisible until its manifest lands
         publish(

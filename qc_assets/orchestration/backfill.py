@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from qc_assets.partitions import CHECKPOINT_PARTITIONS, evaluation_key
+from qc_assets.partitions import CHECKPOINT_PARTITIONS, contiguous_runs, evaluation_key
 
 # Tells `qc run`'s backfills and runs from the UI's (and finds a killed `qc run`'s backfill).
 LAUNCHED_BY_TAG = "qc/launched_by"
@@ -48,19 +48,6 @@ class BackfillPlan:
             "title": LAUNCHED_BY,
             "description": description,
         }
-
-
-def contiguous_runs(ordered: Sequence[str], chosen: set[str]) -> list[list[str]]:
-    runs: list[list[str]] = []
-    previous_chosen = False
-    for key in ordered:
-        if key in chosen:
-            if previous_chosen:
-                runs[-1].append(key)
-            else:
-                runs.append([key])
-        previous_chosen = key in chosen
-    return runs
 
 
 def matching_shards(shards: Sequence[str], patterns: tuple[str, ...]) -> set[str]:
