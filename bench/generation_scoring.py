@@ -42,7 +42,6 @@ import functools
 import gc
 import os
 import resource
-import sys
 import tempfile
 import time
 import warnings
@@ -51,12 +50,10 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -65,10 +62,10 @@ from transformers import (  # noqa: E402
     XLMRobertaForSequenceClassification,
 )
 
-from qc_assets.benchmarks import figure, machine, write_results  # noqa: E402
-from qc_assets.categories import CATEGORY_NAMES  # noqa: E402
-from qc_assets.defs.corpus.synthetic import japanese_like_texts, sentence_pool  # noqa: E402
-from qc_assets.defs.generation.backends import (  # noqa: E402
+from qc_assets.benchmarks import figure, machine, write_results
+from qc_assets.categories import CATEGORY_NAMES
+from qc_assets.defs.corpus.synthetic import japanese_like_texts, sentence_pool
+from qc_assets.defs.generation.backends import (
     GENERATION_TEMPLATE_KWARGS,
     GenerationRequest,
     GeneratorUnavailable,
@@ -77,9 +74,11 @@ from qc_assets.defs.generation.backends import (  # noqa: E402
     postprocess,
     stop_token_ids,
 )
-from qc_assets.defs.scoring.scorers import open_scorer  # noqa: E402
-from qc_assets.defs.student.memory import seed_student_configs  # noqa: E402
-from qc_assets.models.tiny import CROSS_ENCODER_DIR, STUDENT_DIR, ensure_tiny_models, sample_texts  # noqa: E402
+from qc_assets.defs.scoring.scorers import open_scorer
+from qc_assets.defs.student.memory import seed_student_configs
+from qc_assets.models.tiny import CROSS_ENCODER_DIR, STUDENT_DIR, ensure_tiny_models, sample_texts
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CATEGORIES_PER_DOCUMENT = len(CATEGORY_NAMES)
 # Seed 000's anchor (verified facts): vLLM on an RTX 5090, Qwen3-1.7B, 10k documents (one query each) in < 100 s.

@@ -2,7 +2,7 @@
 (sample corpus, sample labels, tiny models) with its catalog in PostgreSQL and its files on an S3 server, and the
 same run with a SQLite catalog and local files, alternating, each in a fresh QC_DATA_DIR.
 
-Both servers are the suite's own (qc_assets_tests/lake_servers.py): PostgreSQL 15 and `rclone serve s3` on
+Both servers are the suite's own (qc_assets/testing/lake_servers.py): PostgreSQL 15 and `rclone serve s3` on
 127.0.0.1, so the figures show the cost of the protocols (libpq round trips, S3 requests, the advisory lock), not
 of a network. Printed per round: each run's wall time and the ratio to the SQLite run of the same round; then the
 medians, and the rows each lake holds per table (they must match).
@@ -24,12 +24,10 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qc_assets.benchmarks import RESULTS_DIR, figure, write_results
+from qc_assets.testing.lake_servers import PostgresServer, S3Server
 
-import qc_assets_tests.conftest  # noqa: E402, F401  (lake_servers imports the suite's helpers through it)
-from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
-from qc_assets_tests.lake_servers import PostgresServer, S3Server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QC = Path(sys.executable).parent / "qc"
 TABLES = ("corpus", "teacher_labels", "generated_queries", "reranker_scores", "eval_summary")

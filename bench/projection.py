@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qc_assets.benchmarks import RESULTS_DIR, figure, write_results
+from qc_assets.categories import CATEGORIES
 
-from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
-from qc_assets.categories import CATEGORIES  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # Seed 000, as published (see ../shared/seeds/000_*.txt).
 SEED_R1_DOCUMENTS = 100_000

@@ -31,11 +31,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qc_assets.testing.crash_resume import KillPoint, crash_and_resume
+from qc_assets.testing.ui_whole_graph import EVERY_UI_KILL, run_whole_graph_from_the_ui
 
-from qc_assets_tests.crash_resume import KillPoint, crash_and_resume  # noqa: E402
-from qc_assets_tests.ui_whole_graph import EVERY_UI_KILL, run_whole_graph_from_the_ui  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Three points per stage, in the graph's order: each kill's resumed run is the next point's victim. Labelling
 # points count the teacher's answers from the start of that run.

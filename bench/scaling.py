@@ -46,12 +46,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qc_assets.benchmarks import RESULTS_DIR, figure, write_results
+from qc_assets.defs.corpus.synthetic import write_fineweb_shard
+from qc_assets.testing.teacher_server import run_teacher_server
 
-from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
-from qc_assets.defs.corpus.synthetic import write_fineweb_shard  # noqa: E402
-from qc_assets_tests.teacher_server import run_teacher_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QC = Path(sys.executable).parent / "qc"
 LINEARITY_GOAL = 1.2
@@ -159,9 +158,7 @@ def run_qc(env: dict[str, str], log_path: Path, code: Path) -> tuple[int, float,
     seconds, sampler)."""
     started = time.perf_counter()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(QC), "run"], env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen([str(QC), "run"], env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT)
         sampler = MemorySampler(process.pid)
         sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
@@ -175,6 +172,7 @@ def run_qc(env: dict[str, str], log_path: Path, code: Path) -> tuple[int, float,
 def instance_figures(dagster_home: Path) -> dict:
     """Runs, steps and compute seconds from the run's Dagster instance."""
     import dagster as dg
+
     instance = dg.DagsterInstance.from_config(str(dagster_home))
     try:
         # A fresh instance: its runs are the backfill's and those the sensor and the automation launched after it.

@@ -15,23 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import datasets
+import torch
+from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+from qc_assets.benchmarks import RESULTS_DIR, figure, write_results
+from qc_assets.defs.student.memory import seed_student_configs
+from qc_assets.defs.student.train import train
+from qc_assets.models.tiny import build_tiny_student, sample_texts
+from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoTokenizer, Qwen3ForCausalLM  # noqa: E402
-
-from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
-from qc_assets.defs.student.memory import seed_student_configs  # noqa: E402
-from qc_assets.defs.student.train import train  # noqa: E402
-from qc_assets.models.tiny import build_tiny_student, sample_texts  # noqa: E402
-from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS  # noqa: E402
 
 H100_BF16_FLOPS = 790e12
 QWEN3_1_7B_TRAIN_FLOP_PER_TOKEN = 3 * 3.4e9

@@ -16,23 +16,21 @@ import argparse
 import asyncio
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qc_assets.benchmarks import RESULTS_DIR, figure, write_results
+from qc_assets.categories import CATEGORIES
+from qc_assets.defs.teacher.backends import Budget, LabelRequest
+from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
+from qc_assets.defs.teacher.labeling import LabelSinks, ShardRun, _event_loop_factory, label_shard
+from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
+from qc_assets.defs.teacher.prices import PRICES
+from qc_assets.lake.resource import LakeResource
+from qc_assets.testing.teacher_server import raw_http_load, run_teacher_server
 
-from qc_assets.benchmarks import RESULTS_DIR, figure, write_results  # noqa: E402
-from qc_assets.categories import CATEGORIES  # noqa: E402
-from qc_assets.defs.teacher.backends import Budget, LabelRequest  # noqa: E402
-from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name  # noqa: E402
-from qc_assets.defs.teacher.labeling import LabelSinks, ShardRun, _event_loop_factory, label_shard  # noqa: E402
-from qc_assets.defs.teacher.openai_teacher import OpenAITeacher  # noqa: E402
-from qc_assets.defs.teacher.prices import PRICES  # noqa: E402
-from qc_assets.lake.resource import LakeResource  # noqa: E402
-from qc_assets_tests.teacher_server import raw_http_load, run_teacher_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CONCURRENCY = 100
 LATENCY_S = 0.2

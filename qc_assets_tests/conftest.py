@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,8 +11,8 @@ import pytest
 from qc_assets.definitions import build_definitions
 from qc_assets.lake.resource import LakeResource
 from qc_assets.settings import Settings, load_settings
-
-BIN = Path(sys.executable).parent
+from qc_assets.testing.helpers import BIN, document, run_qc, write_jsonl  # noqa: F401  (the tests' helpers, here for them)
+from qc_assets.testing.lake_servers import PostgresServer, S3Server
 
 # Tests never reach a hub; a code path that tried would fail here instead of hanging on the closed network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -40,18 +37,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         min(shares, key=lambda share: sum(map(_expected_seconds, share))).append(item)
     first_half_short = max(0, len(items) // 2 - len(shares[0]))
     items[:] = shares[0] + short_tests[:first_half_short] + shares[1] + short_tests[first_half_short:]
-
-
-def write_jsonl(path: Path, records: list[dict | str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
-    return path
-
-
-def document(index: int, topic: str = "文書") -> str:
-    return f"{topic}{index}番。" + "これは試験用の日本語の文章で、長さの条件を満たすために繰り返しています。" * 4
 
 
 @pytest.fixture
@@ -87,13 +72,6 @@ def lake_rows(settings: Settings, query: str, parameters: list | None = None) ->
 def materialization_metadata(result: dg.ExecuteInProcessResult, node: str = "corpus") -> dict:
     (event,) = result.asset_materializations_for_node(node)
     return {key: value.value for key, value in event.metadata.items()}
-
-
-def run_qc(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
-    return subprocess.run(
-        [str(BIN / "qc"), *args], env={**clean, **env}, capture_output=True, text=True, timeout=600, **kwargs
-    )
 
 
 def materialize_asset(
@@ -134,10 +112,6 @@ def build_talkative_student(directory: Path) -> Path:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.25)
     model.save_pretrained(directory)
     return directory
-
-
-# Imported here, below BIN: lake_servers (through dagster_ui) imports BIN from this module.
-from qc_assets_tests.lake_servers import PostgresServer, S3Server  # noqa: E402
 
 
 @pytest.fixture(scope="session")

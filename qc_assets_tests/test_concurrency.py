@@ -18,9 +18,9 @@ from qc_assets.lake.resource import LakeResource
 from qc_assets.orchestration.home import prepare_dagster_home
 from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets.settings import load_settings
-from qc_assets_tests.analyst import analyst_session, inconsistencies
+from qc_assets.testing.analyst import analyst_session, inconsistencies
+from qc_assets.testing.teacher_server import run_teacher_server
 from qc_assets_tests.conftest import BIN, lake_rows, materialize_asset, run_qc
-from qc_assets_tests.teacher_server import run_teacher_server
 from qc_assets_tests.test_teacher import openai_environment
 
 SHARDS = 6

@@ -15,7 +15,7 @@ from qc_assets.defs.teacher.backends import Budget, LabelRequest
 from qc_assets.defs.teacher.key_budget import KeyBudget, budget_name
 from qc_assets.defs.teacher.openai_teacher import OpenAITeacher
 from qc_assets.defs.teacher.prices import PRICES
-from qc_assets_tests.teacher_server import run_teacher_server
+from qc_assets.testing.teacher_server import run_teacher_server
 
 SLOTS = 4
 LATENCY_MS = 150

@@ -19,7 +19,7 @@ import pytest
 from qc_assets.defs.corpus.synthetic import write_fineweb_shard
 from qc_assets.lake.resource import LakeResource, extension_file, s3_secret_sql
 from qc_assets.paths import PROJECT_ROOT
-from qc_assets_tests.analyst import analyst_session, inconsistencies
+from qc_assets.testing.analyst import analyst_session, inconsistencies
 from qc_assets_tests.conftest import BIN, run_qc
 from qc_assets_tests.test_concurrency import _first_attach
 

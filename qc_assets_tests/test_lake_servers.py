@@ -10,7 +10,7 @@ import pytest
 
 from qc_assets.lake.resource import LakeResource, _load_extension
 from qc_assets.lake.sql import sql_literal
-from qc_assets_tests.lake_servers import PostgresServer, S3Server
+from qc_assets.testing.lake_servers import PostgresServer, S3Server
 
 
 def postgres_connection(dsn: str) -> duckdb.DuckDBPyConnection:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qc_assets_tests.crash_resume import KILL_POINTS, crash_and_resume
+from qc_assets.testing.crash_resume import KILL_POINTS, crash_and_resume
 
 
 @pytest.mark.long(260)
@@ -32,7 +32,7 @@ def test_the_secret_search_finds_a_key_in_output_in_a_file_and_inside_a_compress
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qc_assets_tests.crash_resume import PLANTED_KEY, find_secrets
+    from qc_assets.testing.crash_resume import PLANTED_KEY, find_secrets
 
     clean = tmp_path / "clean"
     clean.mkdir()

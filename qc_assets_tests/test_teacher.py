@@ -27,8 +27,8 @@ from qc_assets.defs.teacher.openai_teacher import AdaptiveLimit, OpenAITeacher, 
 from qc_assets.defs.teacher.prices import PRICES, PriceError, resolve_price
 from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS
 from qc_assets.settings import SettingsError, load_settings
+from qc_assets.testing.teacher_server import chat_requests, label_for, run_teacher_server, text_key
 from qc_assets_tests.conftest import document, lake_rows, materialization_metadata, materialize, run_qc, write_jsonl
-from qc_assets_tests.teacher_server import label_for, run_teacher_server, text_key
 
 SHARD = "shard-a"
 
@@ -52,10 +52,6 @@ def openai_environment(environment, source: Path, server, **extra: str) -> dict[
         "QC_TEACHER_PRICE": "input=1,output=2,cached=0.5",
     }
     return environment(source, **{**defaults, **extra})
-
-
-def chat_requests(server, since: int = 0) -> list[dict]:
-    return [entry for entry in server.requests()[since:] if entry.get("category")]
 
 
 def stored_keys(settings, table: str) -> list[tuple[str, str]]:

@@ -12,8 +12,8 @@ import pytest
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.settings import load_settings
+from qc_assets.testing.teacher_server import run_teacher_server, text_key
 from qc_assets_tests.conftest import BIN, document, lake_rows, run_qc
-from qc_assets_tests.teacher_server import run_teacher_server, text_key
 from qc_assets_tests.test_teacher import SHARD, chat_requests, openai_environment, write_corpus
 
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from qc_assets.categories import CATEGORIES, LabelError
-from qc_assets_tests.teacher_server import DEFAULT_MODEL, label_for, raw_http_load, run_teacher_server, text_key
+from qc_assets.testing.teacher_server import DEFAULT_MODEL, label_for, raw_http_load, run_teacher_server, text_key
 
 
 def doc(tag: str, index: int = 0) -> str:

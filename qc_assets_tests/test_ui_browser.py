@@ -19,7 +19,7 @@ import pytest
 from qc_assets.definitions import build_definitions
 from qc_assets.paths import PROJECT_ROOT, SAMPLE_CORPUS
 from qc_assets.settings import load_settings
-from qc_assets_tests.dagster_ui import DagsterUI
+from qc_assets.testing.dagster_ui import DagsterUI
 
 OUTPUT = PROJECT_ROOT / "test-output" / "browser"
 # Wide enough that the expanded graph fits at a zoom where nodes show their full names (Dagster draws

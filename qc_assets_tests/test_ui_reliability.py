@@ -16,11 +16,10 @@ import pytest
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.settings import load_settings
+from qc_assets.testing.crash_resume import write_multi_shard_corpus
+from qc_assets.testing.dagster_ui import DagsterUI
+from qc_assets.testing.teacher_server import chat_requests, run_teacher_server
 from qc_assets_tests.conftest import lake_rows
-from qc_assets_tests.crash_resume import write_multi_shard_corpus
-from qc_assets_tests.dagster_ui import DagsterUI
-from qc_assets_tests.teacher_server import run_teacher_server
-from qc_assets_tests.test_teacher import chat_requests
 
 SHARD = "shard-0"
 DOCUMENTS = 4

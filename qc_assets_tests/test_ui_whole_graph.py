@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qc_assets_tests.ui_whole_graph import (
+from qc_assets.testing.ui_whole_graph import (
     SHARDS,
     UI_KILL_POINTS,
     overlapping,

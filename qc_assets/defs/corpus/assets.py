@@ -34,12 +34,12 @@ class CorpusResource(dg.ConfigurableResource):
     source: str = Field(
         description="Local directory/glob/file of parquet or jsonl, or hf:<dataset> (QC_CORPUS_SOURCE)."
     )
-    hf_config: str | None = Field(default=None, description="Hugging Face dataset config (QC_CORPUS_CONFIG).")
-    hf_split: str = Field(default="train", description="Hugging Face dataset split (QC_CORPUS_SPLIT).")
-    text_column: str = Field(default="text", description="QC_CORPUS_TEXT_COLUMN")
-    id_column: str = Field(default="id", description="QC_CORPUS_ID_COLUMN")
-    min_chars: int = Field(default=100, description="QC_CORPUS_MIN_CHARS")
-    max_chars: int = Field(default=2000, description="QC_CORPUS_MAX_CHARS")
+    hf_config: str | None = Field(description="Hugging Face dataset config (QC_CORPUS_CONFIG).")
+    hf_split: str = Field(description="Hugging Face dataset split (QC_CORPUS_SPLIT).")
+    text_column: str = Field(description="QC_CORPUS_TEXT_COLUMN")
+    id_column: str = Field(description="QC_CORPUS_ID_COLUMN")
+    min_chars: int = Field(description="QC_CORPUS_MIN_CHARS")
+    max_chars: int = Field(description="QC_CORPUS_MAX_CHARS")
     listing_cache_dir: str = Field(description="Where a Hugging Face file listing is cached, under QC_DATA_DIR.")
 
     @classmethod

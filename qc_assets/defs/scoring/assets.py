@@ -28,9 +28,9 @@ from qc_assets.settings import TINY_STUDENT, Settings
 class ScoringResource(dg.ConfigurableResource):
     """The cross-encoder that judges queries (QC_SCORER_*)."""
 
-    model: str = Field(default="BAAI/bge-reranker-v2-m3", description="QC_SCORER_MODEL: hub id, directory, or `tiny`.")
-    max_length: int = Field(default=512, description="QC_SCORER_MAX_LENGTH")
-    batch_size: int = Field(default=32, description="QC_SCORER_BATCH_SIZE")
+    model: str = Field(description="QC_SCORER_MODEL: hub id, directory, or `tiny`.")
+    max_length: int = Field(description="QC_SCORER_MAX_LENGTH")
+    batch_size: int = Field(description="QC_SCORER_BATCH_SIZE")
     models_dir: str = Field(description="Where the tiny models live, QC_DATA_DIR/models.")
 
     @classmethod

@@ -19,9 +19,9 @@ class SftResource(dg.ConfigurableResource):
     """Where the SFT dataset goes and how it is split (QC_SFT_*)."""
 
     root: str = Field(description="Versions of the exported dataset, under QC_DATA_DIR/sft.")
-    test_fraction: float = Field(default=0.1, description="QC_SFT_TEST_FRACTION")
-    hub_repo: str | None = Field(default=None, description="QC_SFT_HUB_REPO: push each new version there.")
-    hf_token: str | None = Field(default=None, description="QC_HF_TOKEN, as an EnvVar.")
+    test_fraction: float = Field(description="QC_SFT_TEST_FRACTION")
+    hub_repo: str | None = Field(description="QC_SFT_HUB_REPO: push each new version there.")
+    hf_token: str | None = Field(description="QC_HF_TOKEN, as an EnvVar.")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SftResource":

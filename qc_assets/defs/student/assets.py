@@ -30,17 +30,17 @@ class StudentResource(dg.ConfigurableResource):
 
     checkpoints_root: str = Field(description="The checkpoint store, QC_DATA_DIR/checkpoints.")
     models_dir: str = Field(description="Where `qc models tiny` puts the tiny models, QC_DATA_DIR/models.")
-    method: str = Field(default="full", description="QC_STUDENT_METHOD: full or lora.")
-    max_steps: int | None = Field(default=None, description="QC_STUDENT_MAX_STEPS")
-    epochs: float = Field(default=1.0, description="QC_STUDENT_EPOCHS")
-    learning_rate: float | None = Field(default=None, description="QC_STUDENT_LEARNING_RATE")
-    batch_size: int = Field(default=8, description="QC_STUDENT_BATCH_SIZE")
-    gradient_accumulation: int = Field(default=4, description="QC_STUDENT_GRADIENT_ACCUMULATION")
-    max_length: int = Field(default=2048, description="QC_STUDENT_MAX_LENGTH")
-    lora_r: int = Field(default=16, description="QC_STUDENT_LORA_R")
-    optimizer: str = Field(default="adamw_torch_fused", description="QC_STUDENT_OPTIMIZER")
-    save_steps: int = Field(default=500, description="QC_STUDENT_SAVE_STEPS")
-    memory_limit_gib: float | None = Field(default=None, description="QC_STUDENT_MEMORY_LIMIT_GIB")
+    method: str = Field(description="QC_STUDENT_METHOD: full or lora.")
+    max_steps: int | None = Field(description="QC_STUDENT_MAX_STEPS")
+    epochs: float = Field(description="QC_STUDENT_EPOCHS")
+    learning_rate: float | None = Field(description="QC_STUDENT_LEARNING_RATE")
+    batch_size: int = Field(description="QC_STUDENT_BATCH_SIZE")
+    gradient_accumulation: int = Field(description="QC_STUDENT_GRADIENT_ACCUMULATION")
+    max_length: int = Field(description="QC_STUDENT_MAX_LENGTH")
+    lora_r: int = Field(description="QC_STUDENT_LORA_R")
+    optimizer: str = Field(description="QC_STUDENT_OPTIMIZER")
+    save_steps: int = Field(description="QC_STUDENT_SAVE_STEPS")
+    memory_limit_gib: float | None = Field(description="QC_STUDENT_MEMORY_LIMIT_GIB")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StudentResource":

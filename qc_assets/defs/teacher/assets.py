@@ -29,34 +29,28 @@ from qc_assets.settings import DEFAULT_OPENAI_TEACHER_MODEL, Settings, env_name
 class TeacherResource(dg.ConfigurableResource):
     """Which teacher writes the labels and how hard it may be pushed (QC_TEACHER_*)."""
 
-    backend: str = Field(default="replay", description="`openai` or `replay` (QC_TEACHER_BACKEND).")
-    base_url: str = Field(default="https://api.deepseek.com", description="QC_TEACHER_BASE_URL")
-    model: str | None = Field(default=None, description="QC_TEACHER_MODEL")
-    api_key: str | None = Field(
-        default=None, description="QC_TEACHER_API_KEY, passed as an EnvVar so it is never shown."
-    )
-    concurrency: int = Field(default=100, description="QC_TEACHER_CONCURRENCY")
-    max_attempts: int = Field(default=6, description="QC_TEACHER_MAX_ATTEMPTS")
-    timeout_s: float = Field(default=600.0, description="QC_TEACHER_TIMEOUT_S")
-    max_tokens: int = Field(default=8192, description="QC_TEACHER_MAX_TOKENS")
-    backoff_s: float = Field(
-        default=1.0, description="First retry's longest wait; doubles per attempt (QC_TEACHER_BACKOFF_S)."
-    )
-    price: str | None = Field(default=None, description="QC_TEACHER_PRICE")
-    thinking: str | None = Field(default=None, description="QC_TEACHER_THINKING: `enabled` or `disabled`.")
-    reasoning_effort: str | None = Field(default=None, description="QC_TEACHER_REASONING_EFFORT")
+    backend: str = Field(description="`openai` or `replay` (QC_TEACHER_BACKEND).")
+    base_url: str = Field(description="QC_TEACHER_BASE_URL")
+    model: str | None = Field(description="QC_TEACHER_MODEL")
+    api_key: str | None = Field(description="QC_TEACHER_API_KEY, passed as an EnvVar so it is never shown.")
+    concurrency: int = Field(description="QC_TEACHER_CONCURRENCY")
+    max_attempts: int = Field(description="QC_TEACHER_MAX_ATTEMPTS")
+    timeout_s: float = Field(description="QC_TEACHER_TIMEOUT_S")
+    max_tokens: int = Field(description="QC_TEACHER_MAX_TOKENS")
+    backoff_s: float = Field(description="First retry's longest wait; doubles per attempt (QC_TEACHER_BACKOFF_S).")
+    price: str | None = Field(description="QC_TEACHER_PRICE")
+    thinking: str | None = Field(description="QC_TEACHER_THINKING: `enabled` or `disabled`.")
+    reasoning_effort: str | None = Field(description="QC_TEACHER_REASONING_EFFORT")
     response_format: str | None = Field(
-        default=None, description="QC_TEACHER_RESPONSE_FORMAT: `json_schema`, `json_object` or `none`."
+        description="QC_TEACHER_RESPONSE_FORMAT: `json_schema`, `json_object` or `none`."
     )
-    window: str | None = Field(default=None, description="QC_TEACHER_WINDOW: the discount schedule's UTC window.")
-    max_usd: float | None = Field(default=None, description="QC_TEACHER_MAX_USD: hard spend cap per run.")
-    batch_size: int = Field(default=256, description="QC_TEACHER_BATCH_SIZE")
-    flush_seconds: float = Field(default=5.0, description="QC_TEACHER_FLUSH_SECONDS")
-    replay_source: str = Field(default="", description="QC_TEACHER_REPLAY_SOURCE")
-    replay_columns: str = Field(
-        default="doc_id=doc_id,category=category,query=query", description="QC_TEACHER_REPLAY_COLUMNS"
-    )
-    replay_split: str = Field(default="train", description="QC_TEACHER_REPLAY_SPLIT")
+    window: str | None = Field(description="QC_TEACHER_WINDOW: the discount schedule's UTC window.")
+    max_usd: float | None = Field(description="QC_TEACHER_MAX_USD: hard spend cap per run.")
+    batch_size: int = Field(description="QC_TEACHER_BATCH_SIZE")
+    flush_seconds: float = Field(description="QC_TEACHER_FLUSH_SECONDS")
+    replay_source: str = Field(description="QC_TEACHER_REPLAY_SOURCE")
+    replay_columns: str = Field(description="QC_TEACHER_REPLAY_COLUMNS")
+    replay_split: str = Field(description="QC_TEACHER_REPLAY_SPLIT")
     work_dir: str = Field(description="Journal and caches, under QC_DATA_DIR/teacher.")
 
     @classmethod

@@ -19,7 +19,7 @@ answers a retired or mistyped name (400 "Model Not Exist"), or as vLLM does with
 That check comes before the rules, and a refused request is not an attempt.
 
 Command line:
-    python -m qc_assets_tests.teacher_server --host 127.0.0.1 --port 0 --plan PLAN.json --log LOG.jsonl \
+    python -m qc_assets.testing.teacher_server --host 127.0.0.1 --port 0 --plan PLAN.json --log LOG.jsonl \
         [--api-key K] --ready-file PATH [--parent-pid PID]
 From Python: `with run_teacher_server(tmp_path, plan) as server: ... server.base_url ... server.requests()`.
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -336,7 +337,8 @@ class TeacherHandler:
                     401, "auth", _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
                 )
             return error(400, "bad_request", _error_body(f"invalid body: {exc}", "invalid_request_error", None))
-        model = payload.get("model") if isinstance(payload.get("model"), str) else DEFAULT_MODEL
+        requested_model = payload.get("model")
+        model = requested_model if isinstance(requested_model, str) else DEFAULT_MODEL
         log["model"] = model
         log["options"] = {name: payload[name] for name in REQUEST_OPTIONS if name in payload}
         user = next(
@@ -520,7 +522,10 @@ class _Responder:
         )
         if outcome.log is not None:
             # Which connection asked: tells apart two clients that ask for the same key.
-            outcome.log["client_port"] = request.transport.get_extra_info("peername")[1]
+            transport = request.transport
+            # Not None: a lost connection cancels this handler (handler_cancellation) at its last await.
+            assert transport is not None, "the connection of a request being handled is open"
+            outcome.log["client_port"] = transport.get_extra_info("peername")[1]
         wait = outcome.due - loop.time()
         try:
             response = await self._answer(request, outcome, wait)
@@ -541,8 +546,12 @@ class _Responder:
         if wait > 0:
             await asyncio.sleep(wait)
         if outcome.body is None:  # drop
-            request.transport.close()
+            transport = request.transport
+            # Not None: a lost connection cancels this handler (handler_cancellation) during the wait.
+            assert transport is not None, "the connection of a request being handled is open"
+            transport.close()
             return web.Response()  # as above: nothing goes out
+        assert outcome.status is not None, "an outcome with a body has a status"
         response = web.Response(
             status=outcome.status, body=outcome.body, content_type="application/json", headers=outcome.headers
         )
@@ -713,7 +722,7 @@ def run_teacher_server(
     ready_path, stderr_path = directory / "ready", directory / "stderr.txt"
     _write_atomic(plan_path, json.dumps(validate_plan(plan), ensure_ascii=False))
     command = [
-        sys.executable, "-m", "qc_assets_tests.teacher_server",
+        sys.executable, "-m", "qc_assets.testing.teacher_server",
         "--host", host, "--port", "0",
         "--plan", str(plan_path), "--log", str(log_path),
         "--ready-file", str(ready_path), "--parent-pid", str(os.getpid()),
@@ -797,7 +806,7 @@ def raw_http_load(port: int, requests: list[bytes], concurrency: int, seconds: f
 
         clients = []
         for offset in range(concurrency):
-            _, protocol = await loop.create_connection(lambda offset=offset: Client(offset), "127.0.0.1", port)
+            _, protocol = await loop.create_connection(functools.partial(Client, offset), "127.0.0.1", port)
             clients.append(protocol)
         started = loop.time()
         state["stop_at"] = started + seconds
@@ -808,3 +817,8 @@ def raw_http_load(port: int, requests: list[bytes], concurrency: int, seconds: f
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(run())
+
+
+def chat_requests(server, since: int = 0) -> list[dict]:
+    """The labelling requests the server logged (those naming a category), from the `since`-th entry on."""
+    return [entry for entry in server.requests()[since:] if entry.get("category")]

@@ -18,7 +18,7 @@ from typing import Self
 import psutil
 
 from qc_assets.orchestration.service import free_loopback_port
-from qc_assets_tests.conftest import BIN
+from qc_assets.testing.helpers import BIN
 
 START_TIMEOUT_S = 60
 # PostgreSQL refuses to run as root; as root, its commands run as the postgres user that Debian's package creates.
@@ -196,14 +196,16 @@ class S3Server:
         return self
 
     def _wait_ready(self) -> None:
+        process = self.process
+        assert process is not None, "_wait_ready runs after __enter__ has started rclone"
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"rclone serve s3 exited ({self.process.returncode}):\n{log_tail(self.log_path)}")
+            if process.poll() is not None:
+                raise RuntimeError(f"rclone serve s3 exited ({process.returncode}):\n{log_tail(self.log_path)}")
             # Its own listening socket, not a connect: another process may have taken the port since it was picked.
             if any(
                 connection.status == psutil.CONN_LISTEN and connection.laddr.port == self.port
-                for connection in psutil.Process(self.process.pid).net_connections(kind="tcp")
+                for connection in psutil.Process(process.pid).net_connections(kind="tcp")
             ):
                 return
             time.sleep(0.05)

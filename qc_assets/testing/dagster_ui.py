@@ -14,7 +14,7 @@ from typing import Self
 
 from qc_assets.orchestration.graphql import UNFINISHED_BACKFILL_STATUSES, DagsterGraphQL
 from qc_assets.orchestration.service import free_loopback_port
-from qc_assets_tests.conftest import BIN
+from qc_assets.testing.helpers import BIN
 
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 # How each child of `dagster dev` shows in its command line.
@@ -153,7 +153,7 @@ class DagsterUI(DagsterGraphQL):
         """The run page's "Re-execute from failure"; returns the new run's id."""
         return self._launched(self.graphql(REEXECUTE_MUTATION, {"parentRunId": run_id})["launchRunReexecution"])
 
-    def backfill(self, assets: list[str], partitions: list[str] | None = None) -> str:
+    def launch_asset_backfill(self, assets: list[str], partitions: list[str] | None = None) -> str:
         """The assets' partitions launched as a backfill, as the "Materialize selected" dialog does (every partition
         of every asset, in dependency order, when `partitions` is None); its id."""
         chosen = {"allPartitions": True} if partitions is None else {"partitionNames": partitions}
@@ -235,8 +235,11 @@ class DagsterUI(DagsterGraphQL):
 
     def kill(self, kind: str) -> bool:
         """SIGKILL the webserver or the daemon, as the OOM killer would; True once `qc ui` has noticed and shut down."""
+        process = self.process
+        if process is None:
+            raise RuntimeError("`qc ui` has not been started")
         os.kill(self.process_of(kind), signal.SIGKILL)
-        self.process.wait(timeout=60)
+        process.wait(timeout=60)
         return "shut down unexpectedly" in self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def listening_addresses(self) -> set[tuple[str, int]]:

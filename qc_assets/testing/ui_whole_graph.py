@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.execution.backfill import BulkActionStatus
+from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -34,12 +34,12 @@ from qc_assets.categories import CATEGORIES
 from qc_assets.defs.student.store import MANIFEST, list_checkpoints
 from qc_assets.lake.resource import LakeResource
 from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
+from qc_assets.orchestration.session import IN_PROGRESS
 from qc_assets.settings import load_settings
-from qc_assets_tests.analyst import analyst_session, inconsistencies
-from qc_assets_tests.crash_resume import graph_environment, write_multi_shard_corpus
-from qc_assets_tests.dagster_ui import DagsterUI
-from qc_assets_tests.teacher_server import run_teacher_server
-from qc_assets_tests.test_teacher import chat_requests
+from qc_assets.testing.analyst import analyst_session, inconsistencies
+from qc_assets.testing.crash_resume import graph_environment, write_multi_shard_corpus
+from qc_assets.testing.dagster_ui import DagsterUI
+from qc_assets.testing.teacher_server import chat_requests, run_teacher_server
 
 SHARDS = 3
 DOCUMENTS = 4
@@ -53,13 +53,6 @@ LABELLING_RUN = {"corpus", "teacher_labels"}
 ANALYST_PAUSE_S = 2.0
 # The graph's stages in order; the sensor's runs materialize generated_queries and reranker_scores together.
 STAGES = (*UPSTREAM, "generated_queries", "eval_summary")
-IN_PROGRESS = {
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-}
 SENSOR_TAG = "dagster/sensor_name"
 BACKFILL_TAG = "dagster/backfill"
 
@@ -194,7 +187,9 @@ def lake_problems(data_dir: Path, checkpoints: list[str]) -> list[str]:
     with lake.get_connection() as connection:
 
         def one(query: str) -> tuple:
-            return connection.execute(query).fetchone()
+            row = connection.execute(query).fetchone()
+            assert row is not None, f"an aggregate query returns one row: {query}"
+            return row
 
         labels, distinct_labels, documents = one(
             "SELECT count(*), count(DISTINCT (doc_id, category)), (SELECT count(*) FROM corpus) FROM teacher_labels"
@@ -301,17 +296,20 @@ class _Session:
     def run(self, timeout_s: float) -> None:
         """Launch the backfill and watch the runs until the graph is done, killing and restarting `qc ui` at each
         kill point."""
-        backfill = self.ui.backfill(UPSTREAM)
+        instance = self.instance
+        if instance is None:
+            raise RuntimeError("open the Dagster instance (session.instance) before run()")
+        backfill = self.ui.launch_asset_backfill(UPSTREAM)
         deadline = self.started + timeout_s
         while True:
-            runs = [summarize(record) for record in self.instance.get_run_records()]
+            runs = [summarize(record) for record in instance.get_run_records()]
             running = [run for run in runs if run.status == "STARTED"]
-            self._drop_in_once_the_corpus_is_in()
+            self._drop_in_once_the_corpus_is_in(instance)
             self._speed_up_the_teacher_once_labelling_has_seen_the_sensor_and_its_kills(runs, running)
             if self._kill_at_a_ready_point(running):
                 continue
             in_progress = [run for run in runs if dg.DagsterRunStatus(run.status) in IN_PROGRESS]
-            if not in_progress and _graph_done(self.instance, backfill, self.data_dir):
+            if not in_progress and _graph_done(instance, backfill, self.data_dir):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -320,12 +318,12 @@ class _Session:
                 )
             time.sleep(0.2)
         self.report.kills += [UIKillOutcome(point, False, self._elapsed()) for point in self.pending]
-        self.report.backfill_status = self.instance.get_backfill(backfill).status.value
-        self.report.runs = [summarize(record) for record in self.instance.get_run_records()]
+        self.report.backfill_status = _backfill(instance, backfill).status.value
+        self.report.runs = [summarize(record) for record in instance.get_run_records()]
 
-    def _drop_in_once_the_corpus_is_in(self) -> None:
+    def _drop_in_once_the_corpus_is_in(self, instance: dg.DagsterInstance) -> None:
         shards = {f"shard-{index}" for index in range(SHARDS)}
-        if self.dropped is None and set(self.instance.get_materialized_partitions(dg.AssetKey("corpus"))) == shards:
+        if self.dropped is None and set(instance.get_materialized_partitions(dg.AssetKey("corpus"))) == shards:
             self.dropped = drop_in_checkpoint(self.data_dir)
 
     def _speed_up_the_teacher_once_labelling_has_seen_the_sensor_and_its_kills(self, runs, running) -> None:
@@ -360,9 +358,16 @@ class _Session:
         return True
 
 
+def _backfill(instance: dg.DagsterInstance, backfill_id: str) -> PartitionBackfill:
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None:
+        raise RuntimeError(f"backfill {backfill_id} not found in the Dagster instance")
+    return backfill
+
+
 def _graph_done(instance: dg.DagsterInstance, backfill: str, data_dir: Path) -> bool:
     """The backfill finished, every checkpoint scored for every shard, and the report newer than the last score."""
-    if instance.get_backfill(backfill).status == BulkActionStatus.REQUESTED:
+    if _backfill(instance, backfill).status == BulkActionStatus.REQUESTED:
         return False
     checkpoints = list_checkpoints(data_dir / "checkpoints")
     scored = instance.get_materialized_partitions(dg.AssetKey("reranker_scores"))
@@ -370,4 +375,5 @@ def _graph_done(instance: dg.DagsterInstance, backfill: str, data_dir: Path) -> 
         return False
     latest_scores = instance.get_latest_materialization_event(dg.AssetKey("reranker_scores"))
     latest_report = instance.get_latest_materialization_event(dg.AssetKey("eval_summary"))
+    assert latest_scores is not None, "reranker_scores has materialized partitions"
     return latest_report is not None and latest_report.timestamp > latest_scores.timestamp

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qc_assets.lake.resource import LakeResource
 from qc_assets.settings import load_settings
-from qc_assets_tests.conftest import run_qc
+from qc_assets.testing.helpers import run_qc
 
 # Per shard: documents, distinct ids, labels (from the label_costs view) and labels whose document is missing.
 ANALYST_QUERY = """

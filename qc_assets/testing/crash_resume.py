@@ -24,8 +24,8 @@ from pathlib import Path
 from qc_assets.defs.student.store import list_checkpoints
 from qc_assets.lake.resource import LakeResource
 from qc_assets.settings import load_settings
-from qc_assets_tests.conftest import BIN, document, write_jsonl
-from qc_assets_tests.test_teacher import chat_requests
+from qc_assets.testing.helpers import BIN, document, write_jsonl
+from qc_assets.testing.teacher_server import chat_requests
 
 PLANTED_KEY = "sk-planted-3f9a1c77e0b24d55-never-print"
 PLANTED_HUB_TOKEN = "hf_plantedTOKEN8c1d2e3f4a5b6c7d"
@@ -116,6 +116,7 @@ def _start(env: dict[str, str], output: list[str]) -> tuple[subprocess.Popen, th
     )
 
     def read() -> None:
+        assert process.stdout is not None  # stdout=subprocess.PIPE
         for line in process.stdout:
             output.append(line)
 
@@ -134,7 +135,9 @@ def run_until_killed(env: dict[str, str], server, point: KillPoint, timeout_s: f
         if point.requests is not None:
             reached = len(chat_requests(server)) - baseline >= point.requests
         else:
-            reached = sum(point.marker in line for line in list(output)) >= point.occurrence
+            marker = point.marker
+            assert marker is not None, f"kill point {point.stage} has neither a marker nor a request count"
+            reached = sum(marker in line for line in list(output)) >= point.occurrence
         if reached:
             time.sleep(point.delay_s)
             killed = process.poll() is None
@@ -247,7 +250,7 @@ def find_secrets(paths: list[Path], texts: list[str], secrets: tuple[str, ...]) 
 
 def crash_and_resume(work: Path, points: tuple[KillPoint, ...] = KILL_POINTS) -> Report:
     """An uninterrupted run and a killed-and-resumed one on the same corpus, side by side, and what differs."""
-    from qc_assets_tests.teacher_server import run_teacher_server
+    from qc_assets.testing.teacher_server import run_teacher_server
 
     corpus = write_multi_shard_corpus(work / "corpus")
     report = Report()
