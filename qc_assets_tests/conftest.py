@@ -93,6 +93,19 @@ def materialize_asset(
     )
 
 
+def tick_checkpoint_sensor(settings: Settings, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
+    """One tick of the `new_checkpoints` sensor, its new checkpoint partitions added as the daemon adds them; its
+    run requests, which the test materializes itself."""
+    repository = build_definitions(settings).get_repository_def()
+    sensor = repository.get_sensor_def("new_checkpoints")
+    result = sensor(dg.build_sensor_context(instance=instance, repository_def=repository))
+    if isinstance(result, dg.SkipReason):
+        return []
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys or ()))
+    return list(result.run_requests)
+
+
 def build_talkative_student(directory: Path) -> Path:
     """The tiny student with its weights redrawn larger. With the usual small init, greedy decoding answers every
     prompt alike (newlines, or the end of the turn at once), so every query would be "". Redrawn, the answers are

@@ -12,7 +12,13 @@ from qc_assets.categories import CATEGORIES
 from qc_assets.definitions import build_definitions
 from qc_assets.defs.student.store import new_checkpoint_id, publish, staging_directory
 from qc_assets.paths import SAMPLE_CORPUS
-from qc_assets_tests.conftest import lake_rows, materialization_metadata, materialize, materialize_asset
+from qc_assets_tests.conftest import (
+    lake_rows,
+    materialization_metadata,
+    materialize,
+    materialize_asset,
+    tick_checkpoint_sensor,
+)
 
 SHARDS = ("sample-00000", "sample-00001")
 
@@ -38,7 +44,10 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         trained = materialize_asset(settings, "student_checkpoints", instance, partition="tiny")
         assert trained.success
         checkpoint = materialization_metadata(trained, "student_checkpoints")["checkpoint"]
+        assert instance.get_dynamic_partitions("checkpoint") == []  # the sensor's to add
+        (request,) = tick_checkpoint_sensor(settings, instance)
         assert instance.get_dynamic_partitions("checkpoint") == [checkpoint]
+        assert request.partition_key_range.start == f"{checkpoint}|{SHARDS[0]}"
         partition = dg.MultiPartitionKey({"checkpoint": checkpoint, "shard": SHARDS[0]})
 
         generated = materialize_asset(settings, "generated_queries", instance, partition=partition)

@@ -67,7 +67,10 @@ def test_a_ui_run_whose_processes_all_crashed_is_marked_failed_at_the_next_start
         with DagsterUI(env, tmp_path / "ui-after.log") as ui:
             ui.wait_until_loaded()
             assert stored_status(data_dir, crashed) == dg.DagsterRunStatus.FAILURE
-            assert f"marked failed, their GPU slots freed: {crashed}" in ui.log_path.read_text()
+            assert (
+                f"run {crashed}: its process was killed; marked failed and its GPU slots freed"
+                in ui.log_path.read_text()
+            )
             reexecuted = ui.wait_for_run(ui.reexecute_from_failure(crashed))
             assert reexecuted["status"] == "SUCCESS", ui.run_errors(reexecuted["runId"])
 

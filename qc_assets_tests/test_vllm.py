@@ -28,6 +28,7 @@ from qc_assets_tests.conftest import (
     materialization_metadata,
     materialize,
     materialize_asset,
+    tick_checkpoint_sensor,
 )
 from qc_assets_tests.vllm_engine import VLLMServer, engine_environment
 
@@ -82,6 +83,7 @@ def trained(tmp_path_factory) -> Iterator[Trained]:
             result = materialize_asset(settings, "student_checkpoints", instance, partition=model_slug(str(base_model)))
             assert result.success
             metadata = materialization_metadata(result, "student_checkpoints")
+            assert tick_checkpoint_sensor(settings, instance), "the sensor did not take the new checkpoint"
             yield Trained(environment, instance, base_model, metadata["checkpoint"], Path(metadata["path"]), work_dir)
     finally:
         os.environ.clear()
