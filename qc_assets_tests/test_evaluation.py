@@ -124,7 +124,7 @@ def fake_checkpoint(root, slug: str, version: str, minute: int, complete: bool =
     return checkpoint, publish(staging, manifest)
 
 
-def test_the_sensor_evaluates_a_checkpoint_only_on_shards_whose_corpus_and_labels_are_materialized(
+def test_the_sensor_evaluates_a_checkpoint_on_each_shard_once_its_corpus_and_labels_are_materialized(
     settings_for, tmp_path
 ):
     settings = settings_for(SAMPLE_CORPUS)
@@ -134,21 +134,38 @@ def test_the_sensor_evaluates_a_checkpoint_only_on_shards_whose_corpus_and_label
     checkpoint, _ = fake_checkpoint(settings.data_root / "checkpoints", "tiny", "aaaaaaaa", 1)
     with dg.instance_for_test() as instance:
 
-        def tick():
-            return sensor(dg.build_sensor_context(instance=instance, repository_def=repository))
+        def tick(cursor):
+            return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=repository))
 
-        waiting = tick()
-        assert isinstance(waiting, dg.SkipReason) and "no shard has its corpus and labels" in waiting.skip_message
-        # The third shard's corpus failed; the second has its corpus but not its labels.
-        for shard in (shards[0], shards[1], shards[3]):
-            instance.report_runless_asset_event(dg.AssetMaterialization("corpus", partition=shard))
-        for shard in (shards[0], shards[3]):
-            instance.report_runless_asset_event(dg.AssetMaterialization("teacher_labels", partition=shard))
-        result = tick()
-        ranges = [(run.partition_key_range.start, run.partition_key_range.end) for run in result.run_requests]
-        assert ranges == [(f"{checkpoint}|{shard}", f"{checkpoint}|{shard}") for shard in (shards[0], shards[3])]
-        assert len({run.run_key for run in result.run_requests}) == 2
-        assert json.loads(result.cursor) == [checkpoint]
+        def ranges(result) -> list[tuple[str, str]]:
+            return [(run.partition_key_range.start, run.partition_key_range.end) for run in result.run_requests]
+
+        def materialized(asset: str, *indices: int) -> None:
+            for index in indices:
+                instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=shards[index]))
+
+        waiting = tick(None)
+        assert isinstance(waiting, dg.SkipReason) and "wait for their shards' corpus and labels" in waiting.skip_message
+        # The third shard's corpus failed; the second has its corpus but not its labels yet.
+        materialized("corpus", 0, 1, 3)
+        materialized("teacher_labels", 0, 3)
+        first = tick(None)
+        assert ranges(first) == [(f"{checkpoint}|{shards[i]}", f"{checkpoint}|{shards[i]}") for i in (0, 3)]
+        assert len({run.run_key for run in first.run_requests}) == 2
+        assert json.loads(first.cursor) == {checkpoint: [shards[0], shards[3]]}
+        assert isinstance(tick(first.cursor), dg.SkipReason)  # nothing newly ready
+        instance.add_dynamic_partitions("checkpoint", [checkpoint])  # as the daemon does with the first request
+
+        materialized("teacher_labels", 1)
+        second = tick(first.cursor)
+        assert ranges(second) == [(f"{checkpoint}|{shards[1]}", f"{checkpoint}|{shards[1]}")]
+        assert second.dynamic_partitions_requests == []
+        materialized("corpus", 2)
+        materialized("teacher_labels", 2)
+        third = tick(second.cursor)
+        assert ranges(third) == [(f"{checkpoint}|{shards[2]}", f"{checkpoint}|{shards[2]}")]
+        assert json.loads(third.cursor) == {checkpoint: "*"}
+        assert isinstance(tick(third.cursor), dg.SkipReason)
 
 
 def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run_over_every_shard(

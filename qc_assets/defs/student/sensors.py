@@ -23,11 +23,20 @@ CHECKPOINT_SENSOR = "new_checkpoints"
 
 
 def ready_shards(instance: dg.DagsterInstance, shard_keys: Sequence[str]) -> set[str]:
-    """The shards whose corpus and teacher labels are materialized: a checkpoint is evaluated on those only, so a
-    failed or missing upstream partition leaves its evaluation partitions unmaterialized, as in a backfill."""
+    """The shards whose corpus and teacher labels are materialized: a checkpoint is evaluated on a shard only once it
+    is, so a failed or missing upstream partition leaves its evaluation partitions unmaterialized, as in a backfill."""
     corpus = instance.get_materialized_partitions(dg.AssetKey(CORPUS.name))
     labels = instance.get_materialized_partitions(dg.AssetKey(TEACHER_LABELS.name))
     return set(shard_keys) & corpus & labels
+
+
+# In the cursor: every shard of the checkpoint has been requested.
+EVERY_SHARD = "*"
+
+
+def _requested(cursor: str | None) -> dict[str, list[str] | str]:
+    """checkpoint -> the shards already requested for it (or EVERY_SHARD)."""
+    return json.loads(cursor) if cursor else {}
 
 
 def build_checkpoint_sensor(
@@ -39,42 +48,49 @@ def build_checkpoint_sensor(
         default_status=dg.DefaultSensorStatus.RUNNING,
         asset_selection=targets,
         description="Watches the checkpoint store; each new complete checkpoint (manifest present) becomes a "
-        "`checkpoint` partition and gets its queries generated and scored for every shard, once, in one run.",
+        "`checkpoint` partition and gets its queries generated and scored on each shard once, as soon as that "
+        "shard's corpus and labels are materialized, in one run per range of such shards.",
     )
     def new_checkpoints(context: dg.SensorEvaluationContext):
-        seen = set(json.loads(context.cursor)) if context.cursor else set()
-        complete = [checkpoint.checkpoint for checkpoint in list_checkpoints(root, warn=context.log.warning)]
-        new = [checkpoint for checkpoint in complete if checkpoint not in seen]
-        if not new:
+        requested = _requested(context.cursor)
+        pending = {
+            checkpoint.checkpoint: [
+                shard for shard in shard_keys if shard not in requested.get(checkpoint.checkpoint, [])
+            ]
+            for checkpoint in list_checkpoints(root, warn=context.log.warning)
+            if requested.get(checkpoint.checkpoint) != EVERY_SHARD
+        }
+        if not any(pending.values()):
             return dg.SkipReason(f"no new complete checkpoint under {root}")
         ready = ready_shards(context.instance, shard_keys)
-        if not ready:
-            return dg.SkipReason(f"new checkpoints {', '.join(new)}: no shard has its corpus and labels yet")
-        if len(ready) < len(shard_keys):
-            context.log.warning(
-                f"{len(shard_keys) - len(ready)} shards have no materialized corpus or labels and are left out "
-                "(a later backfill, `qc run` for one, evaluates them)"
-            )
+        ranges = {
+            checkpoint: contiguous_runs(shard_keys, set(shards) & ready) for checkpoint, shards in pending.items()
+        }
+        ranges = {checkpoint: runs for checkpoint, runs in ranges.items() if runs}
+        if not ranges:
+            return dg.SkipReason(f"checkpoints {', '.join(pending)} wait for their shards' corpus and labels")
         registered = set(context.instance.get_dynamic_partitions(CHECKPOINT_DIMENSION))
-        to_add = [checkpoint for checkpoint in new if checkpoint not in registered]
-        context.log.info(f"new checkpoints: {', '.join(new)}")
-        ranges = contiguous_runs(shard_keys, ready)
+        to_add = [checkpoint for checkpoint in ranges if checkpoint not in registered]
+        context.log.info(f"evaluating checkpoints {', '.join(ranges)}")
+        for checkpoint, runs in ranges.items():
+            done = {*requested.get(checkpoint, []), *(shard for run in runs for shard in run)}
+            requested[checkpoint] = EVERY_SHARD if done >= set(shard_keys) else sorted(done)
         return dg.SensorResult(
             dynamic_partitions_requests=[CHECKPOINT_PARTITIONS.build_add_request(to_add)] if to_add else [],
-            # One run per checkpoint over its shards (a partition range, as a backfill with a single-run policy
-            # would launch it): the checkpoint is loaded once, not once a shard.
+            # One run per range of shards (as a backfill with a single-run policy would launch it): the checkpoint
+            # is loaded once a run, not once a shard.
             run_requests=[
                 dg.RunRequest(
-                    run_key=checkpoint if len(ranges) == 1 else f"{checkpoint}|{shards[0]}",
+                    run_key=checkpoint if len(shards) == len(shard_keys) else f"{checkpoint}|{shards[0]}…{shards[-1]}",
                     tags={
                         RANGE_START_TAG: evaluation_key(checkpoint, shards[0]),
                         RANGE_END_TAG: evaluation_key(checkpoint, shards[-1]),
                     },
                 )
-                for checkpoint in new
-                for shards in ranges
+                for checkpoint, runs in ranges.items()
+                for shards in runs
             ],
-            cursor=json.dumps(sorted(seen | set(new))),
+            cursor=json.dumps(requested),
         )
 
     return new_checkpoints
