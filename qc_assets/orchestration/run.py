@@ -71,9 +71,9 @@ def plan(request: RunRequest, definitions: dg.Definitions, instance: dg.DagsterI
 
 
 @contextmanager
-def instance_service(settings: Settings, echo: Echo) -> Iterator[tuple[DagsterGraphQL, bool]]:
+def instance_service(settings: Settings, echo: Echo) -> Iterator[DagsterGraphQL]:
     """The instance's `dagster dev`: the UI's when `qc ui` is open, else one started here (after any other `qc run`
-    on this instance has ended); True when it is this process's own."""
+    on this instance has ended); a DagsterService when it is this process's own."""
     lock = InstanceServiceLock(settings.dagster_home)
     if not lock.try_acquire():
         holder = lock.holder()
@@ -81,7 +81,7 @@ def instance_service(settings: Settings, echo: Echo) -> Iterator[tuple[DagsterGr
             echo(f"`qc ui` is open on this instance: launching through its Dagster at {holder['url']}")
             service = DagsterGraphQL(holder["url"])
             service.wait_until_loaded()
-            yield service, False
+            yield service
             return
         echo("another `qc run` is using this instance; waiting for it to end")
         lock.acquire()
@@ -91,7 +91,7 @@ def instance_service(settings: Settings, echo: Echo) -> Iterator[tuple[DagsterGr
             lock.publish("run", service.url)
             echo(f"Dagster's webserver at {service.url}; its processes' logs in {logs}")
             service.wait_until_loaded()
-            yield service, True
+            yield service
     finally:
         lock.release()
 
@@ -105,8 +105,8 @@ def run_graph(settings: Settings, request: RunRequest, definitions: dg.Definitio
         backfill_plan = plan(request, definitions, instance)
         for key in backfill_plan.deferred:
             echo(f"{key.to_user_string()}: no partition yet; the sensor and automation materialize it when one exists")
-        with instance_service(settings, echo) as (service, own):
-            if own:
+        with instance_service(settings, echo) as service:
+            if isinstance(service, DagsterService):
                 for stale in service.unfinished_backfills((LAUNCHED_BY_TAG, LAUNCHED_BY)):
                     echo(f"backfill {stale} of a `qc run` that was killed: canceled")
                     service.cancel_backfill(stale)
