@@ -75,8 +75,8 @@ from qc_assets.defs.generation.backends import (
     stop_token_ids,
 )
 from qc_assets.defs.scoring.scorers import open_scorer
-from qc_assets.defs.student.memory import seed_student_configs
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, STUDENT_DIR, ensure_tiny_models, sample_texts
+from qc_assets.training.memory import seed_student_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 

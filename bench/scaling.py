@@ -104,7 +104,7 @@ class MemorySampler(threading.Thread):
             line = " ".join(process.cmdline())
         except Exception:
             return "?"
-        if "qc_assets.defs.student.train" in line:
+        if "qc_assets.training.train" in line:
             return "training subprocess"
         if "multiprocessing" in line or "spawn_main" in line:
             return "run worker"

@@ -24,10 +24,10 @@ import torch
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from qc_assets.benchmarks import RESULTS_DIR, figure, write_results
-from qc_assets.defs.student.memory import seed_student_configs
-from qc_assets.defs.student.train import train
 from qc_assets.models.tiny import build_tiny_student, sample_texts
 from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS
+from qc_assets.training.memory import seed_student_configs
+from qc_assets.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -256,4 +256,6 @@ def ui(port: int, host: str) -> None:
     os.environ["QC_DATA_DIR"] = str(settings.data_root)
     # Replaced, not wrapped: a SIGTERM or SIGINT sent to `qc ui` then reaches `dagster dev`, which shuts down its
     # webserver, daemon and code server; a wrapping process would die alone and leave them holding the port.
+    # exec drops what is still buffered: the address above would never reach a log file.
+    sys.stdout.flush()
     os.execv(sys.executable, command)

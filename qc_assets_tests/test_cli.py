@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from qc_assets.definitions import build_definitions
-from qc_assets.orchestration.backfill import plan_backfill
+from qc_assets.orchestration.backfill import LAUNCHED_BY, LAUNCHED_BY_TAG, plan_backfill
+from qc_assets.orchestration.service import InstanceServiceLock
 from qc_assets.paths import PROJECT_ROOT, SAMPLE_CORPUS
 from qc_assets.settings import load_settings
+from qc_assets.testing.dagster_ui import DagsterUI
 from qc_assets_tests.conftest import BIN, document, materialize_asset, run_qc, write_jsonl
 
 
@@ -192,3 +197,46 @@ def test_a_corrupt_shard_leaves_its_labels_and_evaluation_unmaterialized_and_the
             assert not any("sample-00002" in key for key in materialized), (asset, materialized)
         backfills = {run.tags.get("dagster/backfill") for run in instance.get_runs() if "dagster/backfill" in run.tags}
         assert len(backfills) == 2
+
+
+def _start_qc(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(BIN / "qc"), *args], env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for_holder(dagster_home: Path, kind: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while InstanceServiceLock(dagster_home).holder().get("kind") != kind:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+@pytest.mark.long(150)
+@pytest.mark.timeout(900)
+def test_a_second_qc_run_waits_for_the_first_and_with_qc_ui_open_qc_run_launches_through_its_dagster(tmp_path):
+    env = {"QC_DATA_DIR": str(tmp_path / "data"), "QC_CORPUS_SOURCE": str(SAMPLE_CORPUS)}
+    dagster_home = tmp_path / "data" / "dagster"
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = _start_qc(["run", "--select", "corpus"], env, first_log)
+    _wait_for_holder(dagster_home, "run", first, first_log)
+    second = _start_qc(["run", "--select", "corpus"], env, second_log)
+    assert first.wait(timeout=600) == 0, first_log.read_text()
+    assert second.wait(timeout=600) == 0, second_log.read_text()
+    assert "another `qc run` is using this instance; waiting for it to end" in second_log.read_text()
+    assert "waiting" not in first_log.read_text()
+
+    with DagsterUI(env, tmp_path / "ui.log") as ui:
+        ui.wait_until_loaded()
+        assert InstanceServiceLock(dagster_home).holder()["kind"] == "ui"
+        through_ui = run_qc(["run", "--select", "corpus"], env)
+        assert through_ui.returncode == 0, through_ui.stdout + through_ui.stderr
+        assert "`qc ui` is open on this instance: launching through its Dagster" in through_ui.stdout
+        assert "Dagster's webserver at" not in through_ui.stdout
+        # The UI's daemon ran the backfill: its runs' logs went to `qc ui`'s output, not to qc run's.
+        assert "RUN_SUCCESS" in ui.log_path.read_text()
+        assert "RUN_SUCCESS" not in through_ui.stdout + through_ui.stderr
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        backfills = instance.get_backfills()
+        assert len(backfills) == 3 and {backfill.status.value for backfill in backfills} == {"COMPLETED_SUCCESS"}
+        assert {backfill.tags.get(LAUNCHED_BY_TAG) for backfill in backfills} == {LAUNCHED_BY}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qc_assets.defs.student.memory import (
+from qc_assets.settings import SEED_STUDENT_BASE_MODELS
+from qc_assets.training.memory import (
     GIB,
     USABLE_FRACTION,
     MemoryPlanError,
@@ -20,7 +21,6 @@ from qc_assets.defs.student.memory import (
     seed_student_configs,
     table,
 )
-from qc_assets.settings import SEED_STUDENT_BASE_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_80 = 80 * GIB
@@ -121,7 +121,7 @@ def test_a_cpu_run_without_a_limit_is_not_checked(shapes):
 
 def test_the_readme_table_is_what_the_command_prints():
     printed = subprocess.run(
-        [sys.executable, "-m", "qc_assets.defs.student.memory"],
+        [sys.executable, "-m", "qc_assets.training.memory"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -10,16 +10,16 @@ import dagster as dg
 import pytest
 from transformers import AutoConfig
 
-from qc_assets.defs.student.memory import (
+from qc_assets.defs.student.store import MANIFEST, list_checkpoints
+from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
+from qc_assets.paths import SAMPLE_CORPUS
+from qc_assets.training.memory import (
     GIB,
     USABLE_FRACTION,
     ModelShape,
     TrainingSetup,
     estimate,
 )
-from qc_assets.defs.student.store import MANIFEST, list_checkpoints
-from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
-from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import (
     lake_rows,
     materialization_metadata,

@@ -28,14 +28,6 @@ from qc_assets.categories import CATEGORY_NAMES
 from qc_assets.chat_format import training_example
 from qc_assets.defs.generation.backends import PromptBuilder
 from qc_assets.defs.student import store
-from qc_assets.defs.student import train as train_script
-from qc_assets.defs.student.memory import (
-    GIB,
-    USABLE_FRACTION,
-    MemoryPlanError,
-    ModelShape,
-    estimate,
-)
 from qc_assets.models.tiny import (
     TinyChat,
     build_tiny_causal_lm,
@@ -44,9 +36,17 @@ from qc_assets.models.tiny import (
     qwen_chat,
 )
 from qc_assets.paths import SAMPLE_CORPUS
+from qc_assets.training import train as train_script
+from qc_assets.training.memory import (
+    GIB,
+    USABLE_FRACTION,
+    MemoryPlanError,
+    ModelShape,
+    estimate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-COMMAND = [sys.executable, "-m", "qc_assets.defs.student.train"]
+COMMAND = [sys.executable, "-m", "qc_assets.training.train"]
 # One torch thread: the tiny model gains nothing from more, and on a busy CI machine OpenMP threads that wait for
 # each other make a 1-second training run take twenty.
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1"}
@@ -180,7 +180,7 @@ def materialize_training_on(instance: dg.DagsterInstance, extras: dict) -> dg.Ex
 def test_the_script_never_imports_dagster_itself():
     # On the GPU pod only dagster-pipes and the ML libraries are installed.
     probe = (
-        "import sys, qc_assets.defs.student.train; "
+        "import sys, qc_assets.training.train; "
         "print(sorted(m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')))"
     )
     completed = subprocess.run(
@@ -474,7 +474,7 @@ def test_the_per_device_batch_shrinks_until_the_plan_fits_keeping_the_effective_
 
 
 CHILD = (
-    "import json, sys; from qc_assets.defs.student.train import train; "
+    "import json, sys; from qc_assets.training.train import train; "
     "train(json.load(open(sys.argv[1])), log=lambda line: None)"
 )
 

@@ -21,7 +21,7 @@ def _range(partition: str) -> tuple[str, str, str]:
 
 
 @pytest.mark.long(300)
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_the_graph_run_from_the_ui_outlives_killed_daemons_and_webservers_with_the_sensor_and_an_analyst(tmp_path):
     report = run_whole_graph_from_the_ui(tmp_path)
     logs = "\n".join(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:] for path in report.ui_logs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from qc_assets.defs.report.assets import report_automation
+from qc_assets.defs.report.assets import REPORT_AUTOMATION
 from qc_assets.defs.student.sensors import CHECKPOINT_SENSOR
 from qc_assets.orchestration.backfill import LAUNCHED_BY, LAUNCHED_BY_TAG, BackfillPlan, matching_shards, plan_backfill
 from qc_assets.orchestration.graphql import DagsterGraphQL
@@ -23,7 +23,7 @@ from qc_assets.orchestration.service import DagsterService, InstanceServiceLock,
 from qc_assets.orchestration.session import RunWatch, backfill_failed, backfill_lines
 from qc_assets.settings import Settings
 
-FOLLOW_UP_SENSORS = (CHECKPOINT_SENSOR, report_automation.name)
+FOLLOW_UP_SENSORS = (CHECKPOINT_SENSOR, REPORT_AUTOMATION)
 Echo = Callable[[str], None]
 
 

@@ -72,11 +72,20 @@ class Report:
     outputs: list[str] = field(default_factory=list)
 
 
+def shard_document(shard: int, index: int) -> str:
+    return document(shard * 100 + index, "障害")
+
+
+def shard_document_head(shard: int, index: int) -> str:
+    """The first sentence of document `index` of `shard`, found in no other document of the corpus."""
+    return shard_document(shard, index).partition("。")[0]
+
+
 def write_multi_shard_corpus(root: Path, shards: int = 2, documents: int = 6) -> Path:
     for shard in range(shards):
         write_jsonl(
             root / f"shard-{shard}.jsonl",
-            [{"id": f"s{shard}-{i:03d}", "text": document(shard * 100 + i, "障害")} for i in range(documents)],
+            [{"id": f"s{shard}-{i:03d}", "text": shard_document(shard, i)} for i in range(documents)],
         )
     return root
 

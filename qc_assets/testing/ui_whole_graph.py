@@ -3,8 +3,9 @@
 One asset backfill materializes the upstream stages (every shard's corpus and labels, the SFT dataset, the
 student); the checkpoint sensor then generates and scores for each new checkpoint, and the report's automation
 condition refreshes the report. A checkpoint dropped into the store by hand once the corpus is in makes the sensor
-fire during the labelling runs (the teacher answers slowly until a run of the sensor's has started beside them and
-their kill points have been reached); an analyst queries the lake throughout.
+fire during the labelling runs: the first shard's labels are in quickly, and the teacher answers the other shards
+slowly until a run of the sensor's has started beside their runs and their kill points have been reached. An
+analyst queries the lake throughout.
 
 At each kill point (a run of that stage has started) the daemon or the webserver is SIGKILLed, which takes `qc ui`
 down, and `qc ui` is started again, as a user would: runs already started finish on their own, and the backfill,
@@ -37,16 +38,17 @@ from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
 from qc_assets.orchestration.session import IN_PROGRESS
 from qc_assets.settings import load_settings
 from qc_assets.testing.analyst import analyst_session, inconsistencies
-from qc_assets.testing.crash_resume import graph_environment, write_multi_shard_corpus
+from qc_assets.testing.crash_resume import graph_environment, shard_document_head, write_multi_shard_corpus
 from qc_assets.testing.dagster_ui import DagsterUI
 from qc_assets.testing.teacher_server import chat_requests, run_teacher_server
 
 SHARDS = 3
 DOCUMENTS = 4
 TEACHER_CONCURRENCY = 2
-# Labelling stays slow (the runs going) until the sensor's first run has started beside it and its kill points have
-# been reached; fast from then on.
-SLOW_TEACHER_MS = 8000
+# Every shard but the first labels slowly until the sensor's first run (on the first shard, whose labels are in
+# quickly) has started beside the other shards' labelling runs and their kill points have been reached; fast from
+# then on.
+SLOW_TEACHER_S = 8
 UPSTREAM = ["corpus", "teacher_labels", "sft_dataset", "student_checkpoints"]
 LABELLING_RUN = {"corpus", "teacher_labels"}
 # Between the analyst's queries: the session runs for minutes, and back-to-back `qc sql` processes would take a core.
@@ -113,6 +115,18 @@ class UISessionReport:
     checkpoints: list[str] = field(default_factory=list)
     seconds: float = 0.0
     ui_logs: list[Path] = field(default_factory=list)
+
+
+def slow_labelling_plan() -> dict:
+    """The teacher server's plan: each document of every shard but the first answered after SLOW_TEACHER_S."""
+    return {
+        "latency_ms": 0,
+        "rules": [
+            {"behavior": "slow", "delay_s": SLOW_TEACHER_S, "text_contains": shard_document_head(shard, index)}
+            for shard in range(1, SHARDS)
+            for index in range(DOCUMENTS)
+        ],
+    }
 
 
 def ui_environment(data_dir: Path, corpus: Path, server) -> dict[str, str]:
@@ -236,11 +250,11 @@ def lake_problems(data_dir: Path, checkpoints: list[str]) -> list[str]:
 
 
 def run_whole_graph_from_the_ui(
-    work: Path, points: tuple[UIKill, ...] = UI_KILL_POINTS, timeout_s: float = 600
+    work: Path, points: tuple[UIKill, ...] = UI_KILL_POINTS, timeout_s: float = 900
 ) -> UISessionReport:
     corpus = write_multi_shard_corpus(work / "corpus", shards=SHARDS, documents=DOCUMENTS)
     data_dir = work / "data"
-    with run_teacher_server(work, {"latency_ms": SLOW_TEACHER_MS, "rules": []}) as server:
+    with run_teacher_server(work, slow_labelling_plan()) as server:
         env = ui_environment(data_dir, corpus, server)
         ensure_tiny_models(data_dir / "models", sample_texts())
         session = _Session(work, env, server, points)

@@ -162,8 +162,10 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
     )
 
 
+REPORT_AUTOMATION = "evaluation_report_automation"
+
 report_automation = dg.AutomationConditionSensorDefinition(
-    "evaluation_report_automation",
+    REPORT_AUTOMATION,
     target=[eval_summary],
     default_status=dg.DefaultSensorStatus.RUNNING,
     # Short, so that `qc run` ends soon after the last scores; an evaluation reads the instance's records only.

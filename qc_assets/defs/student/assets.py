@@ -16,7 +16,7 @@ from qc_assets.lake.tables import CHECKPOINTS
 from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
 from qc_assets.settings import TINY_STUDENT, Settings
 
-TRAINING_MODULE = "qc_assets.defs.student.train"
+TRAINING_MODULE = "qc_assets.training.train"
 TINY_DEFAULTS = {
     "max_steps": 30,
     "learning_rate": 3e-3,

@@ -40,7 +40,7 @@ def _requested(cursor: str | None) -> dict[str, list[str] | str]:
 
 
 def build_checkpoint_sensor(
-    shard_keys: Sequence[str], root: Path, targets: list[dg.AssetsDefinition]
+    shard_keys: Sequence[str], root: Path, targets: Sequence[dg.AssetKey]
 ) -> dg.SensorDefinition:
     @dg.sensor(
         name=CHECKPOINT_SENSOR,

@@ -1,6 +1,6 @@
 """Fine-tune the student on the SFT dataset and publish a checkpoint: the out-of-process half of the training asset.
 
-Run as `python -m qc_assets.defs.student.train` under Dagster Pipes, by `PipesSubprocessClient` on this machine or
+Run as `python -m qc_assets.training.train` under Dagster Pipes, by `PipesSubprocessClient` on this machine or
 `PipesK8sClient` on a GPU pod. It imports dagster-pipes and the ML libraries only, never `dagster`, and takes every
 input from the Pipes extras:
 
@@ -64,14 +64,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from qc_assets.chat_format import GENERATION_TEMPLATE_KWARGS, training_example
-from qc_assets.defs.student.memory import (
+from qc_assets.defs.student.store import publish, staging_directory, work_directory
+from qc_assets.training.memory import (
     GIB,
     MemoryPlan,
     ModelShape,
     TrainingSetup,
     plan_memory,
 )
-from qc_assets.defs.student.store import publish, staging_directory, work_directory
 
 REQUIRED_EXTRAS = (
     "base_model",

@@ -20,7 +20,7 @@ A plan fits when its total is at most USABLE_FRACTION of the device's memory (th
 fragmentation, temporaries). `plan_memory` keeps the effective batch and shrinks the per-device batch (more
 accumulation) until the plan fits; when no batch fits, the error names the changes that would, with their sizes.
 
-    python -m qc_assets.defs.student.memory        # the README's table: seed 000's four students on an 80 GiB GPU
+    python -m qc_assets.training.memory        # the README's table: seed 000's four students on an 80 GiB GPU
 """
 
 from __future__ import annotations
