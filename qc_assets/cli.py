@@ -21,7 +21,9 @@ SUMMARY_QUERIES = {
     ),
     "checkpoints": "SELECT checkpoint, base_model, steps, round(final_loss, 4) AS final_loss, tiny_model FROM checkpoints ORDER BY created_at",
     "eval_summary (seed 000's table: reranker score per source, all categories)": (
-        "SELECT source AS モデル, scorer, n, round(mean, 4) AS 平均, round(std, 4) AS 標準偏差, round(bm25_top1, 3) AS bm25_top1, "
+        "SELECT source AS モデル, scorer, n, round(mean, 4) AS 平均, round(std, 4) AS 標準偏差, "
+        "round(round_trip_rate, 3) AS round_trip, round(bm25_mrr10, 3) AS bm25_mrr10, "
+        "round(rerank_mrr10, 3) AS rerank_mrr10, round(copy_rate, 3) AS copied, "
         "tiny_model FROM eval_summary WHERE category = 'all' ORDER BY scorer, mean DESC"
     ),
 }
@@ -80,6 +82,10 @@ def run(select: str | None, shard_patterns: tuple[str, ...]) -> None:
         sys.exit(1)
 
 
+SUMMARY_WIDTH = 200
+SUMMARY_COLUMN_WIDTH = 34
+
+
 def _print_summary(settings: Settings) -> None:
     with _lake(settings, read_only=True).get_connection() as connection:
         for table, query in SUMMARY_QUERIES.items():
@@ -88,7 +94,8 @@ def _print_summary(settings: Settings) -> None:
             except duckdb.CatalogException:
                 continue
             click.echo(f"\n{table}:")
-            click.echo(str(relation))
+            # Wider than a terminal's guess: seed 000's table with the round trip has ten columns, none to elide.
+            relation.show(max_width=SUMMARY_WIDTH, max_col_width=SUMMARY_COLUMN_WIDTH)
             if table.startswith("eval_summary") and any(row[-1] for row in relation.fetchall()):
                 click.echo(
                     "Tiny random-weight models took part: these scores mean nothing; they only show the pipeline works."

@@ -185,6 +185,18 @@ class Settings(BaseModel):
     )
     scorer_max_length: int = Field(default=512, ge=16, description="Tokens per (query, document) pair.")
     scorer_batch_size: int = Field(default=32, ge=1, description="Pairs per forward pass.")
+    round_trip_candidates: int = Field(
+        default=20,
+        ge=1,
+        description="Round trip: the first stage's (character-bigram BM25's) best documents per query that the "
+        "cross-encoder re-ranks; each costs one more scored pair.",
+    )
+    round_trip_top_k: int = Field(
+        default=1,
+        ge=1,
+        description="Round trip: a (query, document) pair passes when the re-ranked candidates put its document "
+        "within this rank.",
+    )
 
     @model_validator(mode="after")
     def _length_window_is_not_empty(self) -> Settings:
@@ -207,6 +219,33 @@ class Settings(BaseModel):
         if value is not None:
             UtcWindow.parse(value)
         return value
+
+    negatives_per_pair: int = Field(
+        default=3, ge=0, description="Hard negatives kept per pair that passes the round trip."
+    )
+    negatives_relative_margin: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="A candidate the cross-encoder scores above positive - |positive| * this is too close to be a "
+        "negative (sentence-transformers' `relative_margin`).",
+    )
+    negatives_max_similarity: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="A candidate whose character bigrams overlap the positive's by at least this Jaccard is a near "
+        "duplicate, never a negative.",
+    )
+
+    @model_validator(mode="after")
+    def _round_trip_top_k_is_within_the_candidates(self) -> Settings:
+        if self.round_trip_top_k > self.round_trip_candidates:
+            raise ValueError(
+                f"QC_ROUND_TRIP_TOP_K ({self.round_trip_top_k}) is larger than QC_ROUND_TRIP_CANDIDATES "
+                f"({self.round_trip_candidates}): no pair could pass beyond the candidates"
+            )
+        return self
 
     @model_validator(mode="after")
     def _student_models_are_named(self) -> Settings:

@@ -92,6 +92,13 @@ def lake(tmp_path):
             "score": 0.95,
             "query": "生徒0",
             "bm25_rank": 2,
+            "rerank_rank": 1,
+            "round_trip": True,
+            "negative_doc_ids": ["d1"],
+            "negative_ranks": [2],
+            "negative_scores": [0.3],
+            "negatives_too_close": 1,
+            "negatives_near_duplicate": 0,
         },
         {
             "doc_id": "d0",
@@ -178,6 +185,32 @@ def test_teacher_vs_student_pairs_each_student_query_with_the_teachers_under_the
     assert first["score_gain"] == pytest.approx(0.05) and second["score_gain"] == pytest.approx(-0.2)
     assert (first["teacher_bm25_rank"], second["student_bm25_rank"]) == (1, 4)
     assert first["document"].startswith("文書0の本文。")
+
+
+def test_round_trip_negatives_shows_each_kept_negative_and_pairs_without_any_once(lake):
+    found = rows(
+        lake,
+        "SELECT source, scorer, doc_id, negative, negative_doc_id, negative_rank, negative_score, "
+        "negatives_too_close, left(negative_start, 3) AS negative_start, left(document_start, 3) AS document_start "
+        "FROM round_trip_negatives ORDER BY source, scorer, doc_id",
+    )
+    assert len(found) == 5
+    (mined,) = [
+        row for row in found if row["source"] == "ckpt-a" and row["scorer"] == "bge@512" and row["doc_id"] == "d0"
+    ]
+    assert mined == {
+        "source": "ckpt-a",
+        "scorer": "bge@512",
+        "doc_id": "d0",
+        "negative": 1,
+        "negative_doc_id": "d1",
+        "negative_rank": 2,
+        "negative_score": 0.3,
+        "negatives_too_close": 1,
+        "negative_start": "文書1",
+        "document_start": "文書0",
+    }
+    assert all(row["negative"] is None and row["document_start"] for row in found if row is not mined)
 
 
 def test_quarantine_shows_why_with_the_document_start(lake):

@@ -28,6 +28,10 @@ def test_a_wrong_setting_fails_at_start_up_naming_the_variable(environment, tmp_
         "window": ({"QC_CORPUS_MIN_CHARS": "500", "QC_CORPUS_MAX_CHARS": "100"}, "QC_CORPUS_MIN_CHARS (500)"),
         "typo": ({"QC_DATA_DIRECTORY": "x"}, "unknown setting QC_DATA_DIRECTORY"),
         "catalog": ({"QC_LAKE_CATALOG": "mysql:db"}, "QC_LAKE_CATALOG"),
+        "round trip": (
+            {"QC_ROUND_TRIP_TOP_K": "30"},
+            "QC_ROUND_TRIP_TOP_K (30) is larger than QC_ROUND_TRIP_CANDIDATES",
+        ),
     }
     for name, (extra, expected) in cases.items():
         result = run_qc(["run"], environment(tmp_path / "corpus", **extra))

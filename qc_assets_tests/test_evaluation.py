@@ -11,6 +11,7 @@ import pytest
 from qc_assets.categories import CATEGORIES
 from qc_assets.definitions import build_definitions
 from qc_assets.defs.student.store import new_checkpoint_id, publish, staging_directory
+from qc_assets.lake.resource import LakeResource
 from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import (
     lake_rows,
@@ -60,8 +61,22 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         checks = {result.check_name: result for result in generated.get_asset_check_evaluations()}
         assert set(checks) == {"empty_queries", "category_validity"}
 
+        # The same keys labelled under an earlier prompt: only the current labels are the teacher's row.
+        LakeResource(catalog=settings.catalog, data_path=settings.data_path).transaction(
+            lambda connection: connection.execute(
+                "INSERT INTO teacher_labels SELECT * REPLACE ('earlier-prompt' AS prompt_version, "
+                "'earlier ' || query AS query) FROM teacher_labels WHERE shard = ?",
+                [SHARDS[0]],
+            ),
+            "label again under an earlier prompt",
+        )
         scored = materialize_asset(settings, "reranker_scores", instance, partition=partition)
         assert scored.success
+        assert lake_rows(
+            settings,
+            "SELECT count(*), count(DISTINCT (doc_id, category)), count(*) FILTER (starts_with(query, 'earlier ')) "
+            "FROM reranker_scores WHERE starts_with(source, 'teacher:')",
+        ) == [(len(test_docs) * len(CATEGORIES), len(test_docs) * len(CATEGORIES), 0)]
         assert all(result.passed for result in scored.get_asset_check_evaluations())
         summary = materialize_asset(settings, "eval_summary", instance)
         assert summary.success
@@ -90,6 +105,31 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
             [checkpoint],
         )
         assert pairs == []
+        # The round trip: each pair's document re-ranked among BM25's candidates, passing within the top k.
+        (trip,) = lake_rows(
+            settings,
+            """SELECT count(*), count(round_trip), count(*) FILTER (rerank_rank > $1),
+                      count(*) FILTER (round_trip <> coalesce(rerank_rank <= round_trip_k, false)),
+                      count(*) FILTER (rerank_rank IS NULL AND bm25_rank = 1),
+                      count(*) FILTER (copy_verbatim AND copy_share < 1 OR copy_share NOT BETWEEN 0 AND 1),
+                      count(DISTINCT round_trip_k),
+                      count(*) FILTER ((negative_doc_ids IS NULL) = round_trip),
+                      count(*) FILTER (list_contains(negative_doc_ids, doc_id)),
+                      count(*) FILTER (len(negative_doc_ids) + negatives_too_close + negatives_near_duplicate
+                                       > $1 - 1 OR len(negative_doc_ids) > $2)
+               FROM reranker_scores""",
+            [settings.round_trip_candidates, settings.negatives_per_pair],
+        )
+        assert trip[0] == trip[1] > 0 and trip[2:] == (0, 0, 0, 0, 1, 0, 0, 0), trip
+        (rates,) = lake_rows(
+            settings,
+            "SELECT e.round_trip_rate, (SELECT avg(round_trip::DOUBLE) FROM reranker_scores WHERE source = ?), "
+            "e.copy_rate, (SELECT avg(copy_verbatim::DOUBLE) FROM reranker_scores WHERE source = ?) "
+            "FROM eval_summary e WHERE e.source = ? AND e.category = 'all'",
+            [checkpoint, checkpoint, checkpoint],
+        )
+        assert abs(rates[0] - rates[1]) < 1e-9 and abs(rates[2] - rates[3]) < 1e-9
+        assert "round trip" in report["table"] and "copied verbatim" in report["table"]
         per_category = lake_rows(settings, "SELECT count(DISTINCT category) FROM eval_summary WHERE category <> 'all'")
         assert per_category == [(len(CATEGORIES),)]
 

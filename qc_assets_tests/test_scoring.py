@@ -12,7 +12,10 @@ import pytest
 
 from qc_assets.defs.corpus.synthetic import japanese_like_texts
 from qc_assets.defs.scoring import lexical
-from qc_assets.defs.scoring.lexical import ShardIndex, char_bigrams, lexical_checks
+from qc_assets.defs.scoring.copying import Copying, copying
+from qc_assets.defs.scoring.lexical import LexicalCheck, ShardIndex, char_bigrams, lexical_checks
+from qc_assets.defs.scoring.negatives import Negatives, NegativeSettings, jaccard, mine
+from qc_assets.defs.scoring.round_trip import RoundTrip, RoundTripSettings, round_trips, scored_pairs
 from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer, scorer_name
 from qc_assets.models.tiny import CROSS_ENCODER_DIR, build_tiny_cross_encoder, sample_texts
 
@@ -186,11 +189,22 @@ def test_lexical_checks_equal_the_single_checks_in_the_given_order(index):
         ("ふじさん", "fuji"),
     ]
     checks = lexical_checks(index, items)
-    assert checks == [(index.overlap(q, d), index.rank_of(q, d)) for q, d in items]
-    assert checks[0] == checks[4] and checks[0][1] == 1
+    assert checks == [LexicalCheck(index.overlap(q, d), index.rank_of(q, d), ()) for q, d in items]
+    assert checks[0] == checks[4] and checks[0].rank == 1
     assert lexical_checks(index, []) == []
     with pytest.raises(KeyError, match="nowhere"):
         lexical_checks(index, [("寿司", "nowhere")])
+
+
+def test_the_first_stage_candidates_are_the_best_bm25_documents_best_first_ties_in_document_order(index):
+    for query in ["静岡県のお茶", "新幹線の開業", "回転寿司", "", "ふじさん"]:
+        scores = index.bm25_scores(query)
+        ranked = sorted((row for row in range(len(index)) if scores[row] > 0), key=lambda row: (-scores[row], row))
+        for n in (1, 3, len(index) + 5):
+            check = lexical_checks(index, [(query, index.doc_ids[0])], candidates=n)[0]
+            assert check.candidates == tuple(index.doc_ids[row] for row in ranked[:n])
+    tied = ShardIndex(["d", "c", "b", "a"], ["お茶の話", "寿司の話です", "寿司の話です", "寿司の話です"])
+    assert lexical_checks(tied, [("寿司", "a")], candidates=2)[0].candidates == ("c", "b")
 
 
 def test_nfkc_matches_full_width_and_half_width_forms(index):
@@ -227,3 +241,87 @@ def test_documents_left_empty_or_with_one_character_are_indexed():
     assert index.rank_of("猫", "empty") == 3
     with pytest.raises(ValueError):
         ShardIndex(["a", "a"], ["x", "y"])
+
+
+# --- the round trip and copying -----------------------------------------------------------------------------
+
+
+def _bigram_jaccard(query: str, document: str) -> float:
+    """A second stage that disagrees with BM25's weighting: plain bigram Jaccard similarity."""
+    a, b = set(char_bigrams(query)), set(char_bigrams(document))
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def test_the_round_trip_re_ranks_the_first_stages_candidates_and_passes_pairs_within_top_k(index):
+    texts = dict(zip(index.doc_ids, [*DOCS.values(), *japanese_like_texts(40, 200, seed=11)]))
+    items = [
+        ("静岡県のお茶", "tea"),
+        ("静岡県のお茶", "fuji"),
+        ("回転寿司の店", "sushi"),
+        ("新幹線", "kyoto"),
+        ("", "abc"),
+    ]
+    checks = lexical_checks(index, items, candidates=3)
+    to_score = scored_pairs(items, checks)
+    assert len(to_score) == len(set(to_score))
+    assert {pair for pair in items} <= set(to_score)
+    assert {(query, doc) for (query, _), check in zip(items, checks) for doc in check.candidates} <= set(to_score)
+
+    score = {pair: _bigram_jaccard(pair[0], texts[pair[1]]) for pair in to_score}
+    trips = round_trips(items, checks, lambda query, doc: score[query, doc], RoundTripSettings(3, 1))
+    for (query, source), check, trip in zip(items, checks, trips):
+        if source not in check.candidates:
+            assert (trip.rerank_rank, trip.passed) == (None, False), (query, source)
+            continue
+        expected = sorted(check.candidates, key=lambda doc: (-score[query, doc], check.candidates.index(doc)))
+        assert trip.rerank_rank == 1 + expected.index(source) and trip.passed == (trip.rerank_rank == 1)
+    assert (trips[0].rerank_rank, trips[0].passed) == (1, True)
+    assert trips[0].reranked == tuple(
+        sorted(((doc, score["静岡県のお茶", doc]) for doc in checks[0].candidates), key=lambda item: -item[1])
+    )
+    assert trips[3] == trips[4] == RoundTrip(None, False)
+    # Fuji is a candidate for the tea query, but not its best: it fails at top_k 1 and passes at top_k 3.
+    assert trips[1].rerank_rank is not None and trips[1].rerank_rank > 1 and not trips[1].passed
+    wider = round_trips(items, checks, lambda query, doc: score[query, doc], RoundTripSettings(3, 3))
+    assert wider[1].passed
+
+
+def test_a_constant_second_stage_keeps_the_first_stages_order(index):
+    items = [("静岡県のお茶", "fuji"), ("静岡県のお茶", "tea")]
+    checks = lexical_checks(index, items, candidates=5)
+    trips = round_trips(items, checks, lambda query, doc: 0.5, RoundTripSettings(5, 1))
+    assert [trip.rerank_rank for trip in trips] == [
+        check.candidates.index(source) + 1 for (_, source), check in zip(items, checks)
+    ]
+
+
+def test_copying_measures_the_longest_verbatim_run_of_the_query_in_its_document():
+    document = DOCS["fuji"]
+    assert copying("日本一高い山", document) == Copying(1.0, True)
+    assert copying("日本一高い山はどこ", document) == Copying(6 / 9, False)
+    assert copying("ｶﾞｲﾄﾞ", "ガイドです") == Copying(1.0, True)  # NFKC, as the corpus and BM25 compare
+    assert copying("英語の質問", document).share < 0.5 and copying("", document) == Copying(0.0, False)
+
+
+def test_mining_keeps_the_best_rivals_the_score_and_near_duplicate_guards_let_through():
+    texts = {
+        "src": DOCS["fuji"],
+        "dup": DOCS["fuji"].replace("3776", "3,776"),  # the same text with a small edit
+        **{name: DOCS[name] for name in ("tea", "rail", "sushi", "kyoto", "abc")},
+    }
+    bigrams = {doc_id: frozenset(char_bigrams(text)) for doc_id, text in texts.items()}
+    assert jaccard(bigrams["src"], bigrams["dup"]) >= 0.8 > jaccard(bigrams["src"], bigrams["tea"])
+    reranked = [("tea", 0.9), ("src", 0.8), ("rail", 0.78), ("dup", 0.5), ("sushi", 0.4), ("kyoto", 0.3), ("abc", 0.2)]
+    settings = NegativeSettings(per_pair=2, relative_margin=0.05, max_similarity=0.8)
+    mined = mine("src", reranked, bigrams.__getitem__, settings)
+    # tea scores above the positive and rail within 5% of it: both may answer the query; dup is the positive.
+    assert mined == Negatives(("sushi", "kyoto"), (5, 6), (0.4, 0.3), too_close=2, near_duplicates=1)
+    assert mine("src", reranked, bigrams.__getitem__, NegativeSettings(10, 0.0, 0.8)).doc_ids == (
+        "rail",
+        "sushi",
+        "kyoto",
+        "abc",
+    )
+    # A scorer that cannot tell documents apart (the tiny random cross-encoder) leaves no negative.
+    flat = [(doc_id, 0.5048) for doc_id in texts]
+    assert mine("src", flat, bigrams.__getitem__, settings) == Negatives((), (), (), len(texts) - 1, 0)

@@ -22,6 +22,9 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "UBIGINT": pa.uint64(),
     "DOUBLE": pa.float64(),
     "BOOLEAN": pa.bool_(),
+    "VARCHAR[]": pa.list_(pa.string()),
+    "INTEGER[]": pa.list_(pa.int32()),
+    "DOUBLE[]": pa.list_(pa.float64()),
     "TIMESTAMP WITH TIME ZONE": pa.timestamp("us", tz="UTC"),
 }
 
@@ -198,6 +201,26 @@ RERANKER_SCORES = Table(
             "INTEGER",
             "Rank of the source document under character-bigram BM25 over the shard (1 = first).",
         ),
+        Column(
+            "rerank_rank",
+            "INTEGER",
+            "Rank of the source document once the cross-encoder re-ranks BM25's best QC_ROUND_TRIP_CANDIDATES "
+            "(1 = first); NULL when BM25 did not put it among them.",
+        ),
+        Column("round_trip", "BOOLEAN", "The re-ranked candidates put the source document within round_trip_k."),
+        Column("round_trip_k", "INTEGER", "QC_ROUND_TRIP_TOP_K when the pair was scored."),
+        Column("copy_share", "DOUBLE", "Longest run of the query found verbatim in the document, as a share of it."),
+        Column("copy_verbatim", "BOOLEAN", "The whole query appears verbatim in the document."),
+        Column(
+            "negative_doc_ids",
+            "VARCHAR[]",
+            "Hard negatives of a pair that passes the round trip: the best re-ranked rivals the guards let through; "
+            "NULL when the pair does not pass.",
+        ),
+        Column("negative_ranks", "INTEGER[]", "Each negative's rank among the re-ranked candidates."),
+        Column("negative_scores", "DOUBLE[]", "Each negative's cross-encoder score."),
+        Column("negatives_too_close", "INTEGER", "Candidates dropped for scoring too close to the positive."),
+        Column("negatives_near_duplicate", "INTEGER", "Candidates dropped as near duplicates of the positive."),
         Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the score was written."),
     ),
     partition_columns=("shard", "source", "scorer"),
@@ -215,7 +238,16 @@ EVAL_SUMMARY = Table(
         Column("std", "DOUBLE", "Population standard deviation (seed 000's 標準偏差)."),
         *(Column(f"p{q:02d}", "DOUBLE", f"{q}th percentile of the score.") for q in (5, 10, 25, 50, 75, 90, 95)),
         Column("bm25_overlap", "DOUBLE", "Mean character-bigram overlap of the query with its document."),
-        Column("bm25_top1", "DOUBLE", "Share of queries whose document BM25 ranks first in its shard."),
+        Column("bm25_top1", "DOUBLE", "Share of queries whose document BM25 ranks first in its shard (recall@1)."),
+        Column("bm25_recall10", "DOUBLE", "Share of queries whose document BM25 ranks within 10."),
+        Column("bm25_mrr10", "DOUBLE", "Mean reciprocal rank of the document under BM25, 0 beyond 10."),
+        Column("rerank_recall1", "DOUBLE", "Share of queries whose document the re-ranked candidates put first."),
+        Column("rerank_recall10", "DOUBLE", "Share of queries whose document the re-ranked candidates put within 10."),
+        Column("rerank_mrr10", "DOUBLE", "Mean reciprocal rank of the document after re-ranking, 0 beyond 10."),
+        Column("round_trip_rate", "DOUBLE", "Share of pairs that pass the round trip."),
+        Column("copy_rate", "DOUBLE", "Share of queries found verbatim in their document."),
+        Column("copy_share", "DOUBLE", "Mean longest verbatim run of a query in its document, as a share of it."),
+        Column("negatives_per_pair", "DOUBLE", "Mean hard negatives kept per pair that passes the round trip."),
         Column(
             "tiny_model", "BOOLEAN", "The source or the scorer is a tiny random-weight model: the scores mean nothing."
         ),
@@ -305,4 +337,24 @@ QUARANTINE = View(
     ),
 )
 
-VIEWS: dict[str, View] = {view.name: view for view in (LABEL_COSTS, TEACHER_VS_STUDENT, QUARANTINE)}
+ROUND_TRIP_NEGATIVES = View(
+    name="round_trip_negatives",
+    description="Each scored pair's round trip, one row per hard negative kept (or one row without when none was): "
+    "the query, both ranks of its document, its copying, each negative with its rank, score and start, and what "
+    "the guards dropped.",
+    sql=(
+        "SELECT s.source, s.scorer, s.shard, s.doc_id, s.category, s.query, s.score, s.bm25_rank, s.rerank_rank, "
+        "s.round_trip, s.round_trip_k, s.copy_share, s.copy_verbatim, s.negatives_too_close, "
+        "s.negatives_near_duplicate, n.position AS negative, s.negative_doc_ids[n.position] AS negative_doc_id, "
+        "s.negative_ranks[n.position] AS negative_rank, s.negative_scores[n.position] AS negative_score, "
+        "left(negative.text, 200) AS negative_start, left(positive.text, 200) AS document_start "
+        "FROM reranker_scores s "
+        "LEFT JOIN LATERAL (SELECT unnest(range(1, len(s.negative_doc_ids) + 1)) AS position) n ON true "
+        "LEFT JOIN corpus positive ON positive.doc_id = s.doc_id AND positive.shard = s.shard "
+        "LEFT JOIN corpus negative ON negative.doc_id = s.negative_doc_ids[n.position] AND negative.shard = s.shard"
+    ),
+)
+
+VIEWS: dict[str, View] = {
+    view.name: view for view in (LABEL_COSTS, TEACHER_VS_STUDENT, QUARANTINE, ROUND_TRIP_NEGATIVES)
+}

@@ -33,6 +33,13 @@ SELECT source, scorer, coalesce(category, 'all') AS category, count(*) AS n, avg
        stddev_pop(score) AS std,
        {", ".join(f"quantile_cont(score, {q / 100}) AS p{q:02d}" for q in PERCENTILES)},
        avg(bm25_overlap) AS bm25_overlap, avg(CASE WHEN bm25_rank = 1 THEN 1.0 ELSE 0.0 END) AS bm25_top1,
+       avg(CASE WHEN bm25_rank <= 10 THEN 1.0 ELSE 0.0 END) AS bm25_recall10,
+       avg(CASE WHEN bm25_rank <= 10 THEN 1.0 / bm25_rank ELSE 0.0 END) AS bm25_mrr10,
+       avg(CASE WHEN rerank_rank = 1 THEN 1.0 ELSE 0.0 END) AS rerank_recall1,
+       avg(CASE WHEN rerank_rank <= 10 THEN 1.0 ELSE 0.0 END) AS rerank_recall10,
+       avg(CASE WHEN rerank_rank <= 10 THEN 1.0 / rerank_rank ELSE 0.0 END) AS rerank_mrr10,
+       avg(round_trip::DOUBLE) AS round_trip_rate, avg(copy_verbatim::DOUBLE) AS copy_rate,
+       avg(copy_share) AS copy_share, avg(len(negative_doc_ids)) AS negatives_per_pair,
        bool_or(tiny) AS tiny_model, now() AS created_at
 FROM scored
 GROUP BY GROUPING SETS ((source, scorer, category), (source, scorer))
@@ -41,15 +48,22 @@ GROUP BY GROUPING SETS ((source, scorer, category), (source, scorer))
 
 def _markdown(rows: list[dict]) -> str:
     lines = [
-        "| モデル (source) | scorer | n | 平均 (mean) | 標準偏差 (std) | p50 | BM25 overlap | BM25 top-1 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| モデル (source) | scorer | n | 平均 (mean) | 標準偏差 (std) | p50 | round trip | MRR@10 BM25 → re-rank "
+        "| copied verbatim | copy share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['source']} | {row['scorer']} | {row['n']} | {row['mean']:.4f} | {row['std']:.4f} | "
-            f"{row['p50']:.4f} | {row['bm25_overlap']:.3f} | {row['bm25_top1']:.3f} |"
+            f"{row['p50']:.4f} | {_share(row['round_trip_rate'])} | {_share(row['bm25_mrr10'])} → "
+            f"{_share(row['rerank_mrr10'])} | {_share(row['copy_rate'])} | {_share(row['copy_share'])} |"
         )
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    """Rows scored before the round trip existed have none of its columns."""
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _plot(rows: list[dict], path: Path) -> bytes:

@@ -1,4 +1,5 @@
-"""The reranker_scores asset: a cross-encoder and a character-bigram BM25 check on students' and teacher's queries."""
+"""The reranker_scores asset: a cross-encoder's score of students' and teacher's queries, the round trip (does BM25
+then the cross-encoder find the query's document again?) and how much of each query is copied from its document."""
 
 import time
 from dataclasses import dataclass
@@ -12,7 +13,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from qc_assets.defs.generation.assets import checkpoint_and_shard
-from qc_assets.defs.scoring.lexical import ShardIndex, lexical_checks
+from qc_assets.defs.scoring.copying import copying
+from qc_assets.defs.scoring.lexical import ShardIndex, char_bigrams, lexical_checks
+from qc_assets.defs.scoring.negatives import Negatives, NegativeSettings, mine
+from qc_assets.defs.scoring.round_trip import RoundTripSettings, round_trips, scored_pairs
 from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer
 from qc_assets.defs.sft.assets import SftResource
 from qc_assets.defs.sft.dataset import split_is_test_sql
@@ -32,6 +36,11 @@ class ScoringResource(dg.ConfigurableResource):
     max_length: int = Field(description="QC_SCORER_MAX_LENGTH")
     batch_size: int = Field(description="QC_SCORER_BATCH_SIZE")
     models_dir: str = Field(description="Where the tiny models live, QC_DATA_DIR/models.")
+    round_trip_candidates: int = Field(description="QC_ROUND_TRIP_CANDIDATES")
+    round_trip_top_k: int = Field(description="QC_ROUND_TRIP_TOP_K")
+    negatives_per_pair: int = Field(description="QC_NEGATIVES_PER_PAIR")
+    negatives_relative_margin: float = Field(description="QC_NEGATIVES_RELATIVE_MARGIN")
+    negatives_max_similarity: float = Field(description="QC_NEGATIVES_MAX_SIMILARITY")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ScoringResource":
@@ -40,7 +49,20 @@ class ScoringResource(dg.ConfigurableResource):
             max_length=settings.scorer_max_length,
             batch_size=settings.scorer_batch_size,
             models_dir=str(settings.data_root / "models"),
+            round_trip_candidates=settings.round_trip_candidates,
+            round_trip_top_k=settings.round_trip_top_k,
+            negatives_per_pair=settings.negatives_per_pair,
+            negatives_relative_margin=settings.negatives_relative_margin,
+            negatives_max_similarity=settings.negatives_max_similarity,
         )
+
+    @property
+    def round_trip(self) -> RoundTripSettings:
+        return RoundTripSettings(self.round_trip_candidates, self.round_trip_top_k)
+
+    @property
+    def negatives(self) -> NegativeSettings:
+        return NegativeSettings(self.negatives_per_pair, self.negatives_relative_margin, self.negatives_max_similarity)
 
     @property
     def is_tiny(self) -> bool:
@@ -71,6 +93,11 @@ class ScoringTally:
 
     student_pairs: int = 0
     teacher_pairs: int = 0
+    candidate_pairs: int = 0  # scored for the round trip alone: first-stage candidates other than the source
+    student_round_trips: int = 0
+    negatives: int = 0
+    negatives_too_close: int = 0
+    negatives_near_duplicate: int = 0
     out_of_range: int = 0
     model_load_seconds: float = 0.0
     score_seconds: float = 0.0
@@ -88,6 +115,8 @@ class ScoringRun:
     teacher_name: str
     prompt_versions: dict[str, str]
     test_fraction: float
+    round_trip: RoundTripSettings
+    negatives: NegativeSettings
     log: dg.DagsterLogManager
     tally: ScoringTally
 
@@ -128,21 +157,28 @@ def _student_pairs(connection: duckdb.DuckDBPyConnection, checkpoint: str, shard
 
 
 def _teacher_pairs(run: ScoringRun, shard: str, texts: dict[str, str]) -> list[Pair]:
-    """The teacher's labels of the shard's test documents, under the prompt versions the settings label with."""
+    """The teacher's labels of the shard's test documents under the prompt versions the settings label with: a key
+    relabelled under a new prompt is scored once, for its current label."""
     labels = run.connection.execute(
-        f"""SELECT l.doc_id, l.category, l.query FROM teacher_labels l
+        f"""SELECT l.doc_id, l.category, l.query, l.prompt_version FROM teacher_labels l
             WHERE l.shard = $1 AND l.teacher = $2 AND {split_is_test_sql("l.doc_id", run.test_fraction)}
             ORDER BY ALL""",
         [shard, run.teacher_name],
     ).fetchall()
-    return [pair for pair in labels if run.prompt_versions.get(pair[1]) is not None and pair[0] in texts]
+    return [
+        (doc_id, category, query)
+        for doc_id, category, query, version in labels
+        if run.prompt_versions.get(category) == version and doc_id in texts
+    ]
 
 
 def _stored_teacher_scores(run: ScoringRun, shard: str) -> int:
+    """The teacher's pairs already scored in this shard by this scorer with this round trip."""
     return fetch_row(
         run.connection.execute(
-            "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3",
-            [shard, run.teacher_source, run.scorer.name],
+            "SELECT count(*) FROM reranker_scores WHERE shard = $1 AND source = $2 AND scorer = $3 "
+            "AND round_trip_k = $4",
+            [shard, run.teacher_source, run.scorer.name, run.round_trip.top_k],
         )
     )[0]
 
@@ -159,14 +195,26 @@ def _score_sources(
 def _score_rows(
     run: ScoringRun, index: ShardIndex, texts: dict[str, str], pairs: list[Pair], shard: str, source: str
 ) -> pa.Table:
-    """The neural score and the lexical check of each pair; adds the time spent in each to the run's tally."""
+    """Each pair's score, round trip and copying; adds the time spent in BM25 and in the cross-encoder to the tally."""
+    items = [(query, doc_id) for doc_id, _, query in pairs]
+    started = time.perf_counter()
+    lexical = lexical_checks(index, items, candidates=run.round_trip.candidates)
+    run.tally.lexical_seconds += time.perf_counter() - started
+    to_score = scored_pairs(items, lexical)
+    run.tally.candidate_pairs += len(to_score) - len(set(items))
     started, cpu_started = time.perf_counter(), time.process_time()
-    scores = run.scorer.score([(query, texts[doc_id]) for doc_id, _, query in pairs], log=run.log.info)
-    scored = time.perf_counter()
+    scored = dict(
+        zip(to_score, run.scorer.score([(query, texts[doc_id]) for query, doc_id in to_score], log=run.log.info))
+    )
+    run.tally.score_seconds += time.perf_counter() - started
     run.tally.score_cpu_seconds += time.process_time() - cpu_started
-    lexical = lexical_checks(index, [(query, doc_id) for doc_id, _, query in pairs])
-    run.tally.score_seconds += scored - started
-    run.tally.lexical_seconds += time.perf_counter() - scored
+    trips = round_trips(items, lexical, lambda query, doc_id: scored[query, doc_id], run.round_trip)
+    bigrams = _bigram_sets(texts)
+    negatives = [
+        mine(doc_id, trip.reranked, bigrams, run.negatives) if trip.passed else None
+        for (_, doc_id), trip in zip(items, trips)
+    ]
+    _tally_negatives(run.tally, negatives)
     now = datetime.now(UTC)
     return pa.Table.from_pylist(
         [
@@ -176,16 +224,57 @@ def _score_rows(
                 "category": category,
                 "source": source,
                 "scorer": run.scorer.name,
-                "score": float(score),
+                "score": float(scored[query, doc_id]),
                 "query": query,
-                "bm25_overlap": float(overlap),
-                "bm25_rank": int(rank),
+                "bm25_overlap": float(check.overlap),
+                "bm25_rank": int(check.rank),
+                "rerank_rank": trip.rerank_rank,
+                "round_trip": trip.passed,
+                "round_trip_k": run.round_trip.top_k,
+                "copy_share": copied.share,
+                "copy_verbatim": copied.verbatim,
+                **_negative_columns(mined),
                 "created_at": now,
             }
-            for (doc_id, category, query), score, (overlap, rank) in zip(pairs, scores, lexical)
+            for (doc_id, category, query), check, trip, mined in zip(pairs, lexical, trips, negatives)
+            for copied in [copying(query, texts[doc_id])]
         ],
         schema=_ARROW_SCHEMA,
     )
+
+
+def _bigram_sets(texts: dict[str, str]):
+    """doc_id -> its set of character bigrams, each computed once per shard and source."""
+    cache: dict[str, frozenset[str]] = {}
+
+    def bigrams(doc_id: str) -> frozenset[str]:
+        if doc_id not in cache:
+            cache[doc_id] = frozenset(char_bigrams(texts[doc_id]))
+        return cache[doc_id]
+
+    return bigrams
+
+
+def _negative_columns(mined: Negatives | None) -> dict:
+    if mined is None:
+        return dict.fromkeys(
+            ("negative_doc_ids", "negative_ranks", "negative_scores", "negatives_too_close", "negatives_near_duplicate")
+        )
+    return {
+        "negative_doc_ids": list(mined.doc_ids),
+        "negative_ranks": list(mined.ranks),
+        "negative_scores": list(mined.scores),
+        "negatives_too_close": mined.too_close,
+        "negatives_near_duplicate": mined.near_duplicates,
+    }
+
+
+def _tally_negatives(tally: ScoringTally, negatives: list[Negatives | None]) -> None:
+    for mined in negatives:
+        if mined is not None:
+            tally.negatives += len(mined.doc_ids)
+            tally.negatives_too_close += mined.too_close
+            tally.negatives_near_duplicate += mined.near_duplicates
 
 
 def _write_scores(run: ScoringRun, shard: str, source: str, table: pa.Table) -> None:
@@ -197,6 +286,7 @@ def _write_scores(run: ScoringRun, shard: str, source: str, table: pa.Table) -> 
         run.tally.teacher_pairs += count
     else:
         run.tally.student_pairs += count
+        run.tally.student_round_trips += sum(bool(passed) for passed in table.column("round_trip").to_pylist())
 
 
 _CHECK_SPECS = [
@@ -217,8 +307,13 @@ def _results(tally: ScoringTally, scorer_name: str, tiny_scorer: bool, seconds: 
             "tiny_scorer": tiny_scorer,
             "student_pairs": tally.student_pairs,
             "teacher_pairs_rescored": tally.teacher_pairs,
+            "round_trip_candidate_pairs": tally.candidate_pairs,
+            "hard_negatives": tally.negatives,
+            "negatives_dropped_too_close": tally.negatives_too_close,
+            "negatives_dropped_near_duplicate": tally.negatives_near_duplicate,
+            "student_round_trip_rate": round(tally.student_round_trips / max(tally.student_pairs, 1), 4),
             "seconds": round(seconds, 2),
-            # Model compute: time inside the cross-encoder, and loading it. The BM25 check is not model compute.
+            # Model compute: time inside the cross-encoder (sources and round-trip candidates), and loading it.
             "score_seconds": round(tally.score_seconds, 3),
             "score_cpu_seconds": round(tally.score_cpu_seconds, 3),
             "model_load_seconds": round(tally.model_load_seconds, 3),
@@ -272,7 +367,15 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
             # partition.
             with lake.get_connection() as connection:
                 run = ScoringRun(
-                    scorer, connection, teacher_name, prompt_versions, sft.test_fraction, context.log, tally
+                    scorer,
+                    connection,
+                    teacher_name,
+                    prompt_versions,
+                    sft.test_fraction,
+                    scoring.round_trip,
+                    scoring.negatives,
+                    context.log,
+                    tally,
                 )
                 for key in context.partition_keys:
                     _score_partition(run, *checkpoint_and_shard(partitions_def, key))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -330,18 +331,39 @@ def _rank(scores: np.ndarray, row: int) -> int:
     return 1 + int(np.count_nonzero(scores > score))
 
 
-def lexical_checks(index: ShardIndex, items: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
-    """(query, doc_id) -> (overlap, rank), in the order given; each distinct query is scored once."""
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    """The rows of the `n` best-scoring documents with a score above 0, best first, ties in document order."""
+    positive = np.flatnonzero(scores > 0)
+    if len(positive) > n:
+        positive = positive[np.argpartition(-scores[positive], n - 1)[:n]]
+        # argpartition leaves ties at the boundary arbitrary: keep the lowest rows among those tied with the n-th.
+        cutoff = scores[positive].min()
+        above, tied = np.flatnonzero(scores > cutoff), np.flatnonzero(scores == cutoff)
+        positive = np.concatenate([above, tied[: n - len(above)]])
+    return positive[np.lexsort((positive, -scores[positive]))]
+
+
+@dataclass(frozen=True)
+class LexicalCheck:
+    overlap: float  # share of the query's distinct bigrams found in its source document
+    rank: int  # the source document's rank in the shard (see the module's docstring)
+    candidates: tuple[str, ...]  # the shard's best documents for the query, best first: the first stage's output
+
+
+def lexical_checks(index: ShardIndex, items: Sequence[tuple[str, str]], candidates: int = 0) -> list[LexicalCheck]:
+    """(query, source doc_id) -> its check with the query's top `candidates` documents, in the order given; each
+    distinct query is scored once."""
     rows = [index._row_of(doc_id) for _, doc_id in items]
     by_query: dict[str, list[int]] = {}
     for position, (query, _) in enumerate(items):
         by_query.setdefault(query, []).append(position)
-    results: list[tuple[float, int] | None] = [None] * len(items)
+    results: list[LexicalCheck | None] = [None] * len(items)
     for positions, (dense_rows, sparse_terms, distinct) in zip(by_query.values(), index._terms(list(by_query))):
         sparse_docs, sparse_weights = index._postings(sparse_terms)
         scores = index._scores(dense_rows, sparse_docs, sparse_weights)
+        top = tuple(index.doc_ids[row] for row in _top(scores, candidates)) if candidates else ()
         for position in positions:
             row = rows[position]
             overlap = index._hits(dense_rows, sparse_docs, row) / distinct if distinct else 0.0
-            results[position] = (overlap, _rank(scores, row))
+            results[position] = LexicalCheck(overlap, _rank(scores, row), top)
     return results  # type: ignore[return-value]
