@@ -17,7 +17,7 @@ from qc_assets.benchmarks import (
 from qc_assets_tests.conftest import run_qc
 
 
-@pytest.mark.long(100)
+@pytest.mark.long(160)
 @pytest.mark.timeout(600)
 def test_qc_bench_quick_runs_every_benchmark_and_writes_one_results_file(tmp_path):
     result = run_qc(["bench", "--quick", "--results-dir", str(tmp_path)], {})

@@ -168,7 +168,8 @@ def test_the_backfill_covers_the_selected_shards_in_ranges_and_leaves_base_model
     }
 
 
-@pytest.mark.long(300)
+@pytest.mark.long(270)
+@pytest.mark.timeout(1200)
 def test_a_corrupt_shard_leaves_its_labels_and_evaluation_unmaterialized_and_the_run_exits_non_zero(
     environment, tmp_path
 ):
@@ -216,7 +217,7 @@ def _wait_for_holder(dagster_home: Path, kind: str, process: subprocess.Popen, l
         time.sleep(0.2)
 
 
-@pytest.mark.long(150)
+@pytest.mark.long(230)
 @pytest.mark.timeout(900)
 def test_a_second_qc_run_waits_for_the_first_and_with_qc_ui_open_qc_run_launches_through_its_dagster(tmp_path):
     env = {"QC_DATA_DIR": str(tmp_path / "data"), "QC_CORPUS_SOURCE": str(SAMPLE_CORPUS)}

@@ -62,7 +62,7 @@ def sqlite_lake(tmp_path) -> dict[str, str]:
     return {"QC_LAKE_CATALOG": f"sqlite:{shared / 'catalog.sqlite'}", "QC_LAKE_DATA_PATH": f"{shared / 'files'}/"}
 
 
-@pytest.mark.long(80)
+@pytest.mark.long(300)
 @pytest.mark.parametrize("catalog", ["postgres", "sqlite"])
 def test_two_machines_replacing_the_same_new_partitions_leave_exactly_one_copy(catalog, tmp_path, request):
     # Before writers took turns on PostgreSQL, two runs replacing a partition that had no rows yet both committed:
@@ -204,7 +204,7 @@ with LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_o
 """
 
 
-@pytest.mark.long(120)
+@pytest.mark.long(180)
 def test_the_whole_graph_runs_on_a_postgres_catalog_with_its_files_on_s3(lake_on_postgres_and_s3, s3_server, tmp_path):
     env = clean_env(
         {

@@ -30,7 +30,7 @@ def journal_keys(data_dir) -> set[tuple[str, str]]:
     return keys
 
 
-@pytest.mark.long(80)
+@pytest.mark.long(155)
 def test_killed_labelling_runs_resume_asking_only_for_keys_still_missing(environment, tmp_path):
     texts = [document(i, "再開") for i in range(12)]
     source = write_corpus(tmp_path / "corpus", texts)
@@ -79,7 +79,7 @@ def test_killed_labelling_runs_resume_asking_only_for_keys_still_missing(environ
         assert not list((settings.data_root / "teacher" / "journal").rglob("segment-*.jsonl"))
 
 
-@pytest.mark.long(80)
+@pytest.mark.long(125)
 def test_estimate_labels_a_pilot_projects_the_corpus_and_the_full_run_does_not_pay_for_the_pilot_again(
     environment, tmp_path
 ):

@@ -20,7 +20,7 @@ def _range(partition: str) -> tuple[str, str, str]:
     return checkpoint, first, (end or start).rpartition("|shard-")[2]
 
 
-@pytest.mark.long(300)
+@pytest.mark.long(250)
 @pytest.mark.timeout(1200)
 def test_the_graph_run_from_the_ui_outlives_killed_daemons_and_webservers_with_the_sensor_and_an_analyst(tmp_path):
     report = run_whole_graph_from_the_ui(tmp_path)
