@@ -48,6 +48,7 @@ BENCHMARKS = (
     Benchmark("corpus_ingest", "Corpus ingest", ("--rows", "2000")),
     Benchmark("teacher_client", "Teacher client", ("--quick",)),
     Benchmark("generation_scoring", "Generation and scoring", ("--quick",)),
+    Benchmark("round_trip", "Round trip and hard negatives", ("--quick",)),
     Benchmark("student_training", "Student training", ("--steps", "3", "--methods", "full")),
     # Light models: the same pipeline with shorter queries and scored pairs, so 100,000 documents fit in about an
     # hour on 2 cores; model compute is taken out of the overhead figures either way.

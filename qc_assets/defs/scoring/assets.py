@@ -14,8 +14,8 @@ from pydantic import Field
 
 from qc_assets.defs.generation.assets import checkpoint_and_shard
 from qc_assets.defs.scoring.copying import copying
-from qc_assets.defs.scoring.lexical import ShardIndex, char_bigrams, lexical_checks
-from qc_assets.defs.scoring.negatives import Negatives, NegativeSettings, mine
+from qc_assets.defs.scoring.lexical import ShardIndex, lexical_checks
+from qc_assets.defs.scoring.negatives import Negatives, NegativeSettings, bigram_sets, mine
 from qc_assets.defs.scoring.round_trip import RoundTripSettings, round_trips, scored_pairs
 from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer
 from qc_assets.defs.sft.assets import SftResource
@@ -209,7 +209,7 @@ def _score_rows(
     run.tally.score_seconds += time.perf_counter() - started
     run.tally.score_cpu_seconds += time.process_time() - cpu_started
     trips = round_trips(items, lexical, lambda query, doc_id: scored[query, doc_id], run.round_trip)
-    bigrams = _bigram_sets(texts)
+    bigrams = bigram_sets(texts)
     negatives = [
         mine(doc_id, trip.reranked, bigrams, run.negatives) if trip.passed else None
         for (_, doc_id), trip in zip(items, trips)
@@ -241,18 +241,6 @@ def _score_rows(
         ],
         schema=_ARROW_SCHEMA,
     )
-
-
-def _bigram_sets(texts: dict[str, str]):
-    """doc_id -> its set of character bigrams, each computed once per shard and source."""
-    cache: dict[str, frozenset[str]] = {}
-
-    def bigrams(doc_id: str) -> frozenset[str]:
-        if doc_id not in cache:
-            cache[doc_id] = frozenset(char_bigrams(texts[doc_id]))
-        return cache[doc_id]
-
-    return bigrams
 
 
 def _negative_columns(mined: Negatives | None) -> dict:

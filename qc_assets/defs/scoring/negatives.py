@@ -13,8 +13,10 @@ negatives out:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from qc_assets.defs.scoring.lexical import char_bigrams
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,18 @@ class Negatives:
     scores: tuple[float, ...]
     too_close: int  # candidates the score guard removed
     near_duplicates: int  # candidates the near-duplicate guard removed (and the score guard let through)
+
+
+def bigram_sets(texts: Mapping[str, str]) -> Callable[[str], frozenset[str]]:
+    """doc_id -> its set of character bigrams, each computed once (a shard's documents recur as candidates)."""
+    cache: dict[str, frozenset[str]] = {}
+
+    def bigrams(doc_id: str) -> frozenset[str]:
+        if doc_id not in cache:
+            cache[doc_id] = frozenset(char_bigrams(texts[doc_id]))
+        return cache[doc_id]
+
+    return bigrams
 
 
 def jaccard(first: frozenset[str], second: frozenset[str]) -> float:
