@@ -220,6 +220,13 @@ class Settings(BaseModel):
             UtcWindow.parse(value)
         return value
 
+    round_trip_max_gap: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="The report's `round_trip_vs_teacher` check warns when a checkpoint's round-trip pass rate is "
+        "below the teacher's by more than this.",
+    )
     negatives_per_pair: int = Field(
         default=3, ge=0, description="Hard negatives kept per pair that passes the round trip."
     )

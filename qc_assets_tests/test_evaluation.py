@@ -6,12 +6,16 @@ import json
 import shutil
 
 import dagster as dg
+import duckdb
+import pyarrow as pa
 import pytest
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.definitions import build_definitions
+from qc_assets.defs.report.assets import SUMMARY_SQL, _markdown, _round_trip_gaps
 from qc_assets.defs.student.store import new_checkpoint_id, publish, staging_directory
 from qc_assets.lake.resource import LakeResource
+from qc_assets.lake.tables import CHECKPOINTS, EVAL_SUMMARY, RERANKER_SCORES
 from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import (
     lake_rows,
@@ -81,6 +85,9 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         summary = materialize_asset(settings, "eval_summary", instance)
         assert summary.success
         report = materialization_metadata(summary, "eval_summary")
+        checks = {result.check_name: result for result in summary.get_asset_check_evaluations()}
+        assert set(checks) == {"no_regression", "round_trip_vs_teacher"}
+        assert lake_rows(settings, "SELECT max(missing_pairs) FROM eval_summary") == [(0,)]
         assert report["tiny_models"] is True and "mean nothing" in report["table"]
         assert report["percentile_plot"].startswith("![percentiles](data:image/png;base64,")
 
@@ -270,3 +277,69 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run
         (root / "tiny" / "broken").mkdir()
         (root / "tiny" / "broken" / "manifest.json").write_text("[")
         assert isinstance(tick(cursor), dg.SkipReason)
+
+
+def _summary_lake(scores: list[dict]) -> duckdb.DuckDBPyConnection:
+    connection = duckdb.connect()
+    for table in (RERANKER_SCORES, CHECKPOINTS, EVAL_SUMMARY):
+        connection.execute(table.create_sql())
+    columns = RERANKER_SCORES.column_names
+    connection.register("incoming", pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in scores]))
+    connection.execute(f"INSERT INTO reranker_scores SELECT {', '.join(columns)} FROM incoming")
+    names = ", ".join(EVAL_SUMMARY.column_names)
+    connection.execute(f"INSERT INTO eval_summary ({names}) SELECT {names} FROM ({SUMMARY_SQL})")
+    return connection
+
+
+def _score(source: str, doc_id: str, category: str = "title", passed: bool = True, scorer: str = "bge@512") -> dict:
+    return {
+        "source": source,
+        "doc_id": doc_id,
+        "category": category,
+        "scorer": scorer,
+        "score": 0.5,
+        "bm25_rank": 1,
+        "round_trip": passed,
+    }
+
+
+def test_each_row_says_how_many_of_the_pairs_other_sources_have_it_lacks():
+    connection = _summary_lake(
+        [_score("ckpt-a", doc) for doc in ("d1", "d2", "d3")]
+        + [_score("teacher:t", doc) for doc in ("d1", "d2")]
+        + [_score("ckpt-a", "d1", "faq"), _score("ckpt-a", "d1", scorer="other@512")]
+    )
+    rows = connection.execute(
+        "SELECT source, scorer, category, n, missing_pairs FROM eval_summary ORDER BY ALL"
+    ).fetchall()
+    assert rows == [
+        ("ckpt-a", "bge@512", "all", 4, 0),
+        ("ckpt-a", "bge@512", "faq", 1, 0),
+        ("ckpt-a", "bge@512", "title", 3, 0),
+        ("ckpt-a", "other@512", "all", 1, 0),
+        ("ckpt-a", "other@512", "title", 1, 0),
+        ("teacher:t", "bge@512", "all", 2, 2),
+        ("teacher:t", "bge@512", "title", 2, 1),
+    ]
+    table = _markdown(
+        connection.execute("SELECT * FROM eval_summary WHERE category = 'all'").to_arrow_table().to_pylist()
+    )
+    assert "| 2 (2 missing) |" in table and "| 4 |" in table
+
+
+def test_the_check_names_checkpoints_whose_round_trips_pass_less_often_than_the_teachers_beyond_the_gap():
+    def passes(source: str, rate_in_ten: int, scorer: str = "bge@512") -> list[dict]:
+        return [_score(source, f"d{i}", passed=i < rate_in_ten, scorer=scorer) for i in range(10)]
+
+    connection = _summary_lake(
+        passes("teacher:t", 8)
+        + passes("ckpt-close", 7)
+        + passes("ckpt-behind", 6)
+        + passes("teacher:t", 2, scorer="other@512")
+        + passes("ckpt-behind", 6, scorer="other@512")
+    )
+    assert _round_trip_gaps(connection, 0.1) == [
+        "ckpt-behind passes 0.600 of round trips, teacher:t 0.800, under bge@512"
+    ]
+    assert _round_trip_gaps(connection, 0.25) == []
+    assert len(_round_trip_gaps(connection, 0.05)) == 2

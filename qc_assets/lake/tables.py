@@ -249,6 +249,12 @@ EVAL_SUMMARY = Table(
         Column("copy_share", "DOUBLE", "Mean longest verbatim run of a query in its document, as a share of it."),
         Column("negatives_per_pair", "DOUBLE", "Mean hard negatives kept per pair that passes the round trip."),
         Column(
+            "missing_pairs",
+            "BIGINT",
+            "(document, category) pairs another source has under this scorer and this one lacks; 0: the row covers "
+            "the same pairs as every other.",
+        ),
+        Column(
             "tiny_model", "BOOLEAN", "The source or the scorer is a tiny random-weight model: the scores mean nothing."
         ),
         Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the summary was computed."),

@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from qc_assets.lake.resource import LakeResource
-from qc_assets.lake.tables import EVAL_SUMMARY, RERANKER_SCORES
+from qc_assets.lake.tables import EVAL_SUMMARY, RERANKER_SCORES, TEACHER_SOURCE_PREFIX
 from qc_assets.settings import Settings
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
@@ -18,17 +18,25 @@ TINY_NOTE = "Tiny random-weight models took part: these scores mean nothing; the
 
 class ReportResource(dg.ConfigurableResource):
     reports_dir: str = Field(description="Where plots go, QC_DATA_DIR/reports.")
+    round_trip_max_gap: float = Field(description="QC_ROUND_TRIP_MAX_GAP")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ReportResource":
-        return cls(reports_dir=str(settings.data_root / "reports"))
+        return cls(reports_dir=str(settings.data_root / "reports"), round_trip_max_gap=settings.round_trip_max_gap)
 
 
 SUMMARY_SQL = f"""
 WITH scored AS (
     SELECT s.*, coalesce(c.tiny_model, false) OR s.scorer LIKE 'tiny-%' AS tiny
     FROM reranker_scores s LEFT JOIN checkpoints c ON c.checkpoint = s.source
-)
+),
+-- Every (document, category) some source was scored on under a scorer: what each row should cover.
+covered AS (
+    SELECT scorer, coalesce(category, 'all') AS category, count(*) AS pairs
+    FROM (SELECT DISTINCT scorer, doc_id, category FROM reranker_scores)
+    GROUP BY GROUPING SETS ((scorer, category), (scorer))
+),
+summary AS (
 SELECT source, scorer, coalesce(category, 'all') AS category, count(*) AS n, avg(score) AS mean,
        stddev_pop(score) AS std,
        {", ".join(f"quantile_cont(score, {q / 100}) AS p{q:02d}" for q in PERCENTILES)},
@@ -43,6 +51,9 @@ SELECT source, scorer, coalesce(category, 'all') AS category, count(*) AS n, avg
        bool_or(tiny) AS tiny_model, now() AS created_at
 FROM scored
 GROUP BY GROUPING SETS ((source, scorer, category), (source, scorer))
+)
+SELECT summary.*, covered.pairs - summary.n AS missing_pairs
+FROM summary JOIN covered USING (scorer, category)
 """
 
 
@@ -54,11 +65,16 @@ def _markdown(rows: list[dict]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row['source']} | {row['scorer']} | {row['n']} | {row['mean']:.4f} | {row['std']:.4f} | "
+            f"| {row['source']} | {row['scorer']} | {_count(row)} | {row['mean']:.4f} | {row['std']:.4f} | "
             f"{row['p50']:.4f} | {_share(row['round_trip_rate'])} | {_share(row['bm25_mrr10'])} → "
             f"{_share(row['rerank_mrr10'])} | {_share(row['copy_rate'])} | {_share(row['copy_share'])} |"
         )
     return "\n".join(lines)
+
+
+def _count(row: dict) -> str:
+    """n, and the pairs other rows have and this one lacks: rows compare only where they cover the same pairs."""
+    return f"{row['n']} ({row['missing_pairs']} missing)" if row["missing_pairs"] else str(row["n"])
 
 
 def _share(value: float | None) -> str:
@@ -112,6 +128,27 @@ def _regressions(connection) -> list[str]:
     return worse
 
 
+def _round_trip_gaps(connection, max_gap: float) -> list[str]:
+    """Checkpoints whose overall round-trip pass rate is below the teacher's, same scorer, by more than max_gap."""
+    rows = connection.execute(
+        f"""
+        SELECT student.source, student.scorer, student.round_trip_rate, teacher.source, teacher.round_trip_rate
+        FROM eval_summary student JOIN eval_summary teacher
+          ON teacher.scorer = student.scorer AND teacher.category = 'all'
+         AND starts_with(teacher.source, '{TEACHER_SOURCE_PREFIX}')
+        WHERE student.category = 'all' AND NOT starts_with(student.source, '{TEACHER_SOURCE_PREFIX}')
+          AND teacher.round_trip_rate - student.round_trip_rate > $1
+        ORDER BY ALL
+        """,
+        # Rates are means of booleans: a gap equal to the margin (0.8 - 0.7 in floating point) is within it.
+        [max_gap + 1e-9],
+    ).fetchall()
+    return [
+        f"{source} passes {rate:.3f} of round trips, {teacher} {teacher_rate:.3f}, under {scorer}"
+        for source, scorer, rate, teacher, teacher_rate in rows
+    ]
+
+
 @dg.asset(
     name=EVAL_SUMMARY.name,
     deps=[dg.AssetDep(RERANKER_SCORES.name, partition_mapping=dg.AllPartitionMapping())],
@@ -129,6 +166,12 @@ def _regressions(connection) -> list[str]:
             asset=EVAL_SUMMARY.name,
             description="Warns when a checkpoint scores below the best earlier one of its base model.",
         ),
+        dg.AssetCheckSpec(
+            "round_trip_vs_teacher",
+            asset=EVAL_SUMMARY.name,
+            description="Warns when a checkpoint's round-trip pass rate is below the teacher's under the same "
+            "scorer by more than QC_ROUND_TRIP_MAX_GAP.",
+        ),
     ],
 )
 def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: ReportResource):
@@ -142,9 +185,9 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
             .to_arrow_table()
             .to_pylist()
         )
-        return overall, _regressions(connection)
+        return overall, _regressions(connection), _round_trip_gaps(connection, report.round_trip_max_gap)
 
-    overall, worse = lake.transaction(rebuild, "rebuild eval_summary")
+    overall, worse, behind = lake.transaction(rebuild, "rebuild eval_summary")
     if not overall:
         raise dg.Failure(
             description="reranker_scores is empty: materialize generated_queries and reranker_scores first"
@@ -173,6 +216,12 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
         passed=not worse,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"regressions": dg.MetadataValue.json(worse)},
+    )
+    yield dg.AssetCheckResult(
+        check_name="round_trip_vs_teacher",
+        passed=not behind,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"behind_the_teacher": dg.MetadataValue.json(behind), "max_gap": report.round_trip_max_gap},
     )
 
 
