@@ -244,6 +244,16 @@ class Settings(BaseModel):
         description="A candidate whose character bigrams overlap the positive's by at least this Jaccard is a near "
         "duplicate, never a negative.",
     )
+    score_teacher_train_split: bool = Field(
+        default=True,
+        description="Score the teacher's labels of train-split documents too (round trip, hard negatives): the "
+        "training pairs' train split. The report compares sources on the test split either way.",
+    )
+    training_pairs_hub_repo: str | None = Field(
+        default=None,
+        description="Push each new version of the training pairs to this Hugging Face dataset repo, one config per "
+        "source.",
+    )
 
     @model_validator(mode="after")
     def _round_trip_top_k_is_within_the_candidates(self) -> Settings:

@@ -12,7 +12,8 @@ import pytest
 
 from qc_assets.categories import CATEGORIES
 from qc_assets.definitions import build_definitions
-from qc_assets.defs.report.assets import SUMMARY_SQL, _markdown, _round_trip_gaps
+from qc_assets.defs.report.assets import _markdown, _round_trip_gaps, summary_sql
+from qc_assets.defs.sft.dataset import is_test_document
 from qc_assets.defs.student.store import new_checkpoint_id, publish, staging_directory
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import CHECKPOINTS, EVAL_SUMMARY, RERANKER_SCORES
@@ -279,7 +280,7 @@ def test_the_sensor_registers_each_complete_checkpoint_once_and_requests_one_run
         assert isinstance(tick(cursor), dg.SkipReason)
 
 
-def _summary_lake(scores: list[dict]) -> duckdb.DuckDBPyConnection:
+def _summary_lake(scores: list[dict], test_fraction: float = 1.0) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect()
     for table in (RERANKER_SCORES, CHECKPOINTS, EVAL_SUMMARY):
         connection.execute(table.create_sql())
@@ -287,7 +288,7 @@ def _summary_lake(scores: list[dict]) -> duckdb.DuckDBPyConnection:
     connection.register("incoming", pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in scores]))
     connection.execute(f"INSERT INTO reranker_scores SELECT {', '.join(columns)} FROM incoming")
     names = ", ".join(EVAL_SUMMARY.column_names)
-    connection.execute(f"INSERT INTO eval_summary ({names}) SELECT {names} FROM ({SUMMARY_SQL})")
+    connection.execute(f"INSERT INTO eval_summary ({names}) SELECT {names} FROM ({summary_sql(test_fraction)})")
     return connection
 
 
@@ -325,6 +326,18 @@ def test_each_row_says_how_many_of_the_pairs_other_sources_have_it_lacks():
         connection.execute("SELECT * FROM eval_summary WHERE category = 'all'").to_arrow_table().to_pylist()
     )
     assert "| 2 (2 missing) |" in table and "| 4 |" in table
+
+
+def test_the_table_compares_sources_on_the_test_split_and_leaves_the_teachers_training_pairs_out():
+    documents = [f"d{i}" for i in range(40)]
+    test_documents = [doc for doc in documents if is_test_document(doc, 0.5)]
+    assert 0 < len(test_documents) < len(documents)
+    connection = _summary_lake(
+        [_score("teacher:t", doc) for doc in documents] + [_score("ckpt-a", doc) for doc in test_documents],
+        test_fraction=0.5,
+    )
+    rows = connection.execute("SELECT source, n, missing_pairs FROM eval_summary WHERE category = 'all' ORDER BY ALL")
+    assert rows.fetchall() == [("ckpt-a", len(test_documents), 0), ("teacher:t", len(test_documents), 0)]
 
 
 def test_the_check_names_checkpoints_whose_round_trips_pass_less_often_than_the_teachers_beyond_the_gap():

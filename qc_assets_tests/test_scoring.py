@@ -322,6 +322,11 @@ def test_mining_keeps_the_best_rivals_the_score_and_near_duplicate_guards_let_th
         "kyoto",
         "abc",
     )
+    # Candidates of the other split are passed over, not counted: the training pairs' splits share no document.
+    other_split = {"sushi", "tea"}
+    assert mine("src", reranked, bigrams.__getitem__, settings, lambda doc_id: doc_id not in other_split) == Negatives(
+        ("kyoto", "abc"), (6, 7), (0.3, 0.2), too_close=1, near_duplicates=1
+    )
     # A scorer that cannot tell documents apart (the tiny random cross-encoder) leaves no negative.
     flat = [(doc_id, 0.5048) for doc_id in texts]
     assert mine("src", flat, bigrams.__getitem__, settings) == Negatives((), (), (), len(texts) - 1, 0)

@@ -262,6 +262,25 @@ EVAL_SUMMARY = Table(
     partition_columns=(),
 )
 
+TRAINING_PAIRS = Table(
+    name="training_pairs",
+    description="The training pairs' current version per source: pairs scored, passing the round trip and exported "
+    "as (anchor, positive, negative_1..n) rows, per split and category.",
+    columns=(
+        Column("source", "VARCHAR", "A checkpoint id or teacher:<model>: who wrote the queries."),
+        Column("scorer", "VARCHAR", "The cross-encoder that re-ranked and mined."),
+        Column("version", "VARCHAR", "The dataset version: a hash of its rows' keys and the filter."),
+        Column("split", "VARCHAR", "train or test, by the SFT dataset's document split."),
+        Column("category", "VARCHAR", "The query's category."),
+        Column("scored", "BIGINT", "Pairs scored."),
+        Column("passed_round_trip", "BIGINT", "Pairs whose document the re-ranked candidates put within the top k."),
+        Column("exported", "BIGINT", "Rows exported: pairs that passed with enough hard negatives."),
+        Column("path", "VARCHAR", "The version's directory; `hf/` in it loads with datasets.load_from_disk."),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the export was checked."),
+    ),
+    partition_columns=(),
+)
+
 TABLES: dict[str, Table] = {
     table.name: table
     for table in (
@@ -272,6 +291,7 @@ TABLES: dict[str, Table] = {
         GENERATED_QUERIES,
         RERANKER_SCORES,
         EVAL_SUMMARY,
+        TRAINING_PAIRS,
     )
 }
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from qc_assets.defs.sft.dataset import split_is_test_sql
 from qc_assets.lake.resource import LakeResource
-from qc_assets.lake.tables import EVAL_SUMMARY, RERANKER_SCORES, TEACHER_SOURCE_PREFIX
+from qc_assets.lake.tables import EVAL_SUMMARY, RERANKER_SCORES, TEACHER_SOURCE_PREFIX, TRAINING_PAIRS
 from qc_assets.settings import Settings
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
@@ -19,21 +20,33 @@ TINY_NOTE = "Tiny random-weight models took part: these scores mean nothing; the
 class ReportResource(dg.ConfigurableResource):
     reports_dir: str = Field(description="Where plots go, QC_DATA_DIR/reports.")
     round_trip_max_gap: float = Field(description="QC_ROUND_TRIP_MAX_GAP")
+    test_fraction: float = Field(description="QC_SFT_TEST_FRACTION: the table compares sources on the test split.")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ReportResource":
-        return cls(reports_dir=str(settings.data_root / "reports"), round_trip_max_gap=settings.round_trip_max_gap)
+        return cls(
+            reports_dir=str(settings.data_root / "reports"),
+            round_trip_max_gap=settings.round_trip_max_gap,
+            test_fraction=settings.sft_test_fraction,
+        )
 
 
-SUMMARY_SQL = f"""
-WITH scored AS (
+def summary_sql(test_fraction: float) -> str:
+    """Seed 000's table over the test split's pairs: the documents students never trained on, which the teacher's
+    row is scored on too (its train-split rows are training pairs, not evaluation)."""
+    return _SUMMARY_SQL.format(in_test=split_is_test_sql("doc_id", test_fraction))
+
+
+_SUMMARY_SQL = f"""
+WITH evaluated AS (SELECT * FROM reranker_scores WHERE {{in_test}}),
+scored AS (
     SELECT s.*, coalesce(c.tiny_model, false) OR s.scorer LIKE 'tiny-%' AS tiny
-    FROM reranker_scores s LEFT JOIN checkpoints c ON c.checkpoint = s.source
+    FROM evaluated s LEFT JOIN checkpoints c ON c.checkpoint = s.source
 ),
 -- Every (document, category) some source was scored on under a scorer: what each row should cover.
 covered AS (
     SELECT scorer, coalesce(category, 'all') AS category, count(*) AS pairs
-    FROM (SELECT DISTINCT scorer, doc_id, category FROM reranker_scores)
+    FROM (SELECT DISTINCT scorer, doc_id, category FROM evaluated)
     GROUP BY GROUPING SETS ((scorer, category), (scorer))
 ),
 summary AS (
@@ -179,7 +192,9 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
 
     def rebuild(connection):
         connection.execute(f'DELETE FROM "{EVAL_SUMMARY.name}"')
-        connection.execute(f'INSERT INTO "{EVAL_SUMMARY.name}" ({columns}) SELECT {columns} FROM ({SUMMARY_SQL})')
+        connection.execute(
+            f'INSERT INTO "{EVAL_SUMMARY.name}" ({columns}) SELECT {columns} FROM ({summary_sql(report.test_fraction)})'
+        )
         overall = (
             connection.execute(f"SELECT * FROM {EVAL_SUMMARY.name} WHERE category = 'all' ORDER BY scorer, mean DESC")
             .to_arrow_table()
@@ -227,9 +242,10 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
 
 REPORT_AUTOMATION = "evaluation_report_automation"
 
+# The report and the training pairs: both follow every new score.
 report_automation = dg.AutomationConditionSensorDefinition(
     REPORT_AUTOMATION,
-    target=[eval_summary],
+    target=[EVAL_SUMMARY.name, TRAINING_PAIRS.name],
     default_status=dg.DefaultSensorStatus.RUNNING,
     # Short, so that `qc run` ends soon after the last scores; an evaluation reads the instance's records only.
     minimum_interval_seconds=5,

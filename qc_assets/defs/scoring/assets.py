@@ -2,6 +2,7 @@
 then the cross-encoder find the query's document again?) and how much of each query is copied from its document."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -17,9 +18,9 @@ from qc_assets.defs.scoring.copying import copying
 from qc_assets.defs.scoring.lexical import ShardIndex, lexical_checks
 from qc_assets.defs.scoring.negatives import Negatives, NegativeSettings, bigram_sets, mine
 from qc_assets.defs.scoring.round_trip import RoundTripSettings, round_trips, scored_pairs
-from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer
+from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer, scorer_name
 from qc_assets.defs.sft.assets import SftResource
-from qc_assets.defs.sft.dataset import split_is_test_sql
+from qc_assets.defs.sft.dataset import is_test_document, split_is_test_sql
 from qc_assets.defs.teacher.assets import TeacherResource
 from qc_assets.execution import GPU_POD, GPU_POOL
 from qc_assets.lake.resource import LakeResource, fetch_row, replace_partition_rows, run_transaction
@@ -41,6 +42,7 @@ class ScoringResource(dg.ConfigurableResource):
     negatives_per_pair: int = Field(description="QC_NEGATIVES_PER_PAIR")
     negatives_relative_margin: float = Field(description="QC_NEGATIVES_RELATIVE_MARGIN")
     negatives_max_similarity: float = Field(description="QC_NEGATIVES_MAX_SIMILARITY")
+    score_teacher_train_split: bool = Field(description="QC_SCORE_TEACHER_TRAIN_SPLIT")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ScoringResource":
@@ -54,6 +56,7 @@ class ScoringResource(dg.ConfigurableResource):
             negatives_per_pair=settings.negatives_per_pair,
             negatives_relative_margin=settings.negatives_relative_margin,
             negatives_max_similarity=settings.negatives_max_similarity,
+            score_teacher_train_split=settings.score_teacher_train_split,
         )
 
     @property
@@ -68,16 +71,16 @@ class ScoringResource(dg.ConfigurableResource):
     def is_tiny(self) -> bool:
         return self.model == TINY_STUDENT
 
-    def open(self):
+    @property
+    def scorer_name(self) -> str:
+        """The name stored with each score, known without loading the model."""
+        return f"tiny-cross-encoder@{self.max_length}" if self.is_tiny else scorer_name(self.model, self.max_length)
+
+    def open(self) -> QueryScorer:
+        model = self.model
         if self.is_tiny:
-            path = ensure_tiny_models(Path(self.models_dir), sample_texts())[CROSS_ENCODER_DIR]
-            return open_scorer(
-                str(path),
-                max_length=self.max_length,
-                batch_size=self.batch_size,
-                name=f"tiny-cross-encoder@{self.max_length}",
-            )
-        return open_scorer(self.model, max_length=self.max_length, batch_size=self.batch_size)
+            model = str(ensure_tiny_models(Path(self.models_dir), sample_texts())[CROSS_ENCODER_DIR])
+        return open_scorer(model, max_length=self.max_length, batch_size=self.batch_size, name=self.scorer_name)
 
 
 _ARROW_SCHEMA = RERANKER_SCORES.arrow_schema()
@@ -115,6 +118,7 @@ class ScoringRun:
     teacher_name: str
     prompt_versions: dict[str, str]
     test_fraction: float
+    teacher_train_split: bool
     round_trip: RoundTripSettings
     negatives: NegativeSettings
     log: dg.DagsterLogManager
@@ -123,6 +127,10 @@ class ScoringRun:
     @property
     def teacher_source(self) -> str:
         return TEACHER_SOURCE_PREFIX + self.teacher_name
+
+    def same_split(self, doc_id: str) -> Callable[[str], bool]:
+        in_test = is_test_document(doc_id, self.test_fraction)
+        return lambda candidate: is_test_document(candidate, self.test_fraction) == in_test
 
 
 def _score_partition(run: ScoringRun, checkpoint: str, shard: str) -> None:
@@ -157,11 +165,13 @@ def _student_pairs(connection: duckdb.DuckDBPyConnection, checkpoint: str, shard
 
 
 def _teacher_pairs(run: ScoringRun, shard: str, texts: dict[str, str]) -> list[Pair]:
-    """The teacher's labels of the shard's test documents under the prompt versions the settings label with: a key
-    relabelled under a new prompt is scored once, for its current label."""
+    """The teacher's labels of the shard's documents (test split only unless QC_SCORE_TEACHER_TRAIN_SPLIT) under the
+    prompt versions the settings label with: a key relabelled under a new prompt is scored once, for its current
+    label."""
+    in_split = "true" if run.teacher_train_split else split_is_test_sql("l.doc_id", run.test_fraction)
     labels = run.connection.execute(
         f"""SELECT l.doc_id, l.category, l.query, l.prompt_version FROM teacher_labels l
-            WHERE l.shard = $1 AND l.teacher = $2 AND {split_is_test_sql("l.doc_id", run.test_fraction)}
+            WHERE l.shard = $1 AND l.teacher = $2 AND {in_split}
             ORDER BY ALL""",
         [shard, run.teacher_name],
     ).fetchall()
@@ -211,7 +221,7 @@ def _score_rows(
     trips = round_trips(items, lexical, lambda query, doc_id: scored[query, doc_id], run.round_trip)
     bigrams = bigram_sets(texts)
     negatives = [
-        mine(doc_id, trip.reranked, bigrams, run.negatives) if trip.passed else None
+        mine(doc_id, trip.reranked, bigrams, run.negatives, run.same_split(doc_id)) if trip.passed else None
         for (_, doc_id), trip in zip(items, trips)
     ]
     _tally_negatives(run.tally, negatives)
@@ -330,7 +340,8 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
         pool=GPU_POOL,
         kinds={"pytorch", "duckdb"},
         description=RERANKER_SCORES.description
-        + " The teacher's labels of the same test documents are scored by the same scorer once per shard.",
+        + " The teacher's labels of the shard (of every split unless QC_SCORE_TEACHER_TRAIN_SPLIT is false) are "
+        "scored by the same scorer once per shard; hard negatives come from the source document's own split.",
         metadata={
             "dagster/column_schema": RERANKER_SCORES.dagster_schema(),
             "dagster/table_name": f"lake.{RERANKER_SCORES.name}",
@@ -360,6 +371,7 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                     teacher_name,
                     prompt_versions,
                     sft.test_fraction,
+                    scoring.score_teacher_train_split,
                     scoring.round_trip,
                     scoring.negatives,
                     context.log,

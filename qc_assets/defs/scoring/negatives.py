@@ -9,6 +9,9 @@ negatives out:
 - near duplicate: a candidate whose character bigrams overlap the positive's by Jaccard >= max_similarity is the
   same text with small edits, whatever a (possibly tiny, random) scorer says. Exact duplicates never get here: the
   corpus stage removes them.
+
+Only candidates `eligible` for the source are considered: the scoring stage passes "in the source document's SFT
+split", so the training pairs' train and test splits share no document, negatives included.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def mine(
     reranked: Sequence[tuple[str, float]],
     bigrams: Callable[[str], frozenset[str]],
     settings: NegativeSettings,
+    eligible: Callable[[str], bool] = lambda doc_id: True,
 ) -> Negatives:
     """`reranked`: the candidates (doc_id, cross-encoder score) best first, the source among them."""
     positive = dict(reranked)[source]
@@ -64,7 +68,7 @@ def mine(
     kept: list[tuple[str, int, float]] = []
     too_close = near_duplicates = 0
     for rank, (doc_id, score) in enumerate(reranked, start=1):
-        if doc_id == source:
+        if doc_id == source or not eligible(doc_id):
             continue
         if score > ceiling:
             too_close += 1
