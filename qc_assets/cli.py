@@ -26,6 +26,11 @@ SUMMARY_QUERIES = {
         "round(rerank_mrr10, 3) AS rerank_mrr10, round(copy_rate, 3) AS copied, "
         "tiny_model FROM eval_summary WHERE category = 'all' ORDER BY scorer, mean DESC"
     ),
+    "training_pairs ((anchor, positive, negative_1..n) for sentence-transformers, per source)": (
+        "SELECT source, version, sum(scored) AS scored, sum(passed_round_trip) AS passed_round_trip, "
+        "sum(exported) FILTER (split = 'train') AS train_rows, sum(exported) FILTER (split = 'test') AS test_rows "
+        "FROM training_pairs GROUP BY source, version ORDER BY source"
+    ),
 }
 
 
@@ -99,6 +104,11 @@ def _print_summary(settings: Settings) -> None:
             if table.startswith("eval_summary") and any(row[-1] for row in relation.fetchall()):
                 click.echo(
                     "Tiny random-weight models took part: these scores mean nothing; they only show the pipeline works."
+                )
+            if table.startswith("training_pairs"):
+                click.echo(
+                    f"Each source's current version: {settings.data_root / 'training_pairs'}/<source>/<version>/hf "
+                    "(datasets.load_from_disk), its card README.md beside it."
                 )
 
 

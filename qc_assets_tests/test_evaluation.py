@@ -77,11 +77,18 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         )
         scored = materialize_asset(settings, "reranker_scores", instance, partition=partition)
         assert scored.success
+        # The teacher is scored on every split (its train split makes training pairs), each key once.
+        (current_labels,) = lake_rows(
+            settings,
+            "SELECT count(*) FROM teacher_labels WHERE shard = ? AND prompt_version <> 'earlier-prompt'",
+            [SHARDS[0]],
+        )
         assert lake_rows(
             settings,
-            "SELECT count(*), count(DISTINCT (doc_id, category)), count(*) FILTER (starts_with(query, 'earlier ')) "
+            "SELECT count(*), count(DISTINCT (doc_id, category)), count(*) FILTER (starts_with(query, 'earlier ')), "
+            "count(*) FILTER (doc_id IN (SELECT doc_id FROM generated_queries)) "
             "FROM reranker_scores WHERE starts_with(source, 'teacher:')",
-        ) == [(len(test_docs) * len(CATEGORIES), len(test_docs) * len(CATEGORIES), 0)]
+        ) == [(current_labels[0], current_labels[0], 0, len(test_docs) * len(CATEGORIES))]
         assert all(result.passed for result in scored.get_asset_check_evaluations())
         summary = materialize_asset(settings, "eval_summary", instance)
         assert summary.success

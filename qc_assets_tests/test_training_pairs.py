@@ -19,6 +19,7 @@ from qc_assets.defs.sft.dataset import is_test_document
 from qc_assets.defs.training_pairs.export import PairSelection, source_root, verify
 from qc_assets.hf_export import current_version
 from qc_assets.lake.resource import LakeResource
+from qc_assets.models.tiny import CROSS_ENCODER_DIR
 from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import lake_rows, materialization_metadata, materialize, materialize_asset
 
@@ -166,6 +167,8 @@ def test_training_pairs_keep_near_duplicates_out_measure_copying_and_load_in_the
         assert documents["train"] and not documents["train"] & documents["test"]
         assert all(is_test_document(doc_id, TEST_FRACTION) for doc_id in documents["test"])
 
+        _train_one_step_with_each_trainer(settings, splits["train"], tmp_path / "trainers")
+
         again = materialize_asset(settings, "training_pairs", instance)
         assert materialization_metadata(again, "training_pairs")["new_versions"] == 0
         assert current_version(source_root(root, TEACHER)) == directory
@@ -186,3 +189,37 @@ def test_the_check_reads_back_negatives_that_are_their_positive_and_documents_in
     assert verify(tmp_path, selection) == {"negative_is_its_positive": 1, "documents_in_both_splits": 0}
     write("test", [row("e", "text e", "b", "text b"), row("f", "text f", "f", "text f")])
     assert verify(tmp_path, selection) == {"negative_is_its_positive": 2, "documents_in_both_splits": 1}
+
+
+def _train_one_step_with_each_trainer(settings, rows: datasets.Dataset, output_dir) -> None:
+    """The rows feed sentence-transformers' trainers as they are: an embedder (the tiny XLM-R with mean pooling)
+    under MultipleNegativesRankingLoss and the tiny cross-encoder under its own."""
+    from sentence_transformers import (
+        CrossEncoder,
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss as RerankerLoss
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    model_dir = str(settings.data_root / "models" / CROSS_ENCODER_DIR)
+    options = {"max_steps": 1, "per_device_train_batch_size": 4, "report_to": "none", "save_strategy": "no"}
+    embedder = SentenceTransformer(model_dir, device="cpu")
+    embedder.max_seq_length = 64
+    embedding = SentenceTransformerTrainer(
+        model=embedder,
+        args=SentenceTransformerTrainingArguments(output_dir=str(output_dir / "embedder"), **options),
+        train_dataset=rows,
+        loss=MultipleNegativesRankingLoss(embedder),
+    ).train()
+    reranker = CrossEncoder(model_dir, device="cpu", max_length=64)
+    reranking = CrossEncoderTrainer(
+        model=reranker,
+        args=CrossEncoderTrainingArguments(output_dir=str(output_dir / "reranker"), **options),
+        train_dataset=rows,
+        loss=RerankerLoss(reranker),
+    ).train()
+    assert embedding.global_step == reranking.global_step == 1
+    assert embedding.training_loss > 0 and reranking.training_loss > 0
