@@ -97,6 +97,12 @@ def test_training_pairs_keep_near_duplicates_out_measure_copying_and_load_in_the
             partition = dg.MultiPartitionKey({"checkpoint": CHECKPOINT, "shard": shard})
             assert materialize_asset(settings, "reranker_scores", instance, partition=partition).success
 
+        # Scoring the shard again (another checkpoint's run, say) maps its saved BM25 index back.
+        partition = dg.MultiPartitionKey({"checkpoint": CHECKPOINT, "shard": SHARDS[0]})
+        rescored = materialize_asset(settings, "reranker_scores", instance, partition=partition)
+        indexes = materialization_metadata(rescored, "reranker_scores")
+        assert (indexes["bm25_indexes_built"], indexes["bm25_indexes_loaded"]) == (0, 1)
+
         # The copied query is measured as copied; the near duplicate is never the original's negative.
         assert lake_rows(
             settings,

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from qc_assets.defs.generation.assets import checkpoint_and_shard
 from qc_assets.defs.scoring.copying import copying
+from qc_assets.defs.scoring.index_cache import ShardIndexes
 from qc_assets.defs.scoring.lexical import ShardIndex, lexical_checks
 from qc_assets.defs.scoring.negatives import Negatives, NegativeSettings, bigram_sets, mine
 from qc_assets.defs.scoring.round_trip import RoundTripSettings, round_trips, scored_pairs
@@ -37,6 +38,7 @@ class ScoringResource(dg.ConfigurableResource):
     max_length: int = Field(description="QC_SCORER_MAX_LENGTH")
     batch_size: int = Field(description="QC_SCORER_BATCH_SIZE")
     models_dir: str = Field(description="Where the tiny models live, QC_DATA_DIR/models.")
+    indexes_dir: str = Field(description="Where each shard's BM25 index is kept between runs, QC_DATA_DIR/indexes.")
     round_trip_candidates: int = Field(description="QC_ROUND_TRIP_CANDIDATES")
     round_trip_top_k: int = Field(description="QC_ROUND_TRIP_TOP_K")
     negatives_per_pair: int = Field(description="QC_NEGATIVES_PER_PAIR")
@@ -51,6 +53,7 @@ class ScoringResource(dg.ConfigurableResource):
             max_length=settings.scorer_max_length,
             batch_size=settings.scorer_batch_size,
             models_dir=str(settings.data_root / "models"),
+            indexes_dir=str(settings.data_root / "indexes"),
             round_trip_candidates=settings.round_trip_candidates,
             round_trip_top_k=settings.round_trip_top_k,
             negatives_per_pair=settings.negatives_per_pair,
@@ -106,7 +109,6 @@ class ScoringTally:
     score_seconds: float = 0.0
     score_cpu_seconds: float = 0.0
     lexical_seconds: float = 0.0
-    index_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class ScoringRun:
     teacher_train_split: bool
     round_trip: RoundTripSettings
     negatives: NegativeSettings
+    indexes: ShardIndexes
     log: dg.DagsterLogManager
     tally: ScoringTally
 
@@ -196,9 +199,7 @@ def _stored_teacher_scores(run: ScoringRun, shard: str) -> int:
 def _score_sources(
     run: ScoringRun, shard: str, texts: dict[str, str], by_source: dict[str, list[Pair]]
 ) -> dict[str, pa.Table]:
-    index_started = time.perf_counter()
-    index = ShardIndex(list(texts), list(texts.values()))
-    run.tally.index_seconds += time.perf_counter() - index_started
+    index = run.indexes.get(shard, texts)
     return {source: _score_rows(run, index, texts, pairs, shard, source) for source, pairs in by_source.items()}
 
 
@@ -297,7 +298,7 @@ _CHECK_SPECS = [
 ]
 
 
-def _results(tally: ScoringTally, scorer_name: str, tiny_scorer: bool, seconds: float):
+def _results(tally: ScoringTally, indexes: ShardIndexes, scorer_name: str, tiny_scorer: bool, seconds: float):
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": tally.student_pairs,
@@ -315,7 +316,11 @@ def _results(tally: ScoringTally, scorer_name: str, tiny_scorer: bool, seconds: 
             "score_seconds": round(tally.score_seconds, 3),
             "score_cpu_seconds": round(tally.score_cpu_seconds, 3),
             "model_load_seconds": round(tally.model_load_seconds, 3),
-            "bm25_index_seconds": round(tally.index_seconds, 3),
+            "bm25_index_seconds": round(indexes.seconds, 3),
+            # Built here, mapped back from an earlier run's, or kept from this run's previous partition.
+            "bm25_indexes_built": indexes.built,
+            "bm25_indexes_loaded": indexes.loaded,
+            "bm25_indexes_reused": indexes.reused,
             "bm25_check_seconds": round(tally.lexical_seconds, 3),
         }
     )
@@ -359,6 +364,7 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
         teacher_name, prompt_versions = teacher.identity()
         scorer = scoring.open()
         tally = ScoringTally(model_load_seconds=time.perf_counter() - started)
+        indexes = ShardIndexes(Path(scoring.indexes_dir))
         context.log.info(f"scoring with {scorer.name}")
         try:
             # One lake connection for the whole run: attaching the lake (loading DuckDB's extensions, reading the
@@ -374,13 +380,16 @@ def build_scoring_asset(partitions_def: dg.MultiPartitionsDefinition) -> dg.Asse
                     scoring.score_teacher_train_split,
                     scoring.round_trip,
                     scoring.negatives,
+                    indexes,
                     context.log,
                     tally,
                 )
-                for key in context.partition_keys:
-                    _score_partition(run, *checkpoint_and_shard(partitions_def, key))
+                # Shard by shard: each shard's index serves all of the run's checkpoints, one index in memory.
+                keys = [checkpoint_and_shard(partitions_def, key) for key in context.partition_keys]
+                for checkpoint, shard in sorted(keys, key=lambda key: (key[1], key[0])):
+                    _score_partition(run, checkpoint, shard)
         finally:
             scorer.close()
-        yield from _results(tally, scorer.name, scoring.is_tiny, time.perf_counter() - started)
+        yield from _results(tally, indexes, scorer.name, scoring.is_tiny, time.perf_counter() - started)
 
     return reranker_scores

@@ -36,9 +36,11 @@ common terms' rows.
 from __future__ import annotations
 
 import functools
+import json
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -179,11 +181,7 @@ class ShardIndex:
     def __init__(self, doc_ids: Sequence[str], texts: Sequence[str], k1: float = 1.2, b: float = 0.75):
         if len(doc_ids) != len(texts):
             raise ValueError(f"{len(doc_ids)} doc_ids for {len(texts)} texts")
-        self.doc_ids = list(doc_ids)
-        self._row = {doc_id: row for row, doc_id in enumerate(self.doc_ids)}
-        if len(self._row) != len(self.doc_ids):
-            raise ValueError("doc_ids are not unique")
-        self.k1, self.b = float(k1), float(b)
+        self._set_documents(doc_ids, k1, b)
         n = len(self.doc_ids)
 
         # Pass 1: tokenise each chunk once, keeping its pairs compactly; the shard's vocabulary and frequencies.
@@ -242,6 +240,38 @@ class ShardIndex:
             fill += np.bincount(term, minlength=vocab_size)
             self._docs[position] = docs
             self._weights[position] = weights
+
+    def _set_documents(self, doc_ids: Sequence[str], k1: float, b: float) -> None:
+        self.doc_ids = list(doc_ids)
+        self._row = {doc_id: row for row, doc_id in enumerate(self.doc_ids)}
+        if len(self._row) != len(self.doc_ids):
+            raise ValueError("doc_ids are not unique")
+        self.k1, self.b = float(k1), float(b)
+
+    _ARRAYS = ("_vocab", "idf", "doc_lengths", "_dense_row", "_dense", "_indptr", "_docs", "_weights")
+    _META = "index.json"
+
+    def save(self, directory: Path) -> None:
+        """One .npy file per array and the documents' ids, in a new directory."""
+        directory.mkdir(parents=True)
+        for name in self._ARRAYS:
+            np.save(directory / f"{name.lstrip('_')}.npy", getattr(self, name))
+        meta = {"k1": self.k1, "b": self.b, "doc_ids": self.doc_ids}
+        (directory / self._META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> ShardIndex:
+        """A saved index with its arrays memory-mapped: loading reads the ids, the pages come as queries need them."""
+        meta = json.loads((directory / cls._META).read_text(encoding="utf-8"))
+        index = cls.__new__(cls)
+        index._set_documents(meta["doc_ids"], meta["k1"], meta["b"])
+        for name in cls._ARRAYS:
+            setattr(index, name, np.load(directory / f"{name.lstrip('_')}.npy", mmap_mode="r"))
+        return index
+
+    @classmethod
+    def is_saved(cls, directory: Path) -> bool:
+        return (directory / cls._META).is_file()
 
     def __len__(self) -> int:
         return len(self.doc_ids)
