@@ -60,4 +60,5 @@ bench: $(INSTALLED)
 	$(BIN)/qc bench
 
 clean:
-	rm -rf data/lake data/dagster data/sources data/teacher data/sft data/models data/checkpoints
+	rm -rf data/lake data/dagster data/sources data/teacher data/sft data/models data/checkpoints data/reports \
+		data/indexes data/training_pairs
