@@ -144,7 +144,7 @@ def test_the_backfill_covers_the_selected_shards_in_ranges_and_leaves_base_model
         "teacher_labels": None,
         "sft_dataset": None,
         "student_checkpoints": None,
-        "deferred": ["generated_queries", "reranker_scores", "eval_summary"],
+        "deferred": ["generated_queries", "reranker_scores", "eval_summary", "training_pairs"],
     }
     with_checkpoints = _plan(settings, None, ("a0", "b1"), checkpoints=("c1", "c2"))
     assert with_checkpoints == {
@@ -155,6 +155,7 @@ def test_the_backfill_covers_the_selected_shards_in_ranges_and_leaves_base_model
         "generated_queries": (("c1|a0", "c2|a0"), ("c1|b1", "c2|b1")),
         "reranker_scores": (("c1|a0", "c2|a0"), ("c1|b1", "c2|b1")),
         "eval_summary": None,
+        "training_pairs": None,
         "deferred": [],
     }
     assert _plan(settings, "key:generated_queries", ("a*",), checkpoints=("c1",)) == {

@@ -42,7 +42,7 @@ from qc_assets.settings import load_settings
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 GPU_ASSETS = {"student_checkpoints", "generated_queries", "reranker_scores"}
-CPU_ASSETS = {"corpus", "teacher_labels", "sft_dataset", "eval_summary"}
+CPU_ASSETS = {"corpus", "teacher_labels", "sft_dataset", "eval_summary", "training_pairs"}
 GPU = "nvidia.com/gpu"
 CLIS = {"dagster": dagster_cli, "dagster-webserver": webserver_cli, "dagster-daemon": daemon_cli}
 
