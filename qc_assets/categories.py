@@ -5,7 +5,8 @@ Every stage reads the categories from here: the teacher asks with `Category.prom
 turn, as seed 000 does. Only title's instruction is published (seed 000); the other six are written for this
 project in the same style, each with a length cap that its prompt asks for. The caps are soft: an answer over one
 is still a label, kept and flagged by `Category.over_cap`, since a capable teacher overruns them with real answers
-(seed 000's own example title has 41 characters against a cap of 30).
+(seed 000's own example title has 41 characters against a cap of 30). Beyond twice the cap an answer is no longer
+one of the category (a copied document, a runaway decoder): the validator rejects it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,16 @@ class Category:
             raise LabelError(f"{self.name}: query is empty")
         if "\n" in label or "\r" in label:
             raise LabelError(f"{self.name}: query spans several lines")
+        if len(label) > self.hard_max_chars:
+            raise LabelError(
+                f"{self.name}: query has {len(label)} characters, more than twice the cap of {self.max_chars}"
+            )
         return label
+
+    @property
+    def hard_max_chars(self) -> int:
+        """The longest label kept: twice the cap the prompt asks for."""
+        return 2 * self.max_chars
 
     def over_cap(self, label: str) -> bool:
         """Whether a label (as `validate` returns it) is longer than the prompt asks: over `max_chars` characters
@@ -80,7 +90,7 @@ class Category:
     @property
     def json_schema(self) -> dict:
         """The answer's shape for endpoints that constrain decoding to a JSON schema: one line without outer
-        whitespace, at most twice the character cap and, for the keyword categories, at most `max_terms` terms
+        whitespace, at most `hard_max_chars` characters and, for the keyword categories, at most `max_terms` terms
         separated by one space. A hint to the decoder: whatever it admits `validate` accepts, and `validate` stays
         the judge."""
         if self.max_terms is None:
@@ -88,13 +98,13 @@ class Category:
         else:
             pattern = rf"^\S+( \S+){{0,{self.max_terms - 1}}}$"
         # A decoder closes the string at maxLength whatever it was writing. At the cap, that would cut answers the
-        # validator keeps (a 41-character title would become a 30-character fragment); with no bound, a model that
-        # never closes the string writes until max_tokens on every attempt. Twice the cap leaves room for a
-        # teacher's overruns and still stops a runaway. The term bound cuts no term, only a list longer than asked.
+        # validator keeps (a 41-character title would become a 30-character fragment); at the validator's own
+        # bound it cuts only what would be rejected, and stops a runaway. The term bound cuts no term, only a list
+        # longer than asked.
         return {
             "type": "object",
             "properties": {
-                "query": {"type": "string", "minLength": 1, "maxLength": 2 * self.max_chars, "pattern": pattern}
+                "query": {"type": "string", "minLength": 1, "maxLength": self.hard_max_chars, "pattern": pattern}
             },
             "required": ["query"],
             "additionalProperties": False,
