@@ -3,7 +3,10 @@
 Every stage reads the categories from here: the teacher asks with `Category.prompt`, validates with
 `Category.validate`, stores `Category.prompt_version` with each label; SFT puts `Category.name` in the system
 turn, as seed 000 does. Only title's instruction is published (seed 000); the other six are written for this
-project in the same style, each with a length cap that its validator enforces.
+project in the same style, each with a length cap that its prompt asks for. The caps are soft: an answer over one
+is still a label, kept and flagged by `Category.over_cap`, since a capable teacher overruns them with real answers
+(seed 000's own example title has 41 characters against a cap of 30). Beyond twice the cap an answer is no longer
+one of the category (a copied document, a runaway decoder): the validator rejects it.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class Category:
         return self.prompt_template.replace("{text}", _TAG.sub("", text))
 
     def validate(self, query: object) -> str:
-        """Return the label as stored (outer whitespace trimmed, runs of spaces collapsed) or raise LabelError."""
+        """Return the label as stored (outer whitespace trimmed, runs of spaces collapsed) or raise LabelError.
+        A label over the caps is still a label: `over_cap` tells."""
         if not isinstance(query, str):
             raise LabelError(f"{self.name}: query must be a string, got {type(query).__name__}")
         label = _SPACES.sub(" ", query.strip())
@@ -66,25 +70,41 @@ class Category:
             raise LabelError(f"{self.name}: query is empty")
         if "\n" in label or "\r" in label:
             raise LabelError(f"{self.name}: query spans several lines")
-        if len(label) > self.max_chars:
-            raise LabelError(f"{self.name}: query has {len(label)} characters, the cap is {self.max_chars}")
-        if self.max_terms is not None and len(label.split(" ")) > self.max_terms:
-            raise LabelError(f"{self.name}: {len(label.split(' '))} keywords, the cap is {self.max_terms}")
+        if len(label) > self.hard_max_chars:
+            raise LabelError(
+                f"{self.name}: query has {len(label)} characters, more than twice the cap of {self.max_chars}"
+            )
         return label
 
     @property
+    def hard_max_chars(self) -> int:
+        """The longest label kept: twice the cap the prompt asks for."""
+        return 2 * self.max_chars
+
+    def over_cap(self, label: str) -> bool:
+        """Whether a label (as `validate` returns it) is longer than the prompt asks: over `max_chars` characters
+        or, for the keyword categories, over `max_terms` terms."""
+        too_many_terms = self.max_terms is not None and len(label.split(" ")) > self.max_terms
+        return len(label) > self.max_chars or too_many_terms
+
+    @property
     def json_schema(self) -> dict:
-        """The answer's shape for endpoints that constrain decoding to a JSON schema: a hint to the decoder, kept
-        no looser than `validate` (one line, no outer whitespace, within the cap, at most `max_terms` terms
-        separated by one space), which stays the judge."""
+        """The answer's shape for endpoints that constrain decoding to a JSON schema: one line without outer
+        whitespace, at most `hard_max_chars` characters and, for the keyword categories, at most `max_terms` terms
+        separated by one space. A hint to the decoder: whatever it admits `validate` accepts, and `validate` stays
+        the judge."""
         if self.max_terms is None:
             pattern = r"^\S([^\r\n]*\S)?$"
         else:
             pattern = rf"^\S+( \S+){{0,{self.max_terms - 1}}}$"
+        # A decoder closes the string at maxLength whatever it was writing. At the cap, that would cut answers the
+        # validator keeps (a 41-character title would become a 30-character fragment); at the validator's own
+        # bound it cuts only what would be rejected, and stops a runaway. The term bound cuts no term, only a list
+        # longer than asked.
         return {
             "type": "object",
             "properties": {
-                "query": {"type": "string", "minLength": 1, "maxLength": self.max_chars, "pattern": pattern}
+                "query": {"type": "string", "minLength": 1, "maxLength": self.hard_max_chars, "pattern": pattern}
             },
             "required": ["query"],
             "additionalProperties": False,

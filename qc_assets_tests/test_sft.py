@@ -162,6 +162,8 @@ def test_export_goes_shard_by_shard_pairs_each_label_with_its_own_shards_documen
             f"(VALUES {', '.join(f'({name!r}, {version!r})' for name, version in versions.items())}) v(c, v) "
             "ON v.c = l.category"
         )
+        # One label flagged over its cap; the others' NULL flag counts as within it.
+        connection.execute("UPDATE teacher_labels SET over_cap = true WHERE doc_id = 'd1-2' AND category = 'query'")
         monkeypatch.setattr(dataset, "MAX_SHARD_BYTES", 1)
         export = dataset.export_from_lake(connection, tmp_path / "sft", "t", versions, 0.5)
     text_of = {doc_id: text for doc_id, _, text in documents}
@@ -191,3 +193,7 @@ def test_export_goes_shard_by_shard_pairs_each_label_with_its_own_shards_documen
         export.rows == len(expected)
         and sum(export.counts["train"].values()) + sum(export.counts["test"].values()) == 18
     )
+    assert export.over_cap == {**dict.fromkeys(CATEGORIES, 0), "query": 1}
+    card = (export.directory / "README.md").read_text(encoding="utf-8")
+    train, test = (export.counts[split].get("query", 0) for split in dataset.SPLITS)
+    assert "- over cap: 1 rows" in card and f"| query | `{versions['query']}` | {train} | {test} | 1 |" in card

@@ -133,6 +133,9 @@ def test_content_faults(server, client):
         assert message.content != json.dumps({"query": expected}, ensure_ascii=False)
         assert parse(message.content) == expected
         assert ("reasoning_content" in message.model_extra) == (behavior != "think_inline")
+    server.set_plan({"rules": [{"behavior": "over_cap", "length": 60}]})
+    over_cap = parse(ask(client, "keywords", text).choices[0].message.content)
+    assert len(over_cap) == 60 and CATEGORIES["keywords"].over_cap(over_cap)
     for behavior in ("empty_content", "truncated", "invalid_label"):
         server.set_plan({"rules": [{"behavior": behavior}]})
         choice = ask(client, "keywords", text).choices[0]
@@ -154,8 +157,8 @@ def test_content_faults(server, client):
         assert response.status == 200
         with pytest.raises(json.JSONDecodeError):
             json.loads(response.read())
-    lines = entries_for(server, text_key(text), 8)
-    assert [line["delivered"] for line in lines] == [True, True, True, False, False, False, False, False]
+    lines = entries_for(server, text_key(text), 9)
+    assert [line["delivered"] for line in lines] == [True, True, True, True, False, False, False, False, False]
 
 
 def test_unrecognised_prompt_is_400(client):

@@ -122,6 +122,12 @@ TEACHER_LABELS = Table(
     columns=(
         *_LABEL_KEY,
         Column("query", "VARCHAR", "The label, as its category's validator returned it."),
+        Column(
+            "over_cap",
+            "BOOLEAN",
+            "The label is longer than its category's prompt asks (characters or keywords): a real answer, kept and "
+            "flagged. NULL (rows older than the column, when over-cap answers were refused) means within the cap.",
+        ),
         *_LABEL_PROVENANCE,
         Column(
             "reasoning", "VARCHAR", "The teacher's reasoning (R1 reasoning_content or inline <think>); never a target."

@@ -66,11 +66,12 @@ BEHAVIORS: frozenset[str] = frozenset(
         "empty_content",
         "truncated",
         "invalid_label",
+        "over_cap",
         "raw",
     }
 )
 # The 200 answers whose content carries a valid label: only these count as "delivered" in the log.
-OK_FAMILY: frozenset[str] = frozenset({"ok", "fenced", "think_inline", "chatter", "slow"})
+OK_FAMILY: frozenset[str] = frozenset({"ok", "fenced", "think_inline", "chatter", "slow", "over_cap"})
 DEFAULT_MODEL = DEFAULT_OPENAI_TEACHER_MODEL
 # Request fields beyond the prompt that the client may send; logged as "options" so tests see what went out.
 REQUEST_OPTIONS = ("thinking", "chat_template_kwargs", "reasoning_effort", "response_format")
@@ -127,6 +128,13 @@ def label_for(category: str, text: str) -> str:
         return cat.validate("文書 " + text_key(text)[:6])
 
 
+def _over_cap_label(category: str, text: str, length: int) -> str:
+    """The label the "over_cap" behaviour answers with: one term of `length` characters from the document, a valid
+    label over its category's cap when `length` is."""
+    filler = "".join(_fragments(text)) or "文書"
+    return CATEGORIES[category].validate((filler * (length // len(filler) + 1))[:length])
+
+
 def _reasoning_for(cat: Category, text: str) -> str:
     topic = (_fragments(text) or ["文書"])[0][:20]
     return f"文章を読んだ。主な話題は「{topic}」である。{cat.name} の条件({cat.max_chars}文字以内)に合わせて、JSON で出力する。"
@@ -169,6 +177,8 @@ def validate_plan(plan: dict | None) -> dict:
             raise ValueError(f"{where}: text_keys must be a list of strings")
         if behavior == "raw" and "content" not in rule:
             raise ValueError(f"{where}: raw needs a content string")
+        if "length" in rule and not (isinstance(rule["length"], int) and rule["length"] >= 1):
+            raise ValueError(f"{where}: length must be an integer >= 1")
     models = plan.get("models")
     if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
         raise ValueError("models must be a list of model names")
@@ -416,11 +426,14 @@ class TeacherHandler:
             return _Outcome(200, body, due, False, log)
 
         prompt_chars = sum(len(_content_text(m.get("content")) or "") for m in messages if isinstance(m, dict))
-        label = label_for(cat.name, text)
+        if behavior == "over_cap":
+            label = _over_cap_label(cat.name, text, rule.get("length", cat.max_chars + 1))
+        else:
+            label = label_for(cat.name, text)
         answer = json.dumps({"query": label}, ensure_ascii=False)
         reasoning: str | None = _reasoning_for(cat, text)
         finish = "stop"
-        if behavior in ("ok", "slow"):
+        if behavior in ("ok", "slow", "over_cap"):
             content = answer
         elif behavior == "fenced":
             content = f"```json\n{answer}\n```"
@@ -432,10 +445,8 @@ class TeacherHandler:
             content = ""
         elif behavior == "truncated":
             content, finish = answer[: max(1, len(answer) // 2)], "length"
-        elif behavior == "invalid_label":
-            length = int(rule.get("length", 300))
-            filler = "".join(_fragments(text)) or "文書"
-            content = json.dumps({"query": (filler * (length // len(filler) + 1))[:length]}, ensure_ascii=False)
+        elif behavior == "invalid_label":  # the label on two lines: no validator takes it
+            content = json.dumps({"query": f"{label}\n{label}"}, ensure_ascii=False)
         else:  # raw
             content = rule["content"]
             reasoning = rule.get("reasoning_content", reasoning)

@@ -63,9 +63,9 @@ class GenerationResource(dg.ConfigurableResource):
 
 
 def answer_token_cap(category: Category) -> int:
-    """Room for the longest valid answer and its end-of-turn token. A Japanese character is one token or less in
-    the students' vocabularies, but a byte-level tokenizer can spend two on a rare one; an answer cut at the cap is
-    invalid anyway, so the cap only bounds what a rambling student costs."""
+    """Room for an answer at its category's character cap, however it tokenizes, and its end-of-turn token: a
+    Japanese character is one token or less in the students' vocabularies, but a byte-level tokenizer can spend two
+    on a rare one. Past that a student is rambling, so the cap only bounds what it costs."""
     return 2 * category.max_chars + 8
 
 

@@ -33,9 +33,12 @@ class SftResource(dg.ConfigurableResource):
         )
 
 
-def _counts_table(rows: dict[str, dict[str, int]]) -> str:
-    lines = ["| category | train | test |", "|---|---|---|"]
-    lines += [f"| {name} | {rows['train'].get(name, 0)} | {rows['test'].get(name, 0)} |" for name in CATEGORIES]
+def _counts_table(rows: dict[str, dict[str, int]], over_cap: dict[str, int]) -> str:
+    lines = ["| category | train | test | over cap |", "|---|---|---|---|"]
+    lines += [
+        f"| {name} | {rows['train'].get(name, 0)} | {rows['test'].get(name, 0)} | {over_cap.get(name, 0)} |"
+        for name in CATEGORIES
+    ]
     return "\n".join(lines)
 
 
@@ -59,9 +62,11 @@ def sft_dataset(
             "materialize teacher_labels first (or check QC_TEACHER_BACKEND / QC_TEACHER_MODEL)"
         )
     totals = {split: sum(exported.counts[split].values()) for split in SPLITS}
+    over_cap = sum(exported.over_cap.values())
     context.log.info(
         f"SFT dataset {exported.version}: {totals['train']} train and {totals['test']} test rows from "
-        f"{teacher_name} ({'written' if exported.created else 'unchanged, already'} at {exported.directory})"
+        f"{teacher_name}, {over_cap} of them over their category's cap "
+        f"({'written' if exported.created else 'unchanged, already'} at {exported.directory})"
     )
     if sft.hub_repo and exported.created:
         if not sft.hf_token:
@@ -80,7 +85,8 @@ def sft_dataset(
             "train_rows": totals["train"],
             "test_rows": totals["test"],
             "test_fraction": sft.test_fraction,
-            "rows_by_category": dg.MetadataValue.md(_counts_table(exported.counts)),
+            "over_cap_rows": over_cap,
+            "rows_by_category": dg.MetadataValue.md(_counts_table(exported.counts, exported.over_cap)),
             "mean_user_chars": round(exported.mean_chars["user"], 1),
             "mean_assistant_chars": round(exported.mean_chars["assistant"], 1),
             "new_version": exported.created,

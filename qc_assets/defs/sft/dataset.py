@@ -1,6 +1,7 @@
 """The SFT dataset: valid teacher labels in seed 000's format, split by document, exported as a HF dataset.
 
-Rows are `{"system": category, "user": text, "assistant": query}` (never the teacher's reasoning). A document's
+Rows are `{"system": category, "user": text, "assistant": query}` (never the teacher's reasoning); labels over
+their category's cap are real teacher answers and stay in, counted on the card. A document's
 split is a function of its id alone (md5, the same in DuckDB and Python), so it never changes when shards are
 added and a document never lands in both splits. Each distinct content gets its own version directory, written
 aside and renamed into place; `current.json` points at the newest. The export goes shard by shard, so its memory
@@ -46,6 +47,7 @@ class SftExport:
     version: str
     directory: Path
     counts: dict[str, dict[str, int]]  # split -> category -> rows
+    over_cap: dict[str, int]  # category -> rows over its cap, both splits
     mean_chars: dict[str, float]
     created: bool
     rows: int
@@ -64,9 +66,10 @@ BATCH_ROWS = 4096
 # One corpus shard's labels by the configured teacher in the wanted prompt versions, in row order ($1: teacher,
 # $2: shard). Small: keys and answers, never the documents. `record` is the row's part of the content version:
 # doc_id, system, assistant, teacher and prompt_version separated by \x1f and ended by \x1e (a NULL query counts as
-# the text None).
+# the text None). A NULL over_cap is a label within its cap.
 _SHARD_LABELS_SQL = """
     SELECT l.category AS system, l.query AS assistant, l.doc_id, l.shard, l.teacher, l.prompt_version,
+           coalesce(l.over_cap, false) AS over_cap,
            l.doc_id || chr(31) || l.category || chr(31) || coalesce(l.query, 'None') || chr(31) || l.teacher
                || chr(31) || l.prompt_version || chr(30) AS record,
            {split} AS split
@@ -118,6 +121,7 @@ def _shard_rows(
 @dataclass
 class _Summary:
     counts: dict[str, dict[str, int]]
+    over_cap: dict[str, int]
     rows: dict[str, int]
     chars: dict[str, int]
     version: str = ""
@@ -126,13 +130,20 @@ class _Summary:
 def _summarize(
     connection: duckdb.DuckDBPyConnection, teacher: str, test_fraction: float, shards: list[str]
 ) -> _Summary:
-    """Rows per split and category, characters of user and assistant and the content version, shard by shard: the
-    documents' lengths are read, never their text held."""
-    summary = _Summary({split: {} for split in SPLITS}, dict.fromkeys(SPLITS, 0), {"user": 0, "assistant": 0})
+    """Rows per split and category, rows over their cap per category, characters of user and assistant and the
+    content version, shard by shard: the documents' lengths are read, never their text held."""
+    summary = _Summary(
+        {split: {} for split in SPLITS},
+        dict.fromkeys(CATEGORIES, 0),
+        dict.fromkeys(SPLITS, 0),
+        {"user": 0, "assistant": 0},
+    )
     version = ContentVersion(test_fraction)
     for shard in shards:
         labels, corpus, position = _shard_rows(connection, teacher, shard, test_fraction, "doc_id, n_chars")
         version.add(labels["record"].combine_chunks())
+        for system, n in zip(*pc.value_counts(labels["system"].filter(labels["over_cap"])).flatten()):
+            summary.over_cap[system.as_py()] += n.as_py()
         for split in SPLITS:
             systems = labels["system"].filter(pc.equal(labels["split"], split))
             for system, n in zip(*pc.value_counts(systems).flatten()):
@@ -199,6 +210,7 @@ def _save_hf_dataset(parquet_paths: dict[str, Path], rows: dict[str, int], hf_di
 def _card(
     version: str,
     rows: dict[str, dict[str, int]],
+    over_cap: dict[str, int],
     teacher: str,
     prompt_versions: dict[str, str],
     test_fraction: float,
@@ -223,14 +235,17 @@ def _card(
         f"- teacher: `{teacher}`",
         f"- split: by document (md5 of doc_id), test fraction {test_fraction}",
         f"- mean characters: user {mean_chars['user']:.0f}, assistant {mean_chars['assistant']:.1f}",
+        f"- over cap: {sum(over_cap.values())} rows whose `assistant` is longer than its category's prompt asks "
+        "(characters, or keywords); real teacher answers, kept as written",
         "",
-        "| category | prompt version | train | test |",
-        "|---|---|---|---|",
+        "| category | prompt version | train | test | over cap |",
+        "|---|---|---|---|---|",
         *(
-            f"| {name} | `{prompt_versions[name]}` | {rows['train'].get(name, 0)} | {rows['test'].get(name, 0)} |"
+            f"| {name} | `{prompt_versions[name]}` | {rows['train'].get(name, 0)} | {rows['test'].get(name, 0)} "
+            f"| {over_cap.get(name, 0)} |"
             for name in CATEGORIES
         ),
-        f"| all | | {sum(rows['train'].values())} | {sum(rows['test'].values())} |",
+        f"| all | | {sum(rows['train'].values())} | {sum(rows['test'].values())} | {sum(over_cap.values())} |",
         "",
     ]
     return "\n".join(lines)
@@ -269,7 +284,7 @@ def export_from_lake(
         counts, rows = summary.counts, sum(summary.rows.values())
         mean_chars = {column: (chars / rows if rows else 0.0) for column, chars in summary.chars.items()}
         if rows == 0:
-            return SftExport("", root, counts, mean_chars, created=False, rows=0)
+            return SftExport("", root, counts, summary.over_cap, mean_chars, created=False, rows=0)
         version = summary.version
         directory = root / version
         created = not (directory / "README.md").exists()
@@ -281,10 +296,10 @@ def export_from_lake(
                 test_fraction,
                 shards,
                 summary.rows,
-                _card(version, counts, teacher, prompt_versions, test_fraction, mean_chars),
+                _card(version, counts, summary.over_cap, teacher, prompt_versions, test_fraction, mean_chars),
             )
         _point_at(root, version)
-        return SftExport(version, directory, counts, mean_chars, created=created, rows=rows)
+        return SftExport(version, directory, counts, summary.over_cap, mean_chars, created=created, rows=rows)
     finally:
         connection.execute("ROLLBACK")
         connection.unregister("wanted_versions")

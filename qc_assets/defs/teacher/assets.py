@@ -161,11 +161,16 @@ class TeacherRunConfig(dg.Config):
 
 def _outcomes_table(report: LabelingReport) -> str:
     statuses = ("labeled", "quarantined", "stopped", "absent")
-    lines = ["| category | " + " | ".join(statuses) + " |", "|---" * (len(statuses) + 1) + "|"]
+    lines = ["| category | " + " | ".join(statuses) + " | labeled over cap |", "|---" * (len(statuses) + 2) + "|"]
     for name in CATEGORIES:
         counts = report.by_category.get(name, Counter())
-        lines.append(f"| {name} | " + " | ".join(str(counts.get(status, 0)) for status in statuses) + " |")
+        cells = [*(counts.get(status, 0) for status in statuses), report.over_cap[name]]
+        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
+
+
+def _per_category(counts: Counter) -> str:
+    return ", ".join(f"{name} {counts[name]}" for name in CATEGORIES if counts[name])
 
 
 def report_metadata(report: LabelingReport, labels_in_shard: int) -> dict:
@@ -177,6 +182,7 @@ def report_metadata(report: LabelingReport, labels_in_shard: int) -> dict:
         "keys": report.keys_total,
         "keys_already_labeled": report.keys_already_labeled,
         "labeled": labeled,
+        "labeled_over_cap": report.over_cap.total(),
         "quarantined": report.count("quarantined"),
         "not_asked": report.keys_not_asked,
         "absent_in_replay_source": report.count("absent"),
@@ -265,6 +271,12 @@ def build_teacher_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
             f"{report.requests} requests, {sum(report.retries.values())} retries, ${report.usage.cost_usd:.4f} "
             f"in {report.seconds:.1f}s"
         )
+        if report.over_cap:
+            context.log.info(
+                f"shard {shard}: {report.over_cap.total()} of {report.count('labeled')} labels are longer than "
+                f"their category's cap ({_per_category(report.over_cap)}); kept, with over_cap set in "
+                f"lake.{TEACHER_LABELS.name}"
+            )
         if report.count("quarantined"):
             context.log.warning(
                 f"shard {shard}: {report.count('quarantined')} keys quarantined (see lake.teacher_quarantine); "

@@ -150,7 +150,7 @@ def write_outcome_rows(
     against the shard's labels and no quarantine lookup, whose cost would grow with every batch the shard has.
     Without it (replaying the journal, where a segment may have committed already), every check is made.
     """
-    labels = [row for row in rows if row["kind"] == "label"]
+    labels = [_with_over_cap(row) for row in rows if row["kind"] == "label"]
     quarantined = [row for row in rows if row["kind"] == "quarantine"]
     plain = known is not None and not any(_key(row) in known.quarantined for row in labels)
 
@@ -192,6 +192,12 @@ def write_outcome_rows(
     if known is not None:
         known.quarantined.update(_key(row) for row in quarantined)
     return inserted
+
+
+def _with_over_cap(label_row: dict) -> dict:
+    # Derived from the label as it is written, not journaled with it: every row gets the flag, whichever run
+    # journaled it.
+    return {**label_row, "over_cap": CATEGORIES[label_row["category"]].over_cap(label_row["query"])}
 
 
 @dataclass
@@ -237,6 +243,7 @@ class LabelingReport:
     recovered_from_journal: int = 0
     torn_journal_lines: int = 0
     by_category: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    over_cap: Counter = field(default_factory=Counter)  # labels over their category's cap, per category
     retries: Counter = field(default_factory=Counter)
     usage: Usage = field(default_factory=Usage)
     requests: int = 0
@@ -504,7 +511,10 @@ async def _collect(
 
 
 def _count_outcome(report: LabelingReport, outcome: LabelOutcome) -> None:
-    report.by_category[outcome.request.category.name][outcome.status] += 1
+    category = outcome.request.category
+    report.by_category[category.name][outcome.status] += 1
+    if outcome.status == "labeled" and outcome.query is not None and category.over_cap(outcome.query):
+        report.over_cap[category.name] += 1
     report.retries.update(outcome.retries)
     report.usage.add(outcome.usage)
     if outcome.latency_s is not None:

@@ -1,8 +1,8 @@
 """The `replay` teacher: import labels that already exist instead of paying for them again.
 
 The source is a local parquet/jsonl file or a Hugging Face dataset (`hf:<name>`, e.g. the published 83k-row
-R1 set), with a column mapping. Labels still go through the categories' validators: an imported label that
-breaks a cap is quarantined like a bad API answer.
+R1 set), with a column mapping. Labels still go through the categories' validators: an imported label that is
+no label (empty, several lines) is quarantined like a bad API answer; one over its cap is kept and flagged.
 """
 
 from __future__ import annotations
@@ -183,14 +183,16 @@ class ReplayTeacher:
                 yield LabelOutcome(request=request, status="absent")
                 continue
             outcome = LabelOutcome(request=request, status="quarantined", raw_output=candidates[0][0])
+            labels = []
             for query, reasoning in candidates:
                 try:
-                    outcome.query = request.category.validate(query)
+                    labels.append((request.category.validate(query), reasoning))
                 except LabelError as error:
                     outcome.error = f"replayed label rejected: {error}"
-                    continue
-                outcome.status, outcome.reasoning, outcome.error = "labeled", reasoning, None
-                break
+            if labels:
+                # The first label within the cap, else the first over it.
+                outcome.query, outcome.reasoning = min(labels, key=lambda label: request.category.over_cap(label[0]))
+                outcome.status, outcome.error = "labeled", None
             if record is not None:
                 record(outcome)
             yield outcome
