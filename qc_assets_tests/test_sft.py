@@ -11,7 +11,8 @@ import duckdb
 import pyarrow.parquet as pq
 
 from qc_assets.categories import CATEGORIES
-from qc_assets.defs.sft.dataset import current_version, is_test_document, split_is_test_sql
+from qc_assets.defs.sft.dataset import is_test_document, split_is_test_sql
+from qc_assets.hf_export import current_version
 from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import document, materialization_metadata, materialize, materialize_asset, write_jsonl
 
@@ -136,6 +137,7 @@ def test_export_goes_shard_by_shard_pairs_each_label_with_its_own_shards_documen
     import datasets
     import pyarrow as pa
 
+    from qc_assets import hf_export
     from qc_assets.defs.sft import dataset
     from qc_assets.lake.resource import LakeResource
 
@@ -164,7 +166,7 @@ def test_export_goes_shard_by_shard_pairs_each_label_with_its_own_shards_documen
         )
         # One label flagged over its cap; the others' NULL flag counts as within it.
         connection.execute("UPDATE teacher_labels SET over_cap = true WHERE doc_id = 'd1-2' AND category = 'query'")
-        monkeypatch.setattr(dataset, "MAX_SHARD_BYTES", 1)
+        monkeypatch.setattr(hf_export, "MAX_SHARD_BYTES", 1)
         export = dataset.export_from_lake(connection, tmp_path / "sft", "t", versions, 0.5)
     text_of = {doc_id: text for doc_id, _, text in documents}
     expected = sorted(

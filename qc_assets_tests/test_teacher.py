@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 from qc_assets.categories import CATEGORIES, LabelError
 from qc_assets.definitions import build_definitions
-from qc_assets.defs.sft.dataset import current_version
 from qc_assets.defs.teacher.assets import TeacherResource
 from qc_assets.defs.teacher.backends import Budget, LabelOutcome, LabelRequest
 from qc_assets.defs.teacher.labeling import outcome_row, write_outcome_rows
 from qc_assets.defs.teacher.openai_teacher import AdaptiveLimit, OpenAITeacher, RequestOptions, request_body
 from qc_assets.defs.teacher.prices import PRICES, PriceError, resolve_price
+from qc_assets.hf_export import current_version
 from qc_assets.lake import resource
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import TABLES, TEACHER_LABELS

@@ -4,16 +4,13 @@ Rows are `{"system": category, "user": text, "assistant": query}` (never the tea
 their category's cap are real teacher answers and stay in, counted on the card. A document's
 split is a function of its id alone (md5, the same in DuckDB and Python), so it never changes when shards are
 added and a document never lands in both splits. Each distinct content gets its own version directory, written
-aside and renamed into place; `current.json` points at the newest. The export goes shard by shard, so its memory
+aside and renamed into place, `current.json` pointing at the newest (qc_assets/hf_export.py). The export goes shard by shard, so its memory
 is one shard's, however large the corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qc_assets.categories import CATEGORIES
+from qc_assets.hf_export import CARD, is_written, point_at, save_splits, write_version
 
 SPLITS = ("train", "test")
-CURRENT = "current.json"
 _HASH_SPACE = 2**64
 
 
@@ -59,8 +56,6 @@ class SftExport:
 
 # The dataset's columns, in order; `system` is the category, `user` the document, `assistant` the query.
 COLUMNS = ("system", "user", "assistant", "doc_id", "shard", "teacher", "prompt_version")
-# datasets' default `max_shard_size` for save_to_disk: an arrow file per this many bytes of a split.
-MAX_SHARD_BYTES = 500 * 2**20
 BATCH_ROWS = 4096
 
 # One corpus shard's labels by the configured teacher in the wanted prompt versions, in row order ($1: teacher,
@@ -182,31 +177,6 @@ def _write_parquet(
             writer.close()
 
 
-def _save_hf_dataset(parquet_paths: dict[str, Path], rows: dict[str, int], hf_dir: Path, cache_dir: Path) -> None:
-    """The parquet splits as a `save_to_disk` dataset; `from_parquet` converts them a row group at a time, through
-    Arrow files in `cache_dir`."""
-    import datasets
-
-    features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
-    splits = datasets.DatasetDict(
-        {
-            # datasets' parquet reader refuses a file without rows.
-            split: datasets.Dataset.from_parquet(str(path), split=split, features=features, cache_dir=str(cache_dir))
-            if rows[split]
-            else datasets.Dataset.from_dict({name: [] for name in COLUMNS}, features=features)
-            for split, path in parquet_paths.items()
-        }
-    )
-    for split, dataset in splits.items():
-        if len(dataset) != rows[split]:
-            raise RuntimeError(f"SFT split {split}: {len(dataset)} rows written where {rows[split]} were counted")
-    splits.save_to_disk(str(hf_dir), max_shard_size=MAX_SHARD_BYTES)
-    # save_to_disk gives an empty split no arrow file, and load_from_disk cannot load a split without one.
-    for split, dataset in splits.items():
-        if not len(dataset):
-            dataset.save_to_disk(str(hf_dir / split), num_shards=1)
-
-
 def _card(
     version: str,
     rows: dict[str, dict[str, int]],
@@ -287,56 +257,23 @@ def export_from_lake(
             return SftExport("", root, counts, summary.over_cap, mean_chars, created=False, rows=0)
         version = summary.version
         directory = root / version
-        created = not (directory / "README.md").exists()
+        created = not is_written(directory)
         if created:
-            _write_version(
-                connection,
-                directory,
-                teacher,
-                test_fraction,
-                shards,
-                summary.rows,
-                _card(version, counts, summary.over_cap, teacher, prompt_versions, test_fraction, mean_chars),
-            )
-        _point_at(root, version)
+            card = _card(version, counts, summary.over_cap, teacher, prompt_versions, test_fraction, mean_chars)
+
+            def fill(staging: Path) -> None:
+                import datasets
+
+                (staging / "parquet").mkdir()
+                parquet_paths = {split: staging / "parquet" / f"{split}.parquet" for split in SPLITS}
+                _write_parquet(connection, teacher, test_fraction, shards, parquet_paths)
+                features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
+                save_splits(parquet_paths, summary.rows, staging / "hf", staging / "cache", features)
+                (staging / CARD).write_text(card, encoding="utf-8")
+
+            write_version(directory, fill)
+        point_at(root, version)
         return SftExport(version, directory, counts, summary.over_cap, mean_chars, created=created, rows=rows)
     finally:
         connection.execute("ROLLBACK")
         connection.unregister("wanted_versions")
-
-
-def _write_version(
-    connection: duckdb.DuckDBPyConnection,
-    directory: Path,
-    teacher: str,
-    test_fraction: float,
-    shards: list[str],
-    rows: dict[str, int],
-    card: str,
-) -> None:
-    """Written aside and renamed into place, so a version directory is complete or absent."""
-    staging = directory.with_name(f".{directory.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "parquet").mkdir(parents=True)
-    parquet_paths = {split: staging / "parquet" / f"{split}.parquet" for split in SPLITS}
-    _write_parquet(connection, teacher, test_fraction, shards, parquet_paths)
-    _save_hf_dataset(parquet_paths, rows, staging / "hf", staging / "cache")
-    shutil.rmtree(staging / "cache")
-    (staging / "README.md").write_text(card, encoding="utf-8")
-    os.rename(staging, directory)
-
-
-def _point_at(root: Path, version: str) -> None:
-    pointer = root / (CURRENT + ".tmp")
-    pointer.write_text(json.dumps({"version": version}) + "\n", encoding="utf-8")
-    os.replace(pointer, root / CURRENT)
-
-
-def current_version(root: Path) -> Path | None:
-    try:
-        version = json.loads((root / CURRENT).read_text(encoding="utf-8"))["version"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
-    directory = root / version
-    return directory if directory.is_dir() else None

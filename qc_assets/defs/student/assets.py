@@ -8,9 +8,9 @@ import duckdb
 from pydantic import Field
 
 from qc_assets.defs.sft.assets import SFT_DATASET, SftResource
-from qc_assets.defs.sft.dataset import current_version
 from qc_assets.defs.student.store import Checkpoint, list_checkpoints, model_slug, new_checkpoint_id
 from qc_assets.execution import GPU_POD, GPU_POOL
+from qc_assets.hf_export import current_version
 from qc_assets.lake.resource import LakeResource
 from qc_assets.lake.tables import CHECKPOINTS
 from qc_assets.models.tiny import STUDENT_DIR, ensure_tiny_models, sample_texts
