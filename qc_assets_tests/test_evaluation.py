@@ -145,6 +145,11 @@ def test_students_and_teacher_are_scored_on_the_same_documents_and_reruns_replac
         )
         assert abs(rates[0] - rates[1]) < 1e-9 and abs(rates[2] - rates[3]) < 1e-9
         assert "round trip" in report["table"] and "copied verbatim" in report["table"]
+        assert "negatives / pair" in report["table"] and "R@1 BM25 → re-rank" in report["table"]
+        for category in CATEGORIES:
+            assert f"| {category} | {checkpoint} |" in report["by_category"]
+        written = (settings.data_root / "reports" / "eval_summary.md").read_text(encoding="utf-8")
+        assert "## By category" in written and report["by_category"] in written
         per_category = lake_rows(settings, "SELECT count(DISTINCT category) FROM eval_summary WHERE category <> 'all'")
         assert per_category == [(len(CATEGORIES),)]
 

@@ -72,15 +72,30 @@ FROM summary JOIN covered USING (scorer, category)
 
 def _markdown(rows: list[dict]) -> str:
     lines = [
-        "| モデル (source) | scorer | n | 平均 (mean) | 標準偏差 (std) | p50 | round trip | MRR@10 BM25 → re-rank "
-        "| copied verbatim | copy share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| モデル (source) | scorer | n | 平均 (mean) | 標準偏差 (std) | p50 | round trip | R@1 BM25 → re-rank "
+        "| MRR@10 BM25 → re-rank | copied verbatim | copy share | negatives / pair |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['source']} | {row['scorer']} | {_count(row)} | {row['mean']:.4f} | {row['std']:.4f} | "
-            f"{row['p50']:.4f} | {_share(row['round_trip_rate'])} | {_share(row['bm25_mrr10'])} → "
-            f"{_share(row['rerank_mrr10'])} | {_share(row['copy_rate'])} | {_share(row['copy_share'])} |"
+            f"{row['p50']:.4f} | {_share(row['round_trip_rate'])} | {_share(row['bm25_top1'])} → "
+            f"{_share(row['rerank_recall1'])} | {_share(row['bm25_mrr10'])} → {_share(row['rerank_mrr10'])} | "
+            f"{_share(row['copy_rate'])} | {_share(row['copy_share'])} | {_share(row['negatives_per_pair'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _category_markdown(rows: list[dict]) -> str:
+    """Per source and category, side by side: the measures that differ most between categories."""
+    lines = [
+        "| category | モデル (source) | scorer | n | 平均 (mean) | round trip | copied verbatim | copy share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['category']} | {row['source']} | {row['scorer']} | {_count(row)} | {row['mean']:.4f} | "
+            f"{_share(row['round_trip_rate'])} | {_share(row['copy_rate'])} | {_share(row['copy_share'])} |"
         )
     return "\n".join(lines)
 
@@ -101,7 +116,7 @@ def _plot(rows: list[dict], path: Path) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, (axis, rates) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for row in rows:
         axis.plot(
             PERCENTILES, [row[f"p{q:02d}"] for q in PERCENTILES], marker="o", label=f"{row['source']} ({row['scorer']})"
@@ -112,6 +127,7 @@ def _plot(rows: list[dict], path: Path) -> bytes:
     axis.set_title("Reranker score percentiles per source (all categories)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
+    _plot_rates(rates, rows)
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
@@ -119,6 +135,25 @@ def _plot(rows: list[dict], path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return buffer.getvalue()
+
+
+RATES = {"round trip": "round_trip_rate", "copied verbatim": "copy_rate", "re-rank R@1": "rerank_recall1"}
+
+
+def _plot_rates(axis, rows: list[dict]) -> None:
+    """The round trip's pass rate, the copy rate and re-ranked recall@1 per source, as grouped bars."""
+    width = 0.8 / max(len(rows), 1)
+    for offset, row in enumerate(rows):
+        axis.bar(
+            [position + offset * width for position in range(len(RATES))],
+            [row[column] or 0.0 for column in RATES.values()],
+            width,
+            label=row["source"],
+        )
+    axis.set_xticks([position + width * (len(rows) - 1) / 2 for position in range(len(RATES))], list(RATES))
+    axis.set_ylim(0, 1)
+    axis.set_title("Round trip and copying per source")
+    axis.grid(alpha=0.3, axis="y")
 
 
 def _regressions(connection) -> list[str]:
@@ -200,9 +235,16 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
             .to_arrow_table()
             .to_pylist()
         )
-        return overall, _regressions(connection), _round_trip_gaps(connection, report.round_trip_max_gap)
+        by_category = (
+            connection.execute(
+                f"SELECT * FROM {EVAL_SUMMARY.name} WHERE category <> 'all' ORDER BY category, scorer, source"
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
+        return overall, by_category, _regressions(connection), _round_trip_gaps(connection, report.round_trip_max_gap)
 
-    overall, worse, behind = lake.transaction(rebuild, "rebuild eval_summary")
+    overall, by_category, worse, behind = lake.transaction(rebuild, "rebuild eval_summary")
     if not overall:
         raise dg.Failure(
             description="reranker_scores is empty: materialize generated_queries and reranker_scores first"
@@ -210,8 +252,10 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
     tiny = any(row["tiny_model"] for row in overall)
     table = _markdown(overall)
     png = _plot(overall, Path(report.reports_dir) / "eval_percentiles.png")
+    categories = _category_markdown(by_category)
     (Path(report.reports_dir) / "eval_summary.md").write_text(
-        (f"> {TINY_NOTE}\n\n" if tiny else "") + table + "\n", encoding="utf-8"
+        (f"> {TINY_NOTE}\n\n" if tiny else "") + table + "\n\n## By category\n\n" + categories + "\n",
+        encoding="utf-8",
     )
     context.log.info("evaluation:\n" + table + (f"\n{TINY_NOTE}" if tiny else ""))
     yield dg.MaterializeResult(
@@ -219,6 +263,7 @@ def eval_summary(context: dg.AssetExecutionContext, lake: LakeResource, report: 
             "dagster/row_count": len(overall),
             "sources": len({row["source"] for row in overall}),
             "table": dg.MetadataValue.md((f"**{TINY_NOTE}**\n\n" if tiny else "") + table),
+            "by_category": dg.MetadataValue.md(categories),
             "percentile_plot": dg.MetadataValue.md(
                 f"![percentiles](data:image/png;base64,{base64.b64encode(png).decode()})"
             ),
