@@ -62,7 +62,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from qc_assets.benchmarks import figure, machine, write_results
+from qc_assets.benchmarks import figure, machine, positive_int, write_results
 from qc_assets.categories import CATEGORY_NAMES
 from qc_assets.defs.corpus.synthetic import japanese_like_texts, sentence_pool
 from qc_assets.defs.generation.backends import (
@@ -713,31 +713,44 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", choices=("generation", "scoring"), help="run one of the two benchmarks")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (well under 30 s on CPU)")
     parser.add_argument(
-        "--documents", type=int, help="generation documents, 7 category requests each (quick 2, CPU 32, GPU 256)"
+        "--documents",
+        type=positive_int,
+        help="generation documents, 7 category requests each (quick 2, CPU 32, GPU 256)",
     )
-    parser.add_argument("--doc-chars", type=int, default=1000, help="characters per document (default 1000)")
+    parser.add_argument("--doc-chars", type=positive_int, default=1000, help="characters per document (default 1000)")
     parser.add_argument(
-        "--gen-batch-size", type=int, help="generation batch size, both sides (quick 14, CPU 16, GPU 64)"
+        "--gen-batch-size", type=positive_int, help="generation batch size, both sides (quick 14, CPU 16, GPU 64)"
     )
-    parser.add_argument("--max-new-tokens", type=int, help="new tokens per query, both sides (quick 16, else 32)")
-    parser.add_argument("--max-input-tokens", type=int, default=2048, help="the backend's prompt cap (default 2048)")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, help="new tokens per query, both sides (quick 16, else 32)"
+    )
+    parser.add_argument(
+        "--max-input-tokens", type=positive_int, default=2048, help="the backend's prompt cap (default 2048)"
+    )
     parser.add_argument(
         "--natural-length",
         action="store_true",
         help="let each side stop at its stop token instead of forcing max_new_tokens",
     )
-    parser.add_argument("--pairs", type=int, help="scoring pairs (quick 32, CPU 512, GPU 4096)")
+    parser.add_argument("--pairs", type=positive_int, help="scoring pairs (quick 32, CPU 512, GPU 4096)")
     parser.add_argument(
-        "--score-batch-size", type=int, default=32, help="scoring batch size (default 32, as QC_SCORER_BATCH_SIZE)"
+        "--score-batch-size",
+        type=positive_int,
+        default=32,
+        help="scoring batch size (default 32, as QC_SCORER_BATCH_SIZE)",
     )
     parser.add_argument(
-        "--max-length", type=int, default=512, help="scoring max_length (default 512, as QC_SCORER_MAX_LENGTH)"
+        "--max-length", type=positive_int, default=512, help="scoring max_length (default 512, as QC_SCORER_MAX_LENGTH)"
     )
     parser.add_argument(
-        "--repeats", type=int, help="timed runs per side, alternately; the fastest counts (quick 1, CPU 3, GPU 2)"
+        "--repeats",
+        type=positive_int,
+        help="timed runs per side, alternately; the fastest counts (quick 1, CPU 3, GPU 2)",
     )
     parser.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: torch's own, one per core); both sides alike"
+        "--threads",
+        type=positive_int,
+        help="torch intra-op threads (default: torch's own, one per core); both sides alike",
     )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "generation_scoring.json")
     args = parser.parse_args()
@@ -759,18 +772,6 @@ def parse_args() -> argparse.Namespace:
     for name, (quick, cpu, cuda) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else cuda if gpu else cpu)
-    for name in (
-        "documents",
-        "gen_batch_size",
-        "max_new_tokens",
-        "pairs",
-        "repeats",
-        "doc_chars",
-        "score_batch_size",
-        "threads",
-    ):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qc_assets.benchmarks import RESULTS_DIR, figure, machine, write_results
+from qc_assets.benchmarks import RESULTS_DIR, figure, machine, positive_int, write_results
 from qc_assets.defs.scoring.lexical import ShardIndex, char_bigrams, lexical_checks
 from qc_assets.paths import SAMPLE_CORPUS, SAMPLE_TEACHER_LABELS
 
@@ -372,12 +372,9 @@ def print_summary(results: dict) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per retriever; the fastest counts")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per retriever; the fastest counts")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "lexical_retrieval.json", help="where results go")
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    return args
+    return parser.parse_args()
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ import torch
 # bench/ is on sys.path when this runs as a script: seed 000's document count is projection.py's.
 from projection import SEED_DOCUMENTS
 
-from qc_assets.benchmarks import RESULTS_DIR, figure, machine, write_results
+from qc_assets.benchmarks import RESULTS_DIR, figure, machine, positive_int, write_results
 from qc_assets.categories import CATEGORIES
 from qc_assets.defs.corpus.synthetic import japanese_like_texts
 from qc_assets.defs.scoring.copying import copying
@@ -512,14 +512,18 @@ def print_summary(results: dict) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--documents", type=int, help="documents in the shard (default 10,000; quick 1,000)")
-    parser.add_argument("--queries", type=int, help="queries (default 2,000; quick 200)")
-    parser.add_argument("--repeats", type=int, help="timed runs of each CPU step, the fastest counts (3; quick 1)")
+    parser.add_argument("--documents", type=positive_int, help="documents in the shard (default 10,000; quick 1,000)")
+    parser.add_argument("--queries", type=positive_int, help="queries (default 2,000; quick 200)")
     parser.add_argument(
-        "--max-length", type=int, help="the scorer's max_length (default QC_SCORER_MAX_LENGTH's, 512; quick 128)"
+        "--repeats", type=positive_int, help="timed runs of each CPU step, the fastest counts (3; quick 1)"
     )
     parser.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: torch's own, one per core; quick 1)"
+        "--max-length",
+        type=positive_int,
+        help="the scorer's max_length (default QC_SCORER_MAX_LENGTH's, 512; quick 128)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch intra-op threads (default: torch's own, one per core; quick 1)"
     )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "round_trip.json")
     args = parser.parse_args()
@@ -535,9 +539,6 @@ def parse_args() -> argparse.Namespace:
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    for name in defaults:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 

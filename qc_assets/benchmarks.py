@@ -9,6 +9,7 @@ README's two `qc bench` markers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -56,6 +57,14 @@ BENCHMARKS = (
     # After scaling: it projects from what scaling measured.
     Benchmark("projection", "Projection (seed 000's 100M documents)", (), needs=("scaling",)),
 )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def figure(
