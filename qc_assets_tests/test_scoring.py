@@ -50,7 +50,7 @@ def test_the_scorer_gives_one_score_in_0_1_per_pair_in_the_callers_order(scorer)
     assert all(0.0 <= score <= 1.0 for score in scores)
     assert logged and scorer.name in logged[-1]
     assert scores[-1] == scores[-2]
-    # The random tiny weights give close scores; they still differ enough for the order checks below to bite.
+    # The tiny model's scores differ enough for the order checks below to bite.
     assert np.ptp(scores) > 1e-5
     # Reversed input gives reversed output: the length sorting is undone.
     assert np.allclose(scorer.score(pairs[::-1], log=lambda _: None)[::-1], scores, rtol=0, atol=1e-6)
@@ -327,6 +327,6 @@ def test_mining_keeps_the_best_rivals_the_score_and_near_duplicate_guards_let_th
     assert mine("src", reranked, bigrams.__getitem__, settings, lambda doc_id: doc_id not in other_split) == Negatives(
         ("kyoto", "abc"), (6, 7), (0.3, 0.2), too_close=1, near_duplicates=1
     )
-    # A scorer that cannot tell documents apart (the tiny random cross-encoder) leaves no negative.
+    # A scorer that cannot tell documents apart (a random-weight cross-encoder) leaves no negative.
     flat = [(doc_id, 0.5048) for doc_id in texts]
     assert mine("src", flat, bigrams.__getitem__, settings) == Negatives((), (), (), len(texts) - 1, 0)
