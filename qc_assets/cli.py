@@ -102,9 +102,7 @@ def _print_summary(settings: Settings) -> None:
             # Wider than a terminal's guess: seed 000's table with the round trip has ten columns, none to elide.
             relation.show(max_width=SUMMARY_WIDTH, max_col_width=SUMMARY_COLUMN_WIDTH)
             if table.startswith("eval_summary") and any(row[-1] for row in relation.fetchall()):
-                click.echo(
-                    "Tiny random-weight models took part: these scores mean nothing; they only show the pipeline works."
-                )
+                click.echo("Tiny models took part: these scores mean nothing; they only show the pipeline works.")
             if table.startswith("training_pairs"):
                 click.echo(
                     f"Each source's current version: {settings.data_root / 'training_pairs'}/<source>/<version>/hf "
@@ -228,7 +226,7 @@ def models() -> None:
 @models.command("tiny")
 @click.option("--force", is_flag=True, help="Rebuild even when present.")
 def tiny_models(force: bool) -> None:
-    """Build, offline, the tiny random-weight student and cross-encoder under QC_DATA_DIR/models (when missing).
+    """Build, offline, the tiny random-weight student and fine-tuned cross-encoder under QC_DATA_DIR/models (when missing).
 
     Their tokenizers are trained on the sample corpus. Anything they produce means nothing: they exist so the
     embedded default and the tests run real architectures on CPU.

@@ -260,9 +260,7 @@ EVAL_SUMMARY = Table(
             "(document, category) pairs another source has under this scorer and this one lacks; 0: the row covers "
             "the same pairs as every other.",
         ),
-        Column(
-            "tiny_model", "BOOLEAN", "The source or the scorer is a tiny random-weight model: the scores mean nothing."
-        ),
+        Column("tiny_model", "BOOLEAN", "The source or the scorer is a tiny model: the scores mean nothing."),
         Column("created_at", "TIMESTAMP WITH TIME ZONE", "When the summary was computed."),
     ),
     partition_columns=(),

@@ -14,7 +14,7 @@ from qc_assets.lake.tables import EVAL_SUMMARY, RERANKER_SCORES, TEACHER_SOURCE_
 from qc_assets.settings import Settings
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
-TINY_NOTE = "Tiny random-weight models took part: these scores mean nothing; they only show the pipeline works."
+TINY_NOTE = "Tiny models took part: these scores mean nothing; they only show the pipeline works."
 
 
 class ReportResource(dg.ConfigurableResource):

@@ -12,7 +12,7 @@ from qc_assets.defs.sft.dataset import SPLITS
 if TYPE_CHECKING:
     from qc_assets.defs.training_pairs.export import PairSelection, SourceCounts
 
-TINY_WARNING = "Tiny random-weight or sample-trained models took part: these rows only show the pipeline works."
+TINY_WARNING = "Tiny models took part: these rows only show the pipeline works."
 
 
 @dataclass(frozen=True)
