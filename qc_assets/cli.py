@@ -27,8 +27,9 @@ SUMMARY_QUERIES = {
         "tiny_model FROM eval_summary WHERE category = 'all' ORDER BY scorer, mean DESC"
     ),
     "training_pairs ((anchor, positive, negative_1..n) for sentence-transformers, per source)": (
-        "SELECT source, version, sum(scored) AS scored, sum(passed_round_trip) AS passed_round_trip, "
-        "sum(exported) FILTER (split = 'train') AS train_rows, sum(exported) FILTER (split = 'test') AS test_rows "
+        "SELECT source, version, sum(scored)::BIGINT AS scored, sum(passed_round_trip)::BIGINT AS passed_round_trip, "
+        "coalesce(sum(exported) FILTER (split = 'train'), 0)::BIGINT AS train_rows, "
+        "coalesce(sum(exported) FILTER (split = 'test'), 0)::BIGINT AS test_rows "
         "FROM training_pairs GROUP BY source, version ORDER BY source"
     ),
 }

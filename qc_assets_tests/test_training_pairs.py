@@ -53,7 +53,8 @@ def _corpus_with_a_near_duplicate(directory) -> tuple[str, str]:
 
 def _plant_a_copied_query_and_a_students_queries(settings, copied: str) -> None:
     """The original's `query` label becomes a phrase of its document; the stand-in student (no GPU, no training
-    here) answers each test-split document with the teacher's label reversed."""
+    here) answers each test-split document of the first shard with the teacher's label reversed, and none of the
+    second, as for a shard without test documents."""
 
     def plant(connection: duckdb.DuckDBPyConnection) -> None:
         connection.execute(
@@ -62,8 +63,8 @@ def _plant_a_copied_query_and_a_students_queries(settings, copied: str) -> None:
         connection.execute(
             "INSERT INTO generated_queries (doc_id, shard, category, checkpoint, query, backend, created_at) "
             "SELECT doc_id, shard, category, $1, reverse(query), 'planted', now() FROM teacher_labels "
-            f"WHERE substr(md5(doc_id), 1, 16) < '{format(int(TEST_FRACTION * 2**64), '016x')}'",
-            [CHECKPOINT],
+            f"WHERE substr(md5(doc_id), 1, 16) < '{format(int(TEST_FRACTION * 2**64), '016x')}' AND shard = $2",
+            [CHECKPOINT, SHARDS[0]],
         )
 
     LakeResource(catalog=settings.catalog, data_path=settings.data_path).transaction(plant, "plant")
@@ -126,6 +127,12 @@ def test_training_pairs_keep_near_duplicates_out_measure_copying_and_load_in_the
             [TEACHER, format(int(TEST_FRACTION * 2**64), "016x")],
         )
         assert 0 < teacher_splits[0] < teacher_splits[1]
+        # A shard the student wrote nothing for still has its teacher's pairs scored.
+        assert lake_rows(
+            settings,
+            "SELECT count(*) > 0, count(*) FILTER (source <> $1) FROM reranker_scores WHERE shard = $2",
+            [TEACHER, SHARDS[1]],
+        ) == [(True, 0)]
 
         exported = materialize_asset(settings, "training_pairs", instance)
         assert exported.success

@@ -139,21 +139,24 @@ class ScoringRun:
 def _score_partition(run: ScoringRun, checkpoint: str, shard: str) -> None:
     texts = _shard_texts(run.connection, shard)
     student = _student_pairs(run.connection, checkpoint, shard)
+    teacher = _teacher_pairs(run, shard, texts)
+    by_source = {checkpoint: student} if student else {}
     if not student:
         # A small shard can have no test-split document; then generated_queries wrote nothing either.
         run.log.warning(f"{checkpoint}|{shard}: no generated queries to score")
-        return
-    teacher = _teacher_pairs(run, shard, texts)
-    by_source = {checkpoint: student}
-    # The teacher's labels of these documents are scored once per shard and scorer, not per checkpoint.
+    # The teacher's labels are scored once per shard and scorer, not per checkpoint; those of a shard without
+    # test documents too, for the training pairs.
     if teacher and _stored_teacher_scores(run, shard) != len(teacher):
         by_source[run.teacher_source] = teacher
+    if not by_source:
+        return
     tables = _score_sources(run, shard, texts, by_source)
     # The writes need only the scored rows: the shard's documents go before them.
     del texts
     for source, table in tables.items():
         _write_scores(run, shard, source, table)
-    run.log.info(f"{checkpoint}|{shard}: {len(student)} student and {len(teacher)} teacher pairs scored")
+    scored_teacher = len(by_source.get(run.teacher_source, []))
+    run.log.info(f"{checkpoint}|{shard}: {len(student)} student and {scored_teacher} teacher pairs scored")
 
 
 def _shard_texts(connection: duckdb.DuckDBPyConnection, shard: str) -> dict[str, str]:
