@@ -10,6 +10,7 @@ import pytest
 
 from qc_assets.definitions import build_definitions
 from qc_assets.lake.resource import LakeResource
+from qc_assets.models.tiny import ensure_tiny_models, sample_texts
 from qc_assets.settings import Settings, load_settings
 from qc_assets.testing.helpers import BIN, document, run_qc, write_jsonl  # noqa: F401  (the tests' helpers, here for them)
 from qc_assets.testing.lake_servers import PostgresServer, S3Server
@@ -37,6 +38,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         min(shares, key=lambda share: sum(map(_expected_seconds, share))).append(item)
     first_half_short = max(0, len(items) // 2 - len(shares[0]))
     items[:] = shares[0] + short_tests[:first_half_short] + shares[1] + short_tests[first_half_short:]
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models, built once per test session: the cross-encoder's fine-tune takes seconds of both cores.
+    Under xdist the workers share the session's directory, and ensure_tiny_models' file lock has one build while
+    the others wait."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-models"
+    ensure_tiny_models(shared, sample_texts())
+    return shared
 
 
 @pytest.fixture

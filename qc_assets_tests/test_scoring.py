@@ -17,14 +17,14 @@ from qc_assets.defs.scoring.lexical import LexicalCheck, ShardIndex, char_bigram
 from qc_assets.defs.scoring.negatives import Negatives, NegativeSettings, jaccard, mine
 from qc_assets.defs.scoring.round_trip import RoundTrip, RoundTripSettings, round_trips, scored_pairs
 from qc_assets.defs.scoring.scorers import QueryScorer, open_scorer, scorer_name
-from qc_assets.models.tiny import CROSS_ENCODER_DIR, build_tiny_cross_encoder, sample_texts
+from qc_assets.models.tiny import CROSS_ENCODER_DIR
 
 # --- the cross-encoder scorer -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def tiny_cross_encoder(tmp_path_factory) -> Path:
-    return build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / CROSS_ENCODER_DIR, sample_texts())
+def tiny_cross_encoder(tiny_models_dir) -> Path:
+    return tiny_models_dir / CROSS_ENCODER_DIR
 
 
 @pytest.fixture(scope="module")

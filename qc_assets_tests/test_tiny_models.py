@@ -27,20 +27,16 @@ from qc_assets.models.tiny import (
     qwen_chat,
     sample_documents,
     sample_teacher_pairs,
+    sample_texts,
     trl_chat_template,
 )
-from qc_assets.paths import SAMPLE_CORPUS
 from qc_assets_tests.conftest import run_qc
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    texts = [
-        json.loads(line)["text"]
-        for path in sorted(SAMPLE_CORPUS.glob("*.jsonl"))
-        for line in path.read_text(encoding="utf-8").splitlines()
-    ]
-    return ensure_tiny_models(tmp_path_factory.mktemp("models"), texts), texts
+def tiny_models(tiny_models_dir):
+    texts = sample_texts()
+    return ensure_tiny_models(tiny_models_dir, texts), texts
 
 
 def test_the_tiny_student_is_a_qwen3_with_qwen3s_own_template_that_trains_and_generates(tiny_models):
