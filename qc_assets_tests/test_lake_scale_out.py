@@ -188,6 +188,7 @@ SELECT
   (SELECT count(*) FROM generated_queries) AS generated,
   (SELECT count(*) FILTER (WHERE length(query) >= 0) FROM generated_queries) AS generated_read,
   (SELECT count(*) FROM reranker_scores WHERE score BETWEEN 0 AND 1) AS scored,
+  (SELECT count(*) FROM teacher_labels) AS labelled,
   (SELECT count(DISTINCT source) FROM reranker_scores) AS sources,
   (SELECT sum(n)::BIGINT FROM eval_summary WHERE category = 'all') AS summarised,
   (SELECT count(*) FROM teacher_vs_student) AS compared
@@ -227,10 +228,11 @@ def test_the_whole_graph_runs_on_a_postgres_catalog_with_its_files_on_s3(lake_on
     answer = run_qc(["sql", "--format", "json", WHOLE_GRAPH_CHECK], env)
     assert answer.returncode == 0, answer.stderr[-2000:]
     (found,) = json.loads(answer.stdout)
-    # The sample's test documents: each checkpoint's queries and the teacher's labels are scored on the same keys.
+    # The checkpoint's queries of the sample's test documents and every teacher label are scored; the report and
+    # the comparison cover the test documents, the same keys for both.
     assert found["generated"] == found["generated_read"] > 0
-    assert found["scored"] == 2 * found["generated"] and found["sources"] == 2
-    assert found["summarised"] == found["scored"] and found["compared"] == found["generated"]
+    assert found["scored"] == found["generated"] + found["labelled"] and found["sources"] == 2
+    assert found["summarised"] == 2 * found["generated"] and found["compared"] == found["generated"]
     snippet = subprocess.run(
         [str(BIN / "python"), "-c", README_PYTHON_SNIPPET], env=env, capture_output=True, text=True, timeout=120
     )
