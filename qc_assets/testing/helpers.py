@@ -24,9 +24,9 @@ def document(index: int, topic: str = "文書") -> str:
     return f"{topic}{index}番。" + "これは試験用の日本語の文章で、長さの条件を満たすために繰り返しています。" * 4
 
 
-def run_qc(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+def run_qc(args: list[str], env: dict[str, str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """`qc <args>` in a fresh process with `env` over this one's environment, less its own QC_* settings."""
     clean = {key: value for key, value in os.environ.items() if not key.startswith("QC_")}
     return subprocess.run(
-        [str(BIN / "qc"), *args], env={**clean, **env}, capture_output=True, text=True, timeout=600, **kwargs
+        [str(BIN / "qc"), *args], env={**clean, **env}, capture_output=True, text=True, timeout=timeout, **kwargs
     )
