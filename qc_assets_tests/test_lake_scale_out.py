@@ -205,7 +205,8 @@ with LakeResource(catalog=settings.catalog, data_path=settings.data_path, read_o
 """
 
 
-@pytest.mark.long(180)
+@pytest.mark.long(500)
+@pytest.mark.timeout(1200)
 def test_the_whole_graph_runs_on_a_postgres_catalog_with_its_files_on_s3(lake_on_postgres_and_s3, s3_server, tmp_path):
     env = clean_env(
         {
