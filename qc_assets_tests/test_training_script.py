@@ -238,8 +238,9 @@ def test_a_pipes_run_streams_progress_and_publishes_a_complete_checkpoint(inputs
     assert not list((Path(extras["checkpoints_root"]) / store.WORK_DIR).rglob("checkpoint-*"))
     assert set(manifest["versions"]) >= {"trl", "transformers", "peft", "torch"}
     assert manifest["created_at"].endswith("+00:00")
-    assert [found.checkpoint for found in store.list_checkpoints(Path(extras["checkpoints_root"]))] == [
-        extras["checkpoint_id"]
+    # The module's other runs (LoRA) may have published beside it, depending on which test a worker ran first.
+    assert extras["checkpoint_id"] in [
+        found.checkpoint for found in store.list_checkpoints(Path(extras["checkpoints_root"]))
     ]
 
     # A plain transformers checkpoint that generates from the saved template's generation prompt.
