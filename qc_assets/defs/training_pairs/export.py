@@ -9,14 +9,13 @@ negatives cross it anyway (scored before that rule) is left out, so train and te
 
 The rows go shard by shard and split by split through parquet files (with where each row came from: source, shard,
 doc_id, category, scores), which datasets converts into the `save_to_disk` dataset of the trainer columns alone.
-Memory holds one batch of rows.
+Memory holds one shard's pairs and texts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from qc_assets.defs.training_pairs.card import Origin, card
 from qc_assets.hf_export import CARD, is_written, point_at, save_splits, write_version
 from qc_assets.lake.resource import fetch_row
 from qc_assets.naming import slug
-
-BATCH_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -108,22 +105,14 @@ def content_version(source: str, selection: PairSelection, counts: SourceCounts)
     return hashlib.sha256(f"{selection.test_fraction!r}\0{key}".encode()).hexdigest()[:12]
 
 
-def _rows_sql(selection: PairSelection) -> str:
-    negatives = range(1, selection.negatives + 1)
+def _pairs_sql(selection: PairSelection) -> str:
+    """The kept pairs of one shard and split, without texts: joining the corpus once per negative lets the
+    optimizer pair the corpus with itself on the shard alone, a product that grows as the shard's size cubed."""
     return f"""
-        SELECT s.query AS anchor, positive.text AS positive,
-               {"".join(f"negative_{i}.text AS negative_{i}, " for i in negatives)}
-               s.source, s.shard, s.doc_id, s.category, s.score AS positive_score,
+        SELECT s.query AS anchor, s.source, s.shard, s.doc_id, s.category, s.score AS positive_score,
                s.negative_doc_ids[1:{selection.negatives}] AS negative_doc_ids,
                s.negative_scores[1:{selection.negatives}] AS negative_scores
         FROM reranker_scores s
-        JOIN corpus positive ON positive.shard = s.shard AND positive.doc_id = s.doc_id
-        {
-        "".join(
-            f" JOIN corpus negative_{i} ON negative_{i}.shard = s.shard AND negative_{i}.doc_id = s.negative_doc_ids[{i}]"
-            for i in negatives
-        )
-    }
         WHERE {_SOURCE_ROWS} AND {selection.kept_sql()} AND s.shard = $shard AND {selection.split_sql()} = $split
         ORDER BY s.doc_id, s.category
     """
@@ -140,13 +129,30 @@ def _schema(selection: PairSelection) -> pa.Schema:
     return pa.schema(text + provenance + scores)
 
 
-def _batches(
+def _shard_rows(
     connection: duckdb.DuckDBPyConnection, source: str, selection: PairSelection, shard: str, split: str
-) -> Iterator[pa.RecordBatch]:
-    reader = connection.execute(
-        _rows_sql(selection), {"source": source, "shard": shard, "split": split, **selection.parameters}
-    ).to_arrow_reader(BATCH_ROWS)
-    yield from reader
+) -> pa.Table:
+    """One shard's rows of a split: its pairs, then each document's text looked up among the shard's (one shard's
+    texts in memory at a time)."""
+    import pyarrow.compute as pc
+
+    pairs = connection.execute(
+        _pairs_sql(selection), {"source": source, "shard": shard, "split": split, **selection.parameters}
+    ).to_arrow_table()
+    corpus = connection.execute("SELECT doc_id, text FROM corpus WHERE shard = $1", [shard]).to_arrow_table()
+
+    def texts(doc_ids: pa.ChunkedArray) -> pa.ChunkedArray:
+        found = corpus["text"].take(pc.index_in(doc_ids, value_set=corpus["doc_id"]))
+        if found.null_count:
+            missing = doc_ids.filter(pc.is_null(found))[0].as_py()
+            raise ValueError(f"training pairs of {source}: document {missing!r} is not in shard {shard}'s corpus")
+        return found
+
+    columns = {"anchor": pairs["anchor"], "positive": texts(pairs["doc_id"])}
+    for i in range(selection.negatives):
+        columns[f"negative_{i + 1}"] = texts(pc.list_element(pairs["negative_doc_ids"], i))
+    provenance = {name: pairs[name] for name in pairs.column_names if name != "anchor"}
+    return pa.table({**columns, **provenance})
 
 
 def _write_parquet(
@@ -164,8 +170,7 @@ def _write_parquet(
     for split, path in paths.items():
         with pq.ParquetWriter(path, schema) as writer:
             for shard in shards:
-                for batch in _batches(connection, source, selection, shard, split):
-                    writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+                writer.write_table(_shard_rows(connection, source, selection, shard, split).cast(schema))
 
 
 @dataclass(frozen=True)
