@@ -75,8 +75,9 @@ _SHARD_LABELS_SQL = """
 """
 
 
-def _split_sql(test_fraction: float) -> str:
-    return f"CASE WHEN {split_is_test_sql('l.doc_id', test_fraction)} THEN 'test' ELSE 'train' END"
+def split_name_sql(doc_id_column: str, test_fraction: float) -> str:
+    """The document's split as 'train' or 'test'."""
+    return f"CASE WHEN {split_is_test_sql(doc_id_column, test_fraction)} THEN 'test' ELSE 'train' END"
 
 
 class ContentVersion:
@@ -105,7 +106,7 @@ def _shard_rows(
     first), and for each label the position of its document among them. A label is paired with the document text
     it was made from: the one in its own shard."""
     labels = connection.execute(
-        _SHARD_LABELS_SQL.format(split=_split_sql(test_fraction)), [teacher, shard]
+        _SHARD_LABELS_SQL.format(split=split_name_sql("l.doc_id", test_fraction)), [teacher, shard]
     ).to_arrow_table()
     corpus = connection.execute(f"SELECT {documents} FROM corpus WHERE shard = $1", [shard]).to_arrow_table()
     position = pc.index_in(labels["doc_id"], value_set=corpus["doc_id"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from qc_assets.defs.sft.dataset import SPLITS, split_is_test_sql
+from qc_assets.defs.sft.dataset import SPLITS, split_is_test_sql, split_name_sql
 from qc_assets.defs.training_pairs.card import Origin, card
 from qc_assets.hf_export import CARD, is_written, point_at, save_splits, write_version
 from qc_assets.lake.resource import fetch_row
@@ -56,7 +56,7 @@ class PairSelection:
         )
 
     def split_sql(self) -> str:
-        return f"CASE WHEN {split_is_test_sql('s.doc_id', self.test_fraction)} THEN 'test' ELSE 'train' END"
+        return split_name_sql("s.doc_id", self.test_fraction)
 
 
 _SOURCE_ROWS = "s.source = $source AND s.scorer = $scorer AND s.round_trip_k = $k"
